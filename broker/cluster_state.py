@@ -1,0 +1,131 @@
+"""The global scheduler's view of the cluster: one InstanceState per registered worker.
+
+Pure state: load reports overwrite an instance's numbers; between reports the scheduler adds the work it
+just dispatched (optimistic accounting) so a burst of arrivals does not all land on one instance.
+Instance cost helpers (prefill rate under the TBT SLO, projected work) live here so every policy, the
+live broker and the simulator price work the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dynaserve.costmodel import StepLatencyModel
+
+
+@dataclass(slots=True)
+class InstanceState:
+    """What the broker knows about one instance."""
+
+    id: str
+    kv_capacity_tokens: int
+    max_model_len: int = 1 << 20
+    kv_bytes_per_token: int = 0
+    pool: str = "any"  # "prefill" / "decode" / "any" (only the disagg policy reads it)
+    alive: bool = True
+    queued_prefill_tokens: int = 0
+    running_seqs: int = 0
+    decode_ctx_tokens: int = 0
+    pending_decode_tokens: int = 0
+    kv_used_tokens: int = 0
+    step_ms: float = 0.0
+    last_report: float = 0.0
+
+    @property
+    def kv_free_tokens(self) -> int:
+        return self.kv_capacity_tokens - self.kv_used_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class RequestInfo:
+    """What a policy needs to know about a request."""
+
+    req_id: str
+    prompt_len: int
+    max_tokens: int
+    predicted_output: int
+    ttft_slo_ms: float
+    tbt_slo_ms: float
+
+
+@dataclass(slots=True)
+class ClusterState:
+    """All instances, keyed by id, in registration order."""
+
+    instances: dict[str, InstanceState] = field(default_factory=dict)
+
+    def add(self, inst: InstanceState) -> None:
+        self.instances[inst.id] = inst
+
+    def remove(self, instance_id: str) -> None:
+        self.instances.pop(instance_id, None)
+
+    def alive(self) -> list[InstanceState]:
+        return [i for i in self.instances.values() if i.alive]
+
+    def report(
+        self,
+        instance_id: str,
+        now: float,
+        *,
+        queued_prefill_tokens: int,
+        running_seqs: int,
+        decode_ctx_tokens: int,
+        pending_decode_tokens: int,
+        kv_used_tokens: int,
+        step_ms: float,
+    ) -> None:
+        inst = self.instances.get(instance_id)
+        if inst is None:
+            return
+        inst.queued_prefill_tokens = queued_prefill_tokens
+        inst.running_seqs = running_seqs
+        inst.decode_ctx_tokens = decode_ctx_tokens
+        inst.pending_decode_tokens = pending_decode_tokens
+        inst.kv_used_tokens = kv_used_tokens
+        inst.step_ms = step_ms
+        inst.last_report = now
+
+
+@dataclass(frozen=True, slots=True)
+class Pricing:
+    """Prices work on an instance with the step-latency model and the TBT SLO."""
+
+    model: StepLatencyModel
+    tbt_margin: float = 0.1  # keep step time under (1 - margin) * TBT SLO
+    max_batched_tokens: int = 8192
+    min_chunk_tokens: int = 16
+    transfer_gbps: float = 25.0  # KV link bandwidth, GB/s
+    handoff_ms: float = 2.0  # fixed cost of a handoff (descriptor round trip, transfer setup)
+
+    def prefill_budget(self, inst: InstanceState, tbt_slo_ms: float) -> int:
+        """Prefill tokens per step the local scheduler can add without breaking the TBT SLO."""
+        if inst.running_seqs == 0:
+            return self.max_batched_tokens
+        n = self.model.max_prefill_tokens(
+            tbt_slo_ms * (1.0 - self.tbt_margin), inst.running_seqs, inst.decode_ctx_tokens
+        )
+        return min(self.max_batched_tokens, max(self.min_chunk_tokens, n))
+
+    def prefill_ms_per_token(self, inst: InstanceState, tbt_slo_ms: float) -> float:
+        """Wall time per prefill token on this instance (its TBT-limited prefill rate, inverted)."""
+        budget = self.prefill_budget(inst, tbt_slo_ms)
+        step = self.model.step_ms(budget, inst.running_seqs, inst.decode_ctx_tokens)
+        return step / budget
+
+    def decode_ms_per_token(self, inst: InstanceState, ctx: int) -> float:
+        """Step time one more decode token of context ``ctx`` costs this instance."""
+        return self.model.decode_token_ms(ctx)
+
+    def work_ms(self, inst: InstanceState, tbt_slo_ms: float) -> float:
+        """Projected time the instance needs for the work it already has."""
+        avg_ctx = inst.decode_ctx_tokens / inst.running_seqs if inst.running_seqs else 0
+        return (
+            inst.queued_prefill_tokens * self.prefill_ms_per_token(inst, tbt_slo_ms)
+            + inst.pending_decode_tokens * self.decode_ms_per_token(inst, int(avg_ctx))
+        )
+
+    def transfer_ms_per_token(self, inst: InstanceState) -> float:
+        if inst.kv_bytes_per_token <= 0 or self.transfer_gbps <= 0:
+            return 0.0
+        return inst.kv_bytes_per_token / (self.transfer_gbps * 1e6)

@@ -1,0 +1,75 @@
+"""The broker's request table: one entry per admitted request, from plan to finish.
+
+Lifecycle:
+    admitted -> dispatched to A (and B, which waits) -> [A hands off -> B pulls KV and continues]
+    -> finished (stop / length) | aborted (client) | failed (worker error or loss)
+The broker keeps the client's id, the plan and how many tokens it relayed; workers know requests by the
+broker-assigned internal id, so two clients may use the same request id.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+from dynaserve.protocol import SamplingParams
+from dynaserve.split import Plan
+
+
+@dataclass(slots=True)
+class BrokerRequest:
+    iid: str  # internal id, unique in this broker
+    client: bytes  # client socket identity
+    client_req_id: str
+    prompt: list[int]
+    sampling: SamplingParams
+    plan: Plan | None  # None while queued for capacity
+    arrival: float
+    ttft_slo_ms: float
+    tbt_slo_ms: float
+    predicted_output: int
+    tokens_relayed: int = 0
+    handed_off: bool = False
+
+    def instances(self) -> tuple[str, ...]:
+        if self.plan is None:
+            return ()
+        return (self.plan.a,) if self.plan.b is None else (self.plan.a, self.plan.b)
+
+
+class RequestTable:
+    """Internal id -> request, plus (client, client id) -> internal id."""
+
+    def __init__(self) -> None:
+        self.by_iid: dict[str, BrokerRequest] = {}
+        self.by_client: dict[tuple[bytes, str], str] = {}
+        self._ids = itertools.count(1)
+
+    def new_iid(self) -> str:
+        return format(next(self._ids), "x")
+
+    def __len__(self) -> int:
+        return len(self.by_iid)
+
+    def add(self, req: BrokerRequest) -> None:
+        self.by_iid[req.iid] = req
+        self.by_client[(req.client, req.client_req_id)] = req.iid
+
+    def get(self, iid: str) -> BrokerRequest | None:
+        return self.by_iid.get(iid)
+
+    def find(self, client: bytes, client_req_id: str) -> BrokerRequest | None:
+        iid = self.by_client.get((client, client_req_id))
+        return None if iid is None else self.by_iid.get(iid)
+
+    def pop(self, iid: str) -> BrokerRequest | None:
+        req = self.by_iid.pop(iid, None)
+        if req is not None:
+            self.by_client.pop((req.client, req.client_req_id), None)
+        return req
+
+    def on_instance(self, instance_id: str) -> list[BrokerRequest]:
+        return [r for r in self.by_iid.values() if instance_id in r.instances()]
+
+    def of_client(self, client: bytes) -> list[BrokerRequest]:
+        return [r for r in self.by_iid.values() if r.client == client]

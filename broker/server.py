@@ -1,0 +1,420 @@
+"""The broker process: a thin asyncio/ZeroMQ shell around the global scheduler.
+
+Sockets: a client-facing ROUTER (SubmitRequest / AbortRequest in; Admitted / TokenStream / ErrorReply out)
+and a worker-facing ROUTER (RegisterWorker / LoadReport / TokenBatch / HandoffReady / MicroFailed in;
+RegisterAck / DispatchMicro / StartDecode / AbortMicro out). Every decision is made by the pure policy in
+broker.scheduler; this module only moves messages and keeps the request table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import zmq
+
+from broker.cluster_state import ClusterState, InstanceState, Pricing, RequestInfo
+from broker.requests import BrokerRequest, RequestTable
+from broker.scheduler import commit, make_policy
+from dynaserve import protocol as P
+from dynaserve.costmodel import preset_step_model
+from dynaserve.predictor import make_predictor
+from dynaserve.sockets import Channel, make_socket
+from dynaserve.split import tokens_emitted_by_a
+from dynaserve.tokenizer import ByteTokenizer, Tokenizer
+
+log = logging.getLogger("dynaserve.broker")
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """Broker settings (flags: --client-addr etc.; TOML section [broker])."""
+
+    client_addr: str = "tcp://127.0.0.1:5555"  # ZeroMQ address clients connect to
+    worker_addr: str = "tcp://127.0.0.1:5556"  # ZeroMQ address workers connect to
+    policy: str = "dynaserve"  # global scheduling policy: colocate, disagg or dynaserve
+    prefill_instances: int = 1  # disagg policy: number of instances in the prefill pool
+    predictor: str = "max_tokens"  # output-length predictor: max_tokens or history
+    ttft_slo_ms: float = 2000.0  # TTFT SLO of the default SLO class
+    tbt_slo_ms: float = 100.0  # TBT SLO (P99) of the default SLO class
+    model: str = "llama3-8b"  # cost-model preset the scheduler prices work with
+    gpu: str = "a100"  # GPU of the cost tables: a100 or h100
+    tp: int = 1  # tensor-parallel degree of each instance
+    transfer_gbps: float = 25.0  # KV link bandwidth the scheduler assumes, GB/s
+    heartbeat_ms: int = 20  # how often workers report load
+    worker_timeout_ms: int = 3000  # a worker silent this long is declared dead
+    max_queued: int = 4096  # requests waiting for capacity before new ones are rejected
+    max_active: int = 65536  # admitted requests in flight at most
+    max_prompt_tokens: int = 0  # longest prompt accepted; 0 = smallest worker max_model_len
+    allow_remote_bind: bool = False  # permit binding to non-loopback addresses
+
+    def __post_init__(self) -> None:
+        for addr in (self.client_addr, self.worker_addr):
+            if not addr.startswith(("tcp://", "ipc://", "inproc://")):
+                raise ValueError(f"unsupported address {addr!r}: use tcp://, ipc:// or inproc://")
+            if addr.startswith("tcp://") and not self.allow_remote_bind:
+                host = addr[6:].rsplit(":", 1)[0]
+                if host not in ("127.0.0.1", "localhost", "[::1]"):
+                    raise ValueError(f"refusing to bind {addr} off loopback without --allow-remote-bind")
+        if self.heartbeat_ms <= 0 or self.worker_timeout_ms <= self.heartbeat_ms:
+            raise ValueError("need 0 < heartbeat_ms < worker_timeout_ms")
+
+
+@dataclass
+class BrokerStats:
+    admitted: int = 0
+    rejected: int = 0
+    finished: int = 0
+    aborted: int = 0
+    failed: int = 0
+    tokens_relayed: int = 0
+    bad_frames: int = 0
+    kv_recomputes: int = 0
+
+
+class Broker:
+    """The broker shell. ``await Broker(cfg).run()``; ``stop()`` ends it."""
+
+    def __init__(self, config: BrokerConfig, tokenizer: Tokenizer | None = None) -> None:
+        self.cfg = config
+        self.ctx = zmq.Context()
+        self.cluster = ClusterState()
+        self.pricing = Pricing(
+            preset_step_model(config.model, config.gpu, config.tp)[0], transfer_gbps=config.transfer_gbps
+        )
+        opts = {"prefill_instances": config.prefill_instances} if config.policy == "disagg" else {}
+        self.policy = make_policy(config.policy, self.pricing, **opts)
+        self.predictor = make_predictor(config.predictor)
+        self.table = RequestTable()
+        self.queue: deque[BrokerRequest] = deque()  # admitted but waiting for capacity
+        self.tokenizer = tokenizer
+        self.stats = BrokerStats()
+        self.last_seen: dict[str, float] = {}
+        self.vocabs: dict[str, int] = {}
+        self._stop = asyncio.Event()
+        self.clients: Channel | None = None
+        self.workers: Channel | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self, ready: asyncio.Event | None = None) -> None:
+        self.clients = Channel(make_socket(self.ctx, zmq.ROUTER, bind=self.cfg.client_addr),
+                               self._on_client_frames, "clients")
+        self.workers = Channel(make_socket(self.ctx, zmq.ROUTER, bind=self.cfg.worker_addr),
+                               self._on_worker_frames, "workers")
+        self.clients.attach()
+        self.workers.attach()
+        log.info("broker up: clients %s, workers %s, policy %s", self.cfg.client_addr, self.cfg.worker_addr,
+                 self.cfg.policy)
+        if ready is not None:
+            ready.set()
+        tasks = [asyncio.create_task(self._monitor_loop())]
+        try:
+            await self._stop.wait()
+        finally:
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+            for inst_id in list(self.cluster.instances):
+                self._send_worker(inst_id, P.Shutdown("broker stopping"))
+            self.clients.close(0)
+            self.workers.close(100)
+            self.ctx.term()
+
+    # ------------------------------------------------------------------ sending
+
+    def _send_client(self, client: bytes, msg: P.Message) -> None:
+        self._send_client_raw(client, P.encode(msg))
+
+    def _send_client_raw(self, client: bytes, frame: bytes) -> None:
+        assert self.clients is not None
+        try:
+            self.clients.send([client, frame])
+        except zmq.ZMQError as exc:  # client gone (unroutable) or its queue is full
+            log.warning("dropping client %s: %s", client.hex(), exc)
+            for req in self.table.of_client(client):
+                self._finish(req, abort_workers=True)
+                self.stats.aborted += 1
+
+    def _send_worker(self, instance_id: str, msg: P.Message) -> bool:
+        assert self.workers is not None
+        try:
+            self.workers.send([instance_id.encode(), P.encode(msg)])
+            return True
+        except zmq.ZMQError as exc:
+            log.warning("cannot reach worker %s: %s", instance_id, exc)
+            return False
+
+    def _client_error(self, client: bytes, code: str, message: str, req_id: str | None) -> None:
+        self._send_client(client, P.ErrorReply(code, message, req_id))
+
+    # ------------------------------------------------------------------ clients
+
+    def _on_client_frames(self, frames: list[bytes]) -> None:
+        if len(frames) != 2:
+            self.stats.bad_frames += 1
+            if frames:
+                self._client_error(frames[0], "malformed", f"expected 1 frame, got {len(frames) - 1}", None)
+            return
+        client, frame = frames
+        try:
+            msg = P.decode(frame, P.CLIENT_TO_BROKER)
+        except P.ProtocolError as exc:
+            self.stats.bad_frames += 1
+            self._client_error(client, exc.code, str(exc), None)
+            return
+        if isinstance(msg, P.SubmitRequest):
+            self._on_submit(client, msg, time.monotonic())
+        elif isinstance(msg, P.StatusRequest):
+            self._send_client(client, P.StatusReply(
+                msg.nonce, [i.id for i in self.cluster.alive()], self.cfg.policy,
+                len(self.table) - len(self.queue), len(self.queue), dataclasses.asdict(self.stats)))
+        elif isinstance(msg, P.AbortRequest):
+            req = self.table.find(client, msg.req_id)
+            if req is None:
+                self._client_error(client, "unknown_id", f"no active request {msg.req_id!r}", msg.req_id)
+            else:
+                self._send_client(client, P.TokenStream([[req.client_req_id, [], P.FINISH_ABORT]]))
+                self._finish(req, abort_workers=True)
+                self.stats.aborted += 1
+
+    def _slo(self, slo_class: str) -> tuple[float, float] | None:
+        if slo_class in ("default", ""):
+            return self.cfg.ttft_slo_ms, self.cfg.tbt_slo_ms
+        return None
+
+    def _max_prompt(self) -> int:
+        if self.cfg.max_prompt_tokens > 0:
+            return self.cfg.max_prompt_tokens
+        lens = [i.max_model_len for i in self.cluster.instances.values() if i.alive]
+        return min(lens) if lens else 0
+
+    def _on_submit(self, client: bytes, msg: P.SubmitRequest, now: float) -> None:
+        rid = msg.req_id
+        err = None
+        prompt = msg.prompt
+        sp = msg.sampling
+        if not rid or len(rid) > 256:
+            err = ("invalid_request", "req_id must be 1..256 characters")
+        elif self.table.find(client, rid) is not None:
+            err = ("duplicate_id", f"request {rid!r} is already active")
+        elif msg.text is not None and prompt:
+            err = ("invalid_request", "give prompt token ids or text, not both")
+        elif sp.max_tokens < 1:
+            err = ("invalid_request", "max_tokens must be >= 1")
+        elif not (0.0 <= sp.temperature <= 100.0) or not (0.0 < sp.top_p <= 1.0):
+            err = ("invalid_request", "temperature must be in [0, 100] and top_p in (0, 1]")
+        elif self._slo(msg.slo_class) is None:
+            err = ("invalid_request", f"unknown SLO class {msg.slo_class!r}")
+        elif not self.cluster.alive():
+            err = ("no_workers", "no worker is registered")
+        if err is None and msg.text is not None:
+            tok = self.tokenizer or ByteTokenizer(self._vocab())
+            prompt = tok.encode(msg.text)
+        if err is None:
+            vocab = self._vocab()
+            max_len = self._max_prompt()
+            if not prompt:
+                err = ("invalid_request", "empty prompt")
+            elif len(prompt) + sp.max_tokens > max_len:
+                err = ("prompt_too_long", f"prompt ({len(prompt)}) + max_tokens ({sp.max_tokens}) exceeds {max_len}")
+            elif min(prompt) < 0 or max(prompt) >= vocab:
+                err = ("invalid_request", f"token ids must be in [0, {vocab})")
+            elif len(self.table) >= self.cfg.max_active:
+                err = ("queue_full", f"{len(self.table)} requests in flight (limit {self.cfg.max_active})")
+        if err is not None:
+            self.stats.rejected += 1
+            self._client_error(client, err[0], err[1], rid)
+            return
+        ttft, tbt = self._slo(msg.slo_class)  # type: ignore[misc]
+        predicted = self.predictor.predict(len(prompt), sp.max_tokens)
+        req = BrokerRequest(
+            iid=self.table.new_iid(), client=client, client_req_id=rid, prompt=prompt, sampling=sp,
+            plan=None, arrival=now, ttft_slo_ms=ttft, tbt_slo_ms=tbt, predicted_output=predicted,  # type: ignore[arg-type]
+        )
+        if self.queue or not self._try_dispatch(req, now):
+            if len(self.queue) >= self.cfg.max_queued:
+                self.stats.rejected += 1
+                self._client_error(client, "queue_full", f"{len(self.queue)} requests waiting for capacity", rid)
+                return
+            self.queue.append(req)
+            self.table.by_client[(client, rid)] = req.iid  # visible to aborts while queued
+            self.table.by_iid[req.iid] = req
+
+    def _vocab(self) -> int:
+        return min(self.vocabs.values()) if self.vocabs else 32000
+
+    def _try_dispatch(self, req: BrokerRequest, now: float) -> bool:
+        info = RequestInfo(req.iid, len(req.prompt), req.sampling.max_tokens, req.predicted_output,
+                           req.ttft_slo_ms, req.tbt_slo_ms)
+        plan = self.policy.plan(info, self.cluster, now)
+        if plan is None:
+            return False
+        commit(plan, info, self.cluster)
+        req.plan = plan
+        self.table.add(req)
+        p, o = len(req.prompt), req.sampling.max_tokens
+        if plan.b is None:
+            descs = [(plan.a, P.MicroDescriptor(req.iid, P.ROLE_FULL, req.prompt, p + o, 0, p + o, o, None,
+                                                req.sampling, req.ttft_slo_ms, req.tbt_slo_ms, req.arrival))]
+        else:
+            s, ea = plan.split, tokens_emitted_by_a(p, o, plan.split)
+            descs = [
+                (plan.a, P.MicroDescriptor(req.iid, P.ROLE_A, req.prompt, s, 0, s, ea, plan.b, req.sampling,
+                                           req.ttft_slo_ms, req.tbt_slo_ms, req.arrival)),
+                (plan.b, P.MicroDescriptor(req.iid, P.ROLE_B, req.prompt, s, s, p + o, o - ea, plan.a,
+                                           req.sampling, req.ttft_slo_ms, req.tbt_slo_ms, req.arrival)),
+            ]
+        self.stats.admitted += 1
+        self._send_client(req.client, P.Admitted(req.client_req_id, plan.a, plan.b, plan.split, plan.kind, p))
+        for inst, desc in descs:
+            if not self._send_worker(inst, P.DispatchMicro(desc)):
+                self._fail(req, "worker_lost", f"instance {inst} is unreachable")
+                return True
+        return True
+
+    def _drain_queue(self, now: float) -> None:
+        while self.queue:
+            req = self.queue[0]
+            if req.iid not in self.table.by_iid:  # aborted while queued
+                self.queue.popleft()
+                continue
+            if not self._try_dispatch(req, now):
+                return
+            self.queue.popleft()
+
+    # ------------------------------------------------------------------ request ends
+
+    def _finish(self, req: BrokerRequest, abort_workers: bool) -> None:
+        self.table.pop(req.iid)
+        if abort_workers and req.plan is not None:
+            for inst in req.instances():
+                self._send_worker(inst, P.AbortMicro(req.iid))
+
+    def _fail(self, req: BrokerRequest, code: str, message: str) -> None:
+        self.stats.failed += 1
+        self._client_error(req.client, code, message, req.client_req_id)
+        self._finish(req, abort_workers=True)
+
+    # ------------------------------------------------------------------ workers
+
+    def _to_ident(self, ident: bytes, msg: P.Message) -> None:
+        assert self.workers is not None
+        with contextlib.suppress(zmq.ZMQError):
+            self.workers.send([ident, P.encode(msg)])
+
+    def _on_worker_frames(self, frames: list[bytes]) -> None:
+        if len(frames) != 2:
+            self.stats.bad_frames += 1
+            return
+        ident, frame = frames
+        try:
+            msg = P.decode(frame, P.WORKER_TO_BROKER)
+        except P.ProtocolError as exc:
+            self.stats.bad_frames += 1
+            log.warning("bad frame from worker %r: %s", ident, exc)
+            self._to_ident(ident, P.ErrorReply(exc.code, str(exc)))
+            return
+        now = time.monotonic()
+        inst_id = ident.decode(errors="replace")
+        if isinstance(msg, P.RegisterWorker):
+            self._on_register(ident, msg, now)
+            return
+        if inst_id not in self.cluster.instances:
+            self._to_ident(ident, P.ErrorReply("not_registered", "register first"))
+            return
+        self.last_seen[inst_id] = now
+        if isinstance(msg, P.TokenBatch):
+            self._on_tokens(msg.entries)
+        elif isinstance(msg, P.LoadReport):
+            self.cluster.report(
+                inst_id, now, queued_prefill_tokens=msg.queued_prefill_tokens, running_seqs=msg.running_seqs,
+                decode_ctx_tokens=msg.decode_ctx_tokens, pending_decode_tokens=msg.pending_decode_tokens,
+                kv_used_tokens=msg.kv_used_tokens, step_ms=msg.step_ms,
+            )
+            self._drain_queue(now)
+        elif isinstance(msg, P.HandoffReady):
+            req = self.table.get(msg.req_id)
+            if req is None or req.plan is None or req.plan.b is None:
+                self._send_worker(inst_id, P.AbortMicro(msg.req_id))  # A frees its held blocks
+                return
+            req.handed_off = True
+            if not self._send_worker(req.plan.b, P.StartDecode(msg.req_id, msg.kv, msg.num_tokens, msg.tokens)):
+                self._fail(req, "worker_lost", f"instance {req.plan.b} is unreachable")
+        elif isinstance(msg, P.MicroFailed):
+            if msg.code == "kv_transfer_recompute":
+                self.stats.kv_recomputes += 1
+                log.warning("request %s: KV pull failed on %s, recomputing: %s", msg.req_id, inst_id,
+                            msg.message)
+                return
+            req = self.table.get(msg.req_id)
+            if req is not None:
+                self._fail(req, "request_failed", f"{inst_id}: {msg.code}: {msg.message}")
+
+    def _on_register(self, ident: bytes, msg: P.RegisterWorker, now: float) -> None:
+        inst_id = msg.instance_id
+        if ident != inst_id.encode():
+            self._to_ident(ident, P.RegisterAck(inst_id, False, "socket identity must equal instance_id", 0))
+            return
+        if inst_id in self.cluster.instances:  # a restarted worker: whatever it held is gone
+            for req in self.table.on_instance(inst_id):
+                self._fail(req, "worker_lost", f"instance {inst_id} restarted")
+        self.cluster.add(InstanceState(
+            id=inst_id, kv_capacity_tokens=msg.kv_capacity_tokens, max_model_len=msg.max_model_len,
+            kv_bytes_per_token=msg.kv_bytes_per_token, pool=msg.pool, last_report=now,
+        ))
+        self.vocabs[inst_id] = msg.vocab_size
+        self.last_seen[inst_id] = now
+        log.info("worker %s registered (%s, %s, %d KV tokens)", inst_id, msg.engine, msg.model,
+                 msg.kv_capacity_tokens)
+        self._send_worker(inst_id, P.RegisterAck(inst_id, True, "", self.cfg.heartbeat_ms))
+        self._drain_queue(now)
+
+    def _on_tokens(self, entries: list[list]) -> None:
+        out: dict[bytes, list[list]] = {}
+        table = self.table.by_iid
+        for iid, toks, finish in entries:
+            req = table.get(iid)
+            if req is None:
+                continue
+            req.tokens_relayed += len(toks)
+            self.stats.tokens_relayed += len(toks)
+            if finish == P.FINISH_HANDOFF:
+                finish = None
+            bucket = out.get(req.client)
+            if bucket is None:
+                bucket = out[req.client] = []
+            bucket.append([req.client_req_id, toks, finish])
+            if finish is not None:
+                self.stats.finished += 1
+                self.predictor.observe(len(req.prompt), req.tokens_relayed)
+                # a stop during A's part ends the request: B (still waiting) is aborted
+                self._finish(req, abort_workers=req.plan is not None and req.plan.b is not None)
+        for client, ents in out.items():
+            self._send_client_raw(client, P.encode_token_entries(P.TokenStream.TYPE, ents))
+
+    async def _monitor_loop(self) -> None:
+        period = self.cfg.heartbeat_ms / 1000.0
+        timeout = self.cfg.worker_timeout_ms / 1000.0
+        while True:
+            await asyncio.sleep(max(period, 0.01))
+            now = time.monotonic()
+            for inst_id in list(self.cluster.instances):
+                if now - self.last_seen.get(inst_id, now) > timeout:
+                    log.warning("worker %s silent for %.1f s: removed", inst_id, now - self.last_seen[inst_id])
+                    self.cluster.remove(inst_id)
+                    self.last_seen.pop(inst_id, None)
+                    self.vocabs.pop(inst_id, None)
+                    for req in self.table.on_instance(inst_id):
+                        self._fail(req, "worker_lost", f"instance {inst_id} stopped responding")
+            self._drain_queue(now)

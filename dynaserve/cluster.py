@@ -1,0 +1,176 @@
+"""Start and stop a local DynaServe cluster: one broker and N workers, each in its own process group.
+
+Used by ``scripts/cluster.py`` (the single-command start) and by the integration tests. Every process is
+started with ``start_new_session=True``; ``stop`` signals whole process groups, so nothing a worker spawned
+(an engine's helper processes) is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dynaserve.client import DynaServeClient
+from dynaserve.errors import BrokerUnavailableError
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Local cluster settings (flags of scripts/cluster.py; TOML section [cluster])."""
+
+    workers: int = 2  # number of worker processes (instances)
+    policy: str = "dynaserve"  # global scheduling policy: colocate, disagg or dynaserve
+    engine: str = "sim"  # worker engine: sim
+    transport: str = "tcp"  # tcp (127.0.0.1 ports) or ipc (unix sockets in the run directory)
+    client_port: int = 5555  # tcp: port clients connect to
+    worker_port: int = 5556  # tcp: port workers connect to
+    prefill_instances: int = 1  # disagg policy: prefill pool size
+    model: str = "llama3-8b"  # cost-model preset of the simulated engine and the scheduler
+    gpu: str = "a100"  # GPU whose cost tables price steps
+    time_scale: float = 1.0  # simulated engine: real seconds per modeled second
+    kv_capacity_tokens: int = 131072  # KV cache per instance, tokens
+    ttft_slo_ms: float = 2000.0  # TTFT SLO of the default class
+    tbt_slo_ms: float = 100.0  # TBT SLO of the default class
+    ready_timeout_s: float = 60.0  # how long to wait for every worker to register
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.workers <= 64:
+            raise ValueError("workers must be in 1..64")
+        if self.transport not in ("tcp", "ipc"):
+            raise ValueError("transport must be tcp or ipc")
+
+
+@dataclass
+class LocalCluster:
+    """A running local cluster; use as a context manager or call start()/stop()."""
+
+    config: ClusterConfig
+    run_dir: Path | None = None
+    broker_args: list[str] = field(default_factory=list)
+    worker_args: list[str] = field(default_factory=list)
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.run_dir is None:
+            self.run_dir = Path(tempfile.mkdtemp(prefix="dynaserve-"))
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        cfg = self.config
+        if cfg.transport == "ipc":
+            self.client_addr = f"ipc://{self.run_dir}/client.sock"
+            self.worker_addr = f"ipc://{self.run_dir}/worker.sock"
+        else:
+            self.client_addr = f"tcp://127.0.0.1:{cfg.client_port}"
+            self.worker_addr = f"tcp://127.0.0.1:{cfg.worker_port}"
+
+    @property
+    def instance_ids(self) -> list[str]:
+        return [f"w{i}" for i in range(self.config.workers)]
+
+    def _spawn(self, name: str, argv: list[str]) -> None:
+        assert self.run_dir is not None
+        log = open(self.run_dir / f"{name}.log", "ab")
+        env = dict(os.environ)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, *argv], stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
+            cwd=str(Path(__file__).resolve().parent.parent),
+        )
+        log.close()
+
+    def start_broker(self) -> None:
+        cfg = self.config
+        self._spawn("broker", [
+            "-m", "broker", "--client-addr", self.client_addr, "--worker-addr", self.worker_addr,
+            "--policy", cfg.policy, "--prefill-instances", str(cfg.prefill_instances), "--model", cfg.model,
+            "--gpu", cfg.gpu, "--ttft-slo-ms", str(cfg.ttft_slo_ms), "--tbt-slo-ms", str(cfg.tbt_slo_ms),
+            *self.broker_args,
+        ])
+
+    def start_worker(self, instance_id: str) -> None:
+        cfg = self.config
+        self._spawn(instance_id, [
+            "-m", "workers", "--broker-addr", self.worker_addr, "--instance-id", instance_id,
+            "--engine", cfg.engine, "--tbt-slo-ms", str(cfg.tbt_slo_ms), "--sim-model", cfg.model,
+            "--sim-gpu", cfg.gpu, "--sim-time-scale", str(cfg.time_scale),
+            "--sim-kv-capacity-tokens", str(cfg.kv_capacity_tokens), *self.worker_args,
+        ])
+
+    def start(self) -> None:
+        self.start_broker()
+        for iid in self.instance_ids:
+            self.start_worker(iid)
+
+    async def wait_ready(self, timeout: float | None = None) -> list[str]:
+        """Wait until every worker has registered; returns the instance ids. Raises on timeout or if a
+        process died."""
+        deadline = time.monotonic() + (timeout or self.config.ready_timeout_s)
+        want = set(self.instance_ids)
+        async with DynaServeClient(self.client_addr) as client:
+            while True:
+                self.check_alive()
+                try:
+                    st = await client.status(timeout=1.0)
+                    if want <= set(st.instances):
+                        return sorted(st.instances)
+                except BrokerUnavailableError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"cluster not ready after {timeout or self.config.ready_timeout_s} s; "
+                                       f"logs in {self.run_dir}")
+                await asyncio.sleep(0.1)
+
+    def check_alive(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with code {proc.returncode}; log: {self.run_dir}/{name}.log")
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Signal one process's whole group (e.g. kill -9 a worker)."""
+        proc = self.procs[name]
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        if sig == signal.SIGKILL:
+            proc.wait(10)
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """SIGTERM every process group, then SIGKILL what is left after ``grace_s``."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + grace_s
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for proc in self.procs.values():
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # the group may hold children even if the leader exited
+            except (ProcessLookupError, PermissionError):
+                pass
+            if proc.poll() is None:
+                proc.wait(5)
+
+    def log(self, name: str) -> str:
+        assert self.run_dir is not None
+        path = self.run_dir / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def __enter__(self) -> LocalCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,98 @@
+"""The one place ZeroMQ sockets are built: type, bind/connect, identity, linger, HWM, size limit."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import zmq
+
+from dynaserve.protocol import MAX_FRAME_BYTES
+
+log = logging.getLogger("dynaserve.sockets")
+
+
+def make_socket(
+    ctx: zmq.Context,
+    kind: int,
+    *,
+    bind: str | None = None,
+    connect: str | None = None,
+    identity: bytes | None = None,
+    hwm: int = 100_000,
+    max_msg_bytes: int = MAX_FRAME_BYTES,
+    linger_ms: int = 0,
+) -> zmq.Socket:
+    """Create a socket with DynaServe's defaults. ROUTER sockets report unroutable peers as errors."""
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, linger_ms)
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.RCVHWM, hwm)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_msg_bytes)
+    if identity is not None:
+        sock.setsockopt(zmq.IDENTITY, identity)
+    if kind == zmq.ROUTER:
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    if bind:
+        sock.bind(bind)
+    if connect:
+        sock.connect(connect)
+    return sock
+
+
+class Channel:
+    """A plain (non-asyncio) ZeroMQ socket driven by an asyncio loop.
+
+    Incoming messages are drained into ``handler(frames)`` whenever the socket's FD signals; sends never
+    block (``zmq.Again`` or ``zmq.ZMQError`` raise at once to the caller). ZeroMQ's FD is edge-triggered
+    and a send can consume the edge of an incoming message, so every send re-checks for input.
+    Handler exceptions are logged and never stop the channel.
+    """
+
+    def __init__(self, sock: zmq.Socket, handler: Callable[[list[bytes]], None], name: str = "") -> None:
+        self.sock = sock
+        self.handler = handler
+        self.name = name
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._scheduled = False
+        self._closed = False
+
+    def attach(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self._loop = loop or asyncio.get_running_loop()
+        self._loop.add_reader(self.sock.FD, self._drain)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if not self._scheduled and self._loop is not None and not self._closed:
+            self._scheduled = True
+            self._loop.call_soon(self._drain)
+
+    def _drain(self, budget: int = 2000) -> None:
+        self._scheduled = False
+        sock = self.sock
+        for _ in range(budget):
+            if self._closed or not (sock.getsockopt(zmq.EVENTS) & zmq.POLLIN):
+                return
+            frames = sock.recv_multipart(zmq.NOBLOCK)
+            try:
+                self.handler(frames)
+            except Exception:
+                log.exception("%s: handler failed", self.name)
+        self._schedule()  # more waiting: let other tasks run first
+
+    def send(self, frames: list[bytes]) -> None:
+        """Send now or raise (zmq.Again when the peer's queue is full, ZMQError when unroutable)."""
+        try:
+            self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        finally:
+            if not self._closed and self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                self._schedule()
+
+    def close(self, linger_ms: int = 0) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._loop is not None:
+            self._loop.remove_reader(self.sock.FD)
+        self.sock.close(linger_ms)

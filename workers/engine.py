@@ -1,0 +1,102 @@
+"""The one engine interface a worker drives (simulated engine, vLLM engine).
+
+Lifecycle of a micro-request inside an engine:
+    add(desc) -> queued (waits for KV blocks)
+    role A / full: prefill -> decode (emitting tokens) -> A: hand off (blocks held until B confirms the
+        read, the lease expires or an abort arrives) / full: finished
+    role B: waits for start_decode(kv params) -> transferring -> (on transfer failure: recompute) ->
+        prefill of the rest -> decode -> finished
+    abort(req_id) at any point frees everything the request holds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from dynaserve.protocol import MicroDescriptor
+
+
+class EngineError(Exception):
+    """A micro-request the engine cannot take (bad descriptor, too long, unknown id)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(slots=True)
+class Handoff:
+    """A finished role-A micro-request: what B needs to continue."""
+
+    req_id: str
+    kv: dict
+    num_tokens: int
+    tokens: list[int]
+
+
+@dataclass(slots=True)
+class StepOutput:
+    """What one engine step produced."""
+
+    entries: list[list] = field(default_factory=list)  # [req_id, new tokens, finish reason or None]
+    handoffs: list[Handoff] = field(default_factory=list)
+    failures: list[tuple[str, str, str]] = field(default_factory=list)  # (req_id, code, message)
+    step_ms: float = 0.0
+    prefill_tokens: int = 0
+    decode_seqs: int = 0
+    token_budget: int = 0
+
+
+@dataclass(slots=True)
+class EngineLoad:
+    """Load numbers reported to the broker."""
+
+    queued_prefill_tokens: int = 0
+    running_seqs: int = 0
+    decode_ctx_tokens: int = 0
+    pending_decode_tokens: int = 0
+    kv_used_tokens: int = 0
+    kv_capacity_tokens: int = 0
+    step_ms: float = 0.0
+    token_budget: int = 0
+    held_blocks: int = 0
+    active_requests: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class EngineInfo:
+    kind: str
+    model: str
+    block_size: int
+    max_model_len: int
+    kv_capacity_tokens: int
+    kv_bytes_per_token: int
+    vocab_size: int
+    eos_token_id: int
+
+
+class Engine(Protocol):
+    info: EngineInfo
+
+    def add(self, desc: MicroDescriptor, now: float) -> None:
+        """Queue a micro-request; raises EngineError when it cannot be taken."""
+
+    def start_decode(self, req_id: str, kv: dict, num_tokens: int, tokens: list[int], now: float) -> None:
+        """Role B: A's KV is ready to pull; raises EngineError for unknown ids or bad parameters."""
+
+    def abort(self, req_id: str) -> bool:
+        """Drop a micro-request and free its blocks; False when the id is unknown."""
+
+    def has_work(self) -> bool:
+        """True when a step would make progress (runnable sequences or transfers to drive)."""
+
+    async def step(self, now: float) -> StepOutput:
+        """Run one engine step (or one round of transfer polling) and return its output."""
+
+    def housekeeping(self, now: float) -> StepOutput:
+        """Poll transfers and confirmations, expire leases; cheap, called every loop."""
+
+    def load(self) -> EngineLoad: ...
+
+    def close(self) -> None: ...

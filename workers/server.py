@@ -1,0 +1,178 @@
+"""The worker process: a thin asyncio/ZeroMQ shell that drives one engine.
+
+A DEALER socket (identity = instance id) talks to the broker's worker ROUTER. One task receives broker
+messages and hands them to the engine; the main loop runs engine steps, ships every step's tokens in one
+TokenBatch, sends handoffs and failures, and reports load every heartbeat. The worker re-registers when
+the broker says it does not know it (e.g. after a broker restart).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+import zmq
+
+from dynaserve import protocol as P
+from dynaserve.sockets import Channel, make_socket
+from workers.engine import Engine, EngineError, StepOutput
+
+log = logging.getLogger("dynaserve.worker")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Worker settings (flags: --broker-addr etc.; TOML section [worker])."""
+
+    broker_addr: str = "tcp://127.0.0.1:5556"  # the broker's worker address
+    instance_id: str = "w0"  # unique name of this instance in the cluster
+    engine: str = "sim"  # engine backend: sim or vllm
+    kv_transport: str = "nixl"  # KV transfer between instances: nixl
+    pool: str = "any"  # pool for the disagg policy: any, prefill or decode
+    tbt_slo_ms: float = 100.0  # TBT SLO the local scheduler keeps every step under
+    margin: float = 0.1  # safety margin under the TBT SLO
+    max_batched_tokens: int = 8192  # tokens per step at most
+    max_num_seqs: int = 256  # decode sequences per step at most
+    idle_poll_ms: float = 1.0  # poll period for transfers and confirmations while idle
+
+    def __post_init__(self) -> None:
+        if not self.instance_id or len(self.instance_id) > 64:
+            raise ValueError("instance_id must be 1..64 characters")
+        if self.pool not in ("any", "prefill", "decode"):
+            raise ValueError("pool must be any, prefill or decode")
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig, engine: Engine) -> None:
+        self.cfg = config
+        self.engine = engine
+        self.ctx = zmq.Context()
+        self.chan: Channel | None = None
+        self.heartbeat_s = 0.02
+        self.registered = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._seq = 0
+        self.steps = 0
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def _send(self, msg: P.Message) -> None:
+        assert self.chan is not None
+        try:
+            self.chan.send([P.encode(msg)])
+        except zmq.Again:
+            log.warning("broker queue full; dropped %s", type(msg).__name__)
+
+    def _register(self) -> None:
+        info = self.engine.info
+        self._send(P.RegisterWorker(
+            self.cfg.instance_id, info.kind, info.model, info.kv_capacity_tokens, info.block_size,
+            info.max_model_len, self.cfg.kv_transport, info.vocab_size, info.eos_token_id,
+            info.kv_bytes_per_token, self.cfg.pool,
+        ))
+
+    async def run(self) -> None:
+        sock = make_socket(self.ctx, zmq.DEALER, connect=self.cfg.broker_addr, identity=self.cfg.instance_id.encode())
+        self.chan = Channel(sock, self._on_frames, "broker")
+        self.chan.attach()
+        try:
+            self._register()
+            while not self.registered.is_set() and not self._stop.is_set():
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.registered.wait(), 1.0)
+                if not self.registered.is_set():
+                    self._register()
+            await self._main_loop()
+        finally:
+            self.engine.close()
+            self.chan.close(100)
+            self.ctx.term()
+
+    def _on_frames(self, frames: list[bytes]) -> None:
+        if len(frames) != 1:
+            log.warning("dropping a %d-frame message from the broker", len(frames))
+            return
+        frame = frames[0]
+        try:
+            msg = P.decode(frame, P.BROKER_TO_WORKER + (P.ErrorReply,))
+        except P.ProtocolError as exc:
+            log.warning("bad frame from broker: %s", exc)
+            return
+        now = time.monotonic()
+        if isinstance(msg, P.DispatchMicro):
+            try:
+                self.engine.add(msg.desc, now)
+            except EngineError as exc:
+                self._send(P.MicroFailed(msg.desc.req_id, exc.code, str(exc)))
+        elif isinstance(msg, P.StartDecode):
+            try:
+                self.engine.start_decode(msg.req_id, msg.kv, msg.num_tokens, msg.tokens, now)
+            except EngineError as exc:
+                self._send(P.MicroFailed(msg.req_id, exc.code, str(exc)))
+        elif isinstance(msg, P.AbortMicro):
+            self.engine.abort(msg.req_id)
+        elif isinstance(msg, P.RegisterAck):
+            if msg.ok:
+                self.heartbeat_s = max(0.001, msg.heartbeat_ms / 1000.0)
+                self.registered.set()
+                log.info("registered as %s", msg.instance_id)
+            else:
+                log.error("registration refused: %s", msg.reason)
+                self.stop()
+        elif isinstance(msg, P.ErrorReply):
+            if msg.code == "not_registered":
+                self.registered.clear()
+                self._register()
+            else:
+                log.warning("broker error: %s %s", msg.code, msg.message)
+        elif isinstance(msg, P.Shutdown):
+            log.info("shutdown: %s", msg.reason)
+            self.stop()
+        self._wake.set()
+
+    def _ship(self, out: StepOutput) -> None:
+        if out.entries:
+            assert self.chan is not None
+            self.chan.send([P.encode_token_entries(P.TokenBatch.TYPE, out.entries)])
+        for h in out.handoffs:
+            self._send(P.HandoffReady(h.req_id, h.kv, h.num_tokens, h.tokens))
+        for rid, code, message in out.failures:
+            self._send(P.MicroFailed(rid, code, message))
+
+    def _report(self) -> None:
+        ld = self.engine.load()
+        self._seq += 1
+        self._send(P.LoadReport(
+            self.cfg.instance_id, self._seq, ld.queued_prefill_tokens, ld.running_seqs, ld.decode_ctx_tokens,
+            ld.pending_decode_tokens, ld.kv_used_tokens, ld.kv_capacity_tokens, ld.step_ms, ld.token_budget,
+            ld.held_blocks, ld.active_requests,
+        ))
+
+    async def _main_loop(self) -> None:
+        next_report = 0.0
+        idle = self.cfg.idle_poll_ms / 1000.0
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now >= next_report:
+                self._report()
+                next_report = now + self.heartbeat_s
+            if self.engine.has_work():
+                out = await self.engine.step(now)
+                self.steps += 1
+                self._ship(out)
+                if out.step_ms > 0:
+                    continue
+            else:
+                self._ship(self.engine.housekeeping(now))
+            # nothing ran: wait for a message, the next poll or the next report
+            self._wake.clear()
+            timeout = min(idle if self.engine.load().active_requests else self.heartbeat_s,
+                          max(0.0, next_report - time.monotonic()))
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
