@@ -28,6 +28,7 @@ class BrokerRequest:
     ttft_slo_ms: float
     tbt_slo_ms: float
     predicted_output: int
+    force_split: int | None = None
     tokens_relayed: int = 0
     handed_off: bool = False
 

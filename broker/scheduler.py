@@ -204,6 +204,16 @@ def _balance(
     return best_s, best_c
 
 
+def forced_plan(req: RequestInfo, cluster: ClusterState, split: int) -> Plan | None:
+    """A plan with a pinned split point: A is the instance with the least work, B the next one."""
+    alive = sorted(cluster.alive(), key=lambda i: (i.queued_prefill_tokens + i.pending_decode_tokens, i.id))
+    if not alive:
+        return None
+    if len(alive) == 1:
+        return Plan.whole(alive[0].id, req.prompt_len, req.max_tokens)
+    return Plan.make(alive[0].id, alive[1].id, req.prompt_len, req.max_tokens, split)
+
+
 POLICIES = {"colocate": ColocatePolicy, "disagg": DisaggPolicy, "dynaserve": DynaServePolicy}
 
 

@@ -20,7 +20,7 @@ import zmq
 
 from broker.cluster_state import ClusterState, InstanceState, Pricing, RequestInfo
 from broker.requests import BrokerRequest, RequestTable
-from broker.scheduler import commit, make_policy
+from broker.scheduler import commit, forced_plan, make_policy
 from dynaserve import protocol as P
 from dynaserve.costmodel import preset_step_model
 from dynaserve.predictor import make_predictor
@@ -52,6 +52,7 @@ class BrokerConfig:
     max_active: int = 65536  # admitted requests in flight at most
     max_prompt_tokens: int = 0  # longest prompt accepted; 0 = smallest worker max_model_len
     allow_remote_bind: bool = False  # permit binding to non-loopback addresses
+    allow_forced_splits: bool = False  # honour SubmitRequest.force_split (debugging, split experiments)
 
     def __post_init__(self) -> None:
         for addr in (self.client_addr, self.worker_addr):
@@ -96,6 +97,7 @@ class Broker:
         self.stats = BrokerStats()
         self.last_seen: dict[str, float] = {}
         self.vocabs: dict[str, int] = {}
+        self.reports: dict[str, P.LoadReport] = {}
         self._stop = asyncio.Event()
         self.clients: Channel | None = None
         self.workers: Channel | None = None
@@ -178,7 +180,7 @@ class Broker:
         elif isinstance(msg, P.StatusRequest):
             self._send_client(client, P.StatusReply(
                 msg.nonce, [i.id for i in self.cluster.alive()], self.cfg.policy,
-                len(self.table) - len(self.queue), len(self.queue), dataclasses.asdict(self.stats)))
+                len(self.table) - len(self.queue), len(self.queue), self._status_stats()))
         elif isinstance(msg, P.AbortRequest):
             req = self.table.find(client, msg.req_id)
             if req is None:
@@ -187,6 +189,14 @@ class Broker:
                 self._send_client(client, P.TokenStream([[req.client_req_id, [], P.FINISH_ABORT]]))
                 self._finish(req, abort_workers=True)
                 self.stats.aborted += 1
+
+    def _status_stats(self) -> dict:
+        stats: dict = dataclasses.asdict(self.stats)
+        stats["instances"] = {
+            iid: {k: v for k, v in dataclasses.asdict(r).items() if k not in ("instance_id", "seq")}
+            for iid, r in self.reports.items() if iid in self.cluster.instances
+        }
+        return stats
 
     def _slo(self, slo_class: str) -> tuple[float, float] | None:
         if slo_class in ("default", ""):
@@ -216,6 +226,8 @@ class Broker:
             err = ("invalid_request", "temperature must be in [0, 100] and top_p in (0, 1]")
         elif self._slo(msg.slo_class) is None:
             err = ("invalid_request", f"unknown SLO class {msg.slo_class!r}")
+        elif msg.force_split is not None and not self.cfg.allow_forced_splits:
+            err = ("invalid_request", "force_split is disabled on this broker (allow_forced_splits)")
         elif not self.cluster.alive():
             err = ("no_workers", "no worker is registered")
         if err is None and msg.text is not None:
@@ -240,7 +252,8 @@ class Broker:
         predicted = self.predictor.predict(len(prompt), sp.max_tokens)
         req = BrokerRequest(
             iid=self.table.new_iid(), client=client, client_req_id=rid, prompt=prompt, sampling=sp,
-            plan=None, arrival=now, ttft_slo_ms=ttft, tbt_slo_ms=tbt, predicted_output=predicted,  # type: ignore[arg-type]
+            plan=None, arrival=now, ttft_slo_ms=ttft, tbt_slo_ms=tbt, predicted_output=predicted,
+            force_split=msg.force_split,
         )
         if self.queue or not self._try_dispatch(req, now):
             if len(self.queue) >= self.cfg.max_queued:
@@ -257,7 +270,10 @@ class Broker:
     def _try_dispatch(self, req: BrokerRequest, now: float) -> bool:
         info = RequestInfo(req.iid, len(req.prompt), req.sampling.max_tokens, req.predicted_output,
                            req.ttft_slo_ms, req.tbt_slo_ms)
-        plan = self.policy.plan(info, self.cluster, now)
+        if req.force_split is not None:
+            plan = forced_plan(info, self.cluster, req.force_split)
+        else:
+            plan = self.policy.plan(info, self.cluster, now)
         if plan is None:
             return False
         commit(plan, info, self.cluster)
@@ -342,6 +358,7 @@ class Broker:
                 decode_ctx_tokens=msg.decode_ctx_tokens, pending_decode_tokens=msg.pending_decode_tokens,
                 kv_used_tokens=msg.kv_used_tokens, step_ms=msg.step_ms,
             )
+            self.reports[inst_id] = msg
             self._drain_queue(now)
         elif isinstance(msg, P.HandoffReady):
             req = self.table.get(msg.req_id)
@@ -415,6 +432,7 @@ class Broker:
                     self.cluster.remove(inst_id)
                     self.last_seen.pop(inst_id, None)
                     self.vocabs.pop(inst_id, None)
+                    self.reports.pop(inst_id, None)
                     for req in self.table.on_instance(inst_id):
                         self._fail(req, "worker_lost", f"instance {inst_id} stopped responding")
             self._drain_queue(now)

@@ -178,6 +178,7 @@ class DynaServeClient:
         ignore_eos: bool = False,
         slo_class: str = "default",
         req_id: str | None = None,
+        force_split: int | None = None,
     ) -> RequestStream:
         """Submit a request; returns its stream at once (errors surface while iterating)."""
         rid = req_id or f"{self._prefix}-{next(self._ids)}"
@@ -185,9 +186,9 @@ class DynaServeClient:
             raise ValueError(f"request id {rid!r} is already in use")
         sp = P.SamplingParams(max_tokens, temperature, top_p, seed, list(stop_token_ids or []), ignore_eos)
         if isinstance(prompt, str):
-            msg = P.SubmitRequest(rid, [], sp, slo_class, prompt)
+            msg = P.SubmitRequest(rid, [], sp, slo_class, prompt, force_split)
         else:
-            msg = P.SubmitRequest(rid, list(prompt), sp, slo_class, None)
+            msg = P.SubmitRequest(rid, list(prompt), sp, slo_class, None, force_split)
         stream = RequestStream(self, rid, time.monotonic())
         self._streams[rid] = stream
         if self.connection_error is not None:

@@ -253,6 +253,7 @@ class SubmitRequest(Message):
     sampling: SamplingParams
     slo_class: str = "default"
     text: str | None = None
+    force_split: int | None = None  # pin the split point (only when the broker allows forced splits)
 
 
 @dataclass(slots=True)
