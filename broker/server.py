@@ -173,7 +173,7 @@ class Broker:
             msg = P.decode(frame, P.CLIENT_TO_BROKER)
         except P.ProtocolError as exc:
             self.stats.bad_frames += 1
-            self._client_error(client, exc.code, str(exc), None)
+            self._client_error(client, exc.code, str(exc), exc.req_id)
             return
         if isinstance(msg, P.SubmitRequest):
             self._on_submit(client, msg, time.monotonic())

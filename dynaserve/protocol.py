@@ -497,7 +497,14 @@ def decode(frame: bytes, allowed: tuple[type[Message], ...] | None = None) -> Me
         raise ProtocolError("unknown_type", f"unknown message type {type_id!r}")
     if allowed is not None and cls not in allowed:
         raise ProtocolError("unexpected_type", f"{cls.__name__} is not accepted on this socket")
-    msg = _decode_struct(cls, obj[2:], cls.__name__)
-    if cls is TokenBatch or cls is TokenStream:
-        _check_entries(msg.entries)  # type: ignore[attr-defined]
+    try:
+        msg = _decode_struct(cls, obj[2:], cls.__name__)
+        if cls is TokenBatch or cls is TokenStream:
+            _check_entries(msg.entries)  # type: ignore[attr-defined]
+    except ProtocolError as exc:
+        # name the request the bad message was about, so the sender can match the error to it
+        fields = dataclasses.fields(cls)
+        if fields and fields[0].name == "req_id" and len(obj) > 2 and type(obj[2]) is str and len(obj[2]) <= 256:
+            exc.req_id = obj[2]
+        raise
     return msg

@@ -1,0 +1,65 @@
+"""Shared fixtures: real clusters (broker + worker processes over ZeroMQ) and request factories."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+from collections.abc import Iterator
+
+import pytest
+
+from dynaserve.client import DynaServeClient
+from dynaserve.cluster import ClusterConfig, LocalCluster
+
+os.environ.setdefault("UCX_NET_DEVICES", "lo")
+
+
+def make_prompt(n: int, seed: int, vocab: int = 32000) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(3, vocab) for _ in range(n)]
+
+
+def start_cluster(policy: str, workers: int = 2, **kw: object) -> LocalCluster:
+    broker_args = list(kw.pop("broker_args", []))  # type: ignore[arg-type]
+    worker_args = list(kw.pop("worker_args", []))  # type: ignore[arg-type]
+    cfg = ClusterConfig(workers=workers, policy=policy, transport="ipc", **kw)  # type: ignore[arg-type]
+    cluster = LocalCluster(cfg, broker_args=broker_args, worker_args=worker_args)
+    cluster.start()
+    try:
+        asyncio.run(cluster.wait_ready(60))
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+async def instance_loads(cluster: LocalCluster) -> dict[str, dict]:
+    async with DynaServeClient(cluster.client_addr) as c:
+        return (await c.status()).stats["instances"]
+
+
+async def wait_idle(cluster: LocalCluster, timeout: float = 10.0) -> dict[str, dict]:
+    """Wait until every instance reports no request, no held block and no used KV; returns the loads."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    loads: dict[str, dict] = {}
+    async with DynaServeClient(cluster.client_addr) as c:
+        while loop.time() < deadline:
+            st = await c.status()
+            loads = st.stats["instances"]
+            if st.active == 0 and all(
+                v["active_requests"] == 0 and v["held_blocks"] == 0 and v["kv_used_tokens"] == 0
+                for v in loads.values()
+            ):
+                return loads
+            await asyncio.sleep(0.05)
+    return loads
+
+
+@pytest.fixture(scope="module")
+def forced_cluster() -> Iterator[LocalCluster]:
+    """Two simulated workers; the broker honours forced split points."""
+    cluster = start_cluster("dynaserve", broker_args=["--allow-forced-splits"])
+    yield cluster
+    cluster.stop()
