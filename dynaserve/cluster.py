@@ -34,7 +34,7 @@ class ClusterConfig:
     prefill_instances: int = 1  # disagg policy: prefill pool size
     model: str = "llama3-8b"  # cost-model preset of the simulated engine and the scheduler
     gpu: str = "a100"  # GPU whose cost tables price steps
-    time_scale: float = 1.0  # simulated engine: real seconds per modeled second
+    engine_time_scale: float = 1.0  # simulated engine: real seconds per modeled second
     kv_capacity_tokens: int = 131072  # KV cache per instance, tokens
     ttft_slo_ms: float = 2000.0  # TTFT SLO of the default class
     tbt_slo_ms: float = 100.0  # TBT SLO of the default class
@@ -98,7 +98,7 @@ class LocalCluster:
         self._spawn(instance_id, [
             "-m", "workers", "--broker-addr", self.worker_addr, "--instance-id", instance_id,
             "--engine", cfg.engine, "--tbt-slo-ms", str(cfg.tbt_slo_ms), "--sim-model", cfg.model,
-            "--sim-gpu", cfg.gpu, "--sim-time-scale", str(cfg.time_scale),
+            "--sim-gpu", cfg.gpu, "--sim-time-scale", str(cfg.engine_time_scale),
             "--sim-kv-capacity-tokens", str(cfg.kv_capacity_tokens), *self.worker_args,
         ])
 
