@@ -95,7 +95,7 @@ def build(cls: type[T], section: dict[str, Any] | None = None, ns: argparse.Name
             values[name] = tuple(v)
         elif tp is float and isinstance(v, int) and not isinstance(v, bool):
             values[name] = float(v)
-        elif tp in (int, float, str, bool) and not isinstance(v, tp):
+        elif tp in (int, float, str, bool) and (not isinstance(v, tp) or (isinstance(v, bool) and tp is not bool)):
             raise ValueError(f"{cls.__name__}.{name} must be {tp.__name__}, got {v!r}")
     try:
         return cls(**values)

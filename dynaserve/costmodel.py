@@ -69,16 +69,17 @@ class StepLatencyModel:
         self, budget_ms: float, decode_seqs: int, decode_ctx_tokens: int, ctx_before: int = 0
     ) -> int:
         """Largest prefill chunk (one sequence, after ``ctx_before`` tokens) whose step fits ``budget_ms``."""
-        room = budget_ms - self.step_ms(0, decode_seqs, decode_ctx_tokens)
-        if room <= 0:
+        return self.max_chunk(budget_ms - self.step_ms(0, decode_seqs, decode_ctx_tokens), ctx_before)
+
+    def max_chunk(self, room_ms: float, ctx_before: int) -> int:
+        """Largest prefill chunk after ``ctx_before`` tokens whose marginal time fits ``room_ms``."""
+        if room_ms <= 0:
             return 0
         if self.e == 0:
-            return int(room / self.b)
-        # solve e/2 x^2 + (b + e*ctx) x - room = 0
+            return int(room_ms / self.b)
         qa = self.e / 2.0
         qb = self.b + self.e * ctx_before
-        x = (-qb + math.sqrt(qb * qb + 4 * qa * room)) / (2 * qa)
-        return max(0, int(x))
+        return max(0, int((-qb + math.sqrt(qb * qb + 4 * qa * room_ms)) / (2 * qa)))
 
     def scaled(self, factor: float) -> StepLatencyModel:
         """The same model with every coefficient multiplied by ``factor``."""

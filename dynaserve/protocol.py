@@ -488,7 +488,7 @@ def decode(frame: bytes, allowed: tuple[type[Message], ...] | None = None) -> Me
     if type(obj) is not list or len(obj) < 2:
         raise ProtocolError("malformed", "a message is an array [version, type, fields...]")
     version, type_id = obj[0], obj[1]
-    if version != PROTOCOL_VERSION:
+    if type(version) is not int or version != PROTOCOL_VERSION:
         raise ProtocolError(
             "protocol_version", f"protocol version {version!r} is not supported; this peer speaks {PROTOCOL_VERSION}"
         )

@@ -24,9 +24,10 @@ def normalize_split(p: int, o: int, s: int) -> int:
     """Clamp ``s`` to a meaningful split point in [1, p+o); ``p+o`` means no split."""
     if p < 1 or o < 1:
         raise ValueError(f"prompt and output lengths must be >= 1 (p={p}, o={o})")
+    s = max(1, s)
     if s >= p + o - 1:
         return p + o
-    return max(1, s)
+    return s
 
 
 def split_kind(p: int, o: int, s: int) -> str:

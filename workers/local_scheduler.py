@@ -100,10 +100,17 @@ class LocalScheduler:
         plan.token_budget = budget
         self.last_budget = budget
         left = budget
+        # with decodes in the batch, every chunk must also fit the time left under the SLO (a chunk's
+        # attention cost grows with its own context); the first chunk always gets min_chunk_tokens
+        limit = cfg.tbt_slo_ms * (1.0 - cfg.margin) / self.correction if plan.decodes else None
         for item in prefills:
             if left <= 0:
                 break
             n = min(item.remaining, left)
+            if limit is not None and plan.prefills:
+                room = limit - self.model.step_ms(
+                    plan.prefill_tokens, len(plan.decodes), plan.decode_ctx_tokens, plan.prefill_attn)
+                n = min(n, self.model.max_chunk(room, item.ctx))
             if n <= 0:
                 continue
             plan.prefills.append((item.req_id, n))
