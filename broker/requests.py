@@ -32,6 +32,11 @@ class BrokerRequest:
     tokens_relayed: int = 0
     handed_off: bool = False
 
+    def survives_loss_of(self, instance_id: str) -> bool:
+        """True when the request no longer needs ``instance_id``: A after its handoff (B holds, or is
+        pulling, everything it needs; a failed pull makes B recompute from the tokens it has)."""
+        return self.plan is not None and self.plan.b is not None and self.handed_off and instance_id == self.plan.a
+
     def instances(self) -> tuple[str, ...]:
         if self.plan is None:
             return ()

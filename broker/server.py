@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import zmq
 
 from broker.cluster_state import ClusterState, InstanceState, Pricing, RequestInfo
+from broker.metrics import BrokerMetrics
 from broker.requests import BrokerRequest, RequestTable
 from broker.scheduler import commit, forced_plan, make_policy
 from dynaserve import protocol as P
@@ -53,6 +54,7 @@ class BrokerConfig:
     max_prompt_tokens: int = 0  # longest prompt accepted; 0 = smallest worker max_model_len
     allow_remote_bind: bool = False  # permit binding to non-loopback addresses
     allow_forced_splits: bool = False  # honour SubmitRequest.force_split (debugging, split experiments)
+    metrics_port: int = 0  # Prometheus metrics on http://127.0.0.1:PORT/metrics; 0 = off
 
     def __post_init__(self) -> None:
         for addr in (self.client_addr, self.worker_addr):
@@ -95,6 +97,7 @@ class Broker:
         self.queue: deque[BrokerRequest] = deque()  # admitted but waiting for capacity
         self.tokenizer = tokenizer
         self.stats = BrokerStats()
+        self.metrics = BrokerMetrics(self)
         self.last_seen: dict[str, float] = {}
         self.vocabs: dict[str, int] = {}
         self.reports: dict[str, P.LoadReport] = {}
@@ -114,6 +117,7 @@ class Broker:
                                self._on_worker_frames, "workers")
         self.clients.attach()
         self.workers.attach()
+        self.metrics.serve(self.cfg.metrics_port)
         log.info("broker up: clients %s, workers %s, policy %s", self.cfg.client_addr, self.cfg.worker_addr,
                  self.cfg.policy)
         if ready is not None:
@@ -131,6 +135,7 @@ class Broker:
                 self._send_worker(inst_id, P.Shutdown("broker stopping"))
             self.clients.close(0)
             self.workers.close(100)
+            self.metrics.close()
             self.ctx.term()
 
     # ------------------------------------------------------------------ sending
@@ -246,6 +251,7 @@ class Broker:
                 err = ("queue_full", f"{len(self.table)} requests in flight (limit {self.cfg.max_active})")
         if err is not None:
             self.stats.rejected += 1
+            self.metrics.on_reject(err[0])
             self._client_error(client, err[0], err[1], rid)
             return
         ttft, tbt = self._slo(msg.slo_class)  # type: ignore[misc]
@@ -258,6 +264,7 @@ class Broker:
         if self.queue or not self._try_dispatch(req, now):
             if len(self.queue) >= self.cfg.max_queued:
                 self.stats.rejected += 1
+                self.metrics.on_reject("queue_full")
                 self._client_error(client, "queue_full", f"{len(self.queue)} requests waiting for capacity", rid)
                 return
             self.queue.append(req)
@@ -292,6 +299,7 @@ class Broker:
                                            req.sampling, req.ttft_slo_ms, req.tbt_slo_ms, req.arrival)),
             ]
         self.stats.admitted += 1
+        self.metrics.on_admit(plan.kind)
         self._send_client(req.client, P.Admitted(req.client_req_id, plan.a, plan.b, plan.split, plan.kind, p))
         for inst, desc in descs:
             if not self._send_worker(inst, P.DispatchMicro(desc)):
@@ -313,6 +321,7 @@ class Broker:
 
     def _finish(self, req: BrokerRequest, abort_workers: bool) -> None:
         self.table.pop(req.iid)
+        self.metrics.on_end(req.iid)
         if abort_workers and req.plan is not None:
             for inst in req.instances():
                 self._send_worker(inst, P.AbortMicro(req.iid))
@@ -385,7 +394,8 @@ class Broker:
             return
         if inst_id in self.cluster.instances:  # a restarted worker: whatever it held is gone
             for req in self.table.on_instance(inst_id):
-                self._fail(req, "worker_lost", f"instance {inst_id} restarted")
+                if not req.survives_loss_of(inst_id):
+                    self._fail(req, "worker_lost", f"instance {inst_id} restarted")
         self.cluster.add(InstanceState(
             id=inst_id, kv_capacity_tokens=msg.kv_capacity_tokens, max_model_len=msg.max_model_len,
             kv_bytes_per_token=msg.kv_bytes_per_token, pool=msg.pool, last_report=now,
@@ -400,10 +410,13 @@ class Broker:
     def _on_tokens(self, entries: list[list]) -> None:
         out: dict[bytes, list[list]] = {}
         table = self.table.by_iid
+        relayed, now = self.metrics.on_relay, time.monotonic()
         for iid, toks, finish in entries:
             req = table.get(iid)
             if req is None:
                 continue
+            if toks:
+                relayed(iid, req.arrival, now)
             req.tokens_relayed += len(toks)
             self.stats.tokens_relayed += len(toks)
             if finish == P.FINISH_HANDOFF:
@@ -434,5 +447,6 @@ class Broker:
                     self.vocabs.pop(inst_id, None)
                     self.reports.pop(inst_id, None)
                     for req in self.table.on_instance(inst_id):
-                        self._fail(req, "worker_lost", f"instance {inst_id} stopped responding")
+                        if not req.survives_loss_of(inst_id):
+                            self._fail(req, "worker_lost", f"instance {inst_id} stopped responding")
             self._drain_queue(now)

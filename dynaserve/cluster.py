@@ -1,4 +1,5 @@
-"""Start and stop a local DynaServe cluster: one broker and N workers, each in its own process group.
+"""Start and stop a local DynaServe cluster: one broker, N workers and the OpenAI-compatible HTTP front end
+(unless ``http_port`` is 0), each in its own process group.
 
 Used by ``scripts/cluster.py`` (the single-command start) and by the integration tests. Every process is
 started with ``start_new_session=True``; ``stop`` signals whole process groups, so nothing a worker spawned
@@ -8,17 +9,20 @@ started with ``start_new_session=True``; ``stop`` signals whole process groups, 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dynaserve.client import DynaServeClient
 from dynaserve.errors import BrokerUnavailableError
+from dynaserve.tinymodel import DEFAULT_OUT as DEFAULT_MODEL_DIR
 
 
 @dataclass(frozen=True)
@@ -27,7 +31,9 @@ class ClusterConfig:
 
     workers: int = 2  # number of worker processes (instances)
     policy: str = "dynaserve"  # global scheduling policy: colocate, disagg or dynaserve
-    engine: str = "sim"  # worker engine: sim
+    engine: str = "auto"  # worker engine: vllm, sim, or auto (vllm when installed, else sim)
+    model_dir: str = ""  # vllm engine: HF model directory; empty = the tiny local model (built on first use)
+    side_channel_base_port: int = 5600  # vllm engine: NIXL handshake port of worker i is base + 10 * i
     transport: str = "tcp"  # tcp (127.0.0.1 ports) or ipc (unix sockets in the run directory)
     client_port: int = 5555  # tcp: port clients connect to
     worker_port: int = 5556  # tcp: port workers connect to
@@ -39,12 +45,18 @@ class ClusterConfig:
     ttft_slo_ms: float = 2000.0  # TTFT SLO of the default class
     tbt_slo_ms: float = 100.0  # TBT SLO of the default class
     ready_timeout_s: float = 60.0  # how long to wait for every worker to register
+    http_port: int = 8000  # OpenAI-compatible HTTP front end on 127.0.0.1:PORT; 0 = no front end
+    metrics_base_port: int = 0  # Prometheus: broker on this port, worker i on port + 1 + i; 0 = off
 
     def __post_init__(self) -> None:
+        if self.engine not in ("auto", "sim", "vllm"):
+            raise ValueError("engine must be auto, sim or vllm")
         if not 1 <= self.workers <= 64:
             raise ValueError("workers must be in 1..64")
         if self.transport not in ("tcp", "ipc"):
             raise ValueError("transport must be tcp or ipc")
+        if not 0 <= self.http_port <= 65535 or not 0 <= self.metrics_base_port <= 65535 - 1 - self.workers:
+            raise ValueError("http_port and metrics_base_port (+ workers) must be valid ports (0 = off)")
 
 
 @dataclass
@@ -55,6 +67,7 @@ class LocalCluster:
     run_dir: Path | None = None
     broker_args: list[str] = field(default_factory=list)
     worker_args: list[str] = field(default_factory=list)
+    frontend_args: list[str] = field(default_factory=list)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -88,28 +101,92 @@ class LocalCluster:
         cfg = self.config
         self._spawn("broker", [
             "-m", "broker", "--client-addr", self.client_addr, "--worker-addr", self.worker_addr,
-            "--policy", cfg.policy, "--prefill-instances", str(cfg.prefill_instances), "--model", cfg.model,
+            "--policy", cfg.policy, "--prefill-instances", str(cfg.prefill_instances), "--model", self.cost_model,
             "--gpu", cfg.gpu, "--ttft-slo-ms", str(cfg.ttft_slo_ms), "--tbt-slo-ms", str(cfg.tbt_slo_ms),
-            *self.broker_args,
+            *self.metrics_flag(0), *self.broker_args,
         ])
+
+    @property
+    def engine(self) -> str:
+        """The engine workers run: ``auto`` resolves to vllm when it is installed."""
+        if self.config.engine != "auto":
+            return self.config.engine
+        return "vllm" if importlib.util.find_spec("vllm") is not None else "sim"
+
+    @property
+    def model_dir(self) -> str:
+        return self.config.model_dir or str(DEFAULT_MODEL_DIR)
+
+    def _engine_args(self, index: int) -> list[str]:
+        cfg = self.config
+        if self.engine == "vllm":
+            return ["--engine", "vllm", "--vllm-model", self.model_dir,
+                    "--vllm-side-channel-port", str(cfg.side_channel_base_port + 10 * index),
+                    "--vllm-cpu-bind", str(index % (os.cpu_count() or 1))]
+        return ["--engine", "sim", "--sim-model", cfg.model, "--sim-gpu", cfg.gpu,
+                "--sim-time-scale", str(cfg.engine_time_scale), "--sim-kv-capacity-tokens", str(cfg.kv_capacity_tokens)]
 
     def start_worker(self, instance_id: str) -> None:
         cfg = self.config
         self._spawn(instance_id, [
             "-m", "workers", "--broker-addr", self.worker_addr, "--instance-id", instance_id,
-            "--engine", cfg.engine, "--tbt-slo-ms", str(cfg.tbt_slo_ms), "--sim-model", cfg.model,
-            "--sim-gpu", cfg.gpu, "--sim-time-scale", str(cfg.engine_time_scale),
-            "--sim-kv-capacity-tokens", str(cfg.kv_capacity_tokens), *self.worker_args,
+            "--tbt-slo-ms", str(cfg.tbt_slo_ms), *self._engine_args(self.instance_ids.index(instance_id)),
+            *self.metrics_flag(1 + self.instance_ids.index(instance_id)), *self.worker_args,
         ])
 
+    def metrics_flag(self, offset: int) -> list[str]:
+        """``--metrics-port`` for the process at ``offset`` from metrics_base_port (none when off)."""
+        base = self.config.metrics_base_port
+        return ["--metrics-port", str(base + offset)] if base else []
+
+    @property
+    def http_url(self) -> str | None:
+        """Base URL of the HTTP front end (None when it is off)."""
+        return f"http://127.0.0.1:{self.config.http_port}" if self.config.http_port else None
+
+    def start_frontend(self) -> None:
+        cfg = self.config
+        self._spawn("frontend", [
+            "-m", "dynaserve.frontend", "--broker", self.client_addr, "--host", "127.0.0.1",
+            "--port", str(cfg.http_port), "--model", self.model_dir if self.engine == "vllm" else cfg.model,
+            *self.frontend_args,
+        ])
+
+    @property
+    def cost_model(self) -> str:
+        """Cost-model preset the broker prices work with."""
+        return "tiny-llama" if self.engine == "vllm" else self.config.model
+
     def start(self) -> None:
+        if self.engine == "vllm" and not self.config.model_dir:
+            from dynaserve.tinymodel import build
+
+            build(DEFAULT_MODEL_DIR)
         self.start_broker()
         for iid in self.instance_ids:
             self.start_worker(iid)
+        if self.config.http_port:
+            self.start_frontend()
+
+    async def _http_healthy(self) -> bool:
+        """True when the front end is off or its /health answers 200."""
+        url = self.http_url
+        if url is None:
+            return True
+
+        def probe() -> bool:
+            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+            try:
+                with opener.open(url + "/health", timeout=2.0) as resp:
+                    return resp.status == 200
+            except OSError:  # URLError and HTTPError (503) included
+                return False
+
+        return await asyncio.to_thread(probe)
 
     async def wait_ready(self, timeout: float | None = None) -> list[str]:
-        """Wait until every worker has registered; returns the instance ids. Raises on timeout or if a
-        process died."""
+        """Wait until every worker has registered and the HTTP front end (if on) answers /health; returns
+        the instance ids. Raises on timeout or if a process died."""
         deadline = time.monotonic() + (timeout or self.config.ready_timeout_s)
         want = set(self.instance_ids)
         async with DynaServeClient(self.client_addr) as client:
@@ -117,7 +194,7 @@ class LocalCluster:
                 self.check_alive()
                 try:
                     st = await client.status(timeout=1.0)
-                    if want <= set(st.instances):
+                    if want <= set(st.instances) and await self._http_healthy():
                         return sorted(st.instances)
                 except BrokerUnavailableError:
                     pass

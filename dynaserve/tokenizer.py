@@ -41,6 +41,9 @@ def load_tokenizer(model: str, vocab_size: int) -> Tokenizer:
         from transformers import AutoTokenizer  # only the vLLM stack installs it
 
         tok = AutoTokenizer.from_pretrained(str(path))
-        tok.vocab_size = len(tok)  # type: ignore[misc]
+        try:
+            tok.vocab_size = len(tok)  # type: ignore[misc]
+        except AttributeError:  # a read-only property in newer transformers: callers use len(tok)
+            pass
         return tok  # type: ignore[return-value]
     return ByteTokenizer(vocab_size)

@@ -9,7 +9,8 @@
         the same, then replays a trace through the client SDK, prints the report and stops.
     scripts/cluster.py status | stop
 
-Settings come from flags over an optional TOML file (sections [cluster], [broker], [worker], [sim]).
+Settings come from flags over an optional TOML file (sections [cluster], [broker], [worker], [sim],
+[frontend]). The OpenAI-compatible HTTP front end listens on 127.0.0.1:8000 (--http-port, 0 = off).
 Every process runs in its own process group; stop signals whole groups, so nothing is orphaned.
 """
 
@@ -51,8 +52,10 @@ def cmd_start(ns: argparse.Namespace) -> int:
     cfg = C.build(ClusterConfig, toml.get("cluster"), ns)
     broker_args = _toml_args(toml.get("broker", {}))
     worker_args = _toml_args(toml.get("worker", {})) + _toml_args(toml.get("sim", {}), "sim_")
+    frontend_args = _toml_args(toml.get("frontend", {}))
     run_dir = ROOT / ".dynaserve" / time.strftime("run-%Y%m%d-%H%M%S")
-    cluster = LocalCluster(cfg, run_dir=run_dir, broker_args=broker_args, worker_args=worker_args)
+    cluster = LocalCluster(cfg, run_dir=run_dir, broker_args=broker_args, worker_args=worker_args,
+                           frontend_args=frontend_args)
     print(f"starting broker and {cfg.workers} {cfg.engine} workers (policy {cfg.policy}); logs in {run_dir}",
           file=sys.stderr)
     cluster.start()
@@ -80,7 +83,8 @@ def cmd_start(ns: argparse.Namespace) -> int:
         "client_addr": cluster.client_addr, "run_dir": str(run_dir),
         "pids": {name: p.pid for name, p in cluster.procs.items()},
     }))
-    print(f"ready: {len(ids)} instances {ids}; clients connect to {cluster.client_addr}", file=sys.stderr)
+    print(f"ready: {len(ids)} instances {ids}; clients connect to {cluster.client_addr}"
+          + (f"; OpenAI API at {cluster.http_url}/v1" if cluster.http_url else ""), file=sys.stderr)
     if ns.replay:
         ns.trace = ns.replay
         ns.ttft_slo_ms, ns.tbt_slo_ms = cfg.ttft_slo_ms, cfg.tbt_slo_ms
@@ -148,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     ps = sub.add_parser("start", help="start a cluster (and optionally replay a trace)")
-    ps.add_argument("--config", help="TOML file with [cluster], [broker], [worker], [sim] sections")
+    ps.add_argument("--config", help="TOML file with [cluster], [broker], [worker], [sim], [frontend] sections")
     ps.add_argument("--detach", action="store_true", help="leave the cluster running and return")
     ps.add_argument("--replay", metavar="TRACE", help="replay this trace, report, then stop")
     C.add_args(ps, ClusterConfig)

@@ -23,11 +23,13 @@ def make_prompt(n: int, seed: int, vocab: int = 32000) -> list[int]:
 def start_cluster(policy: str, workers: int = 2, **kw: object) -> LocalCluster:
     broker_args = list(kw.pop("broker_args", []))  # type: ignore[arg-type]
     worker_args = list(kw.pop("worker_args", []))  # type: ignore[arg-type]
+    kw.setdefault("http_port", 0)  # no HTTP front end unless a test asks for one (ports would collide)
+    kw.setdefault("engine", "sim")  # the vLLM engine has its own end-to-end tests (tests/e2e)
     cfg = ClusterConfig(workers=workers, policy=policy, transport="ipc", **kw)  # type: ignore[arg-type]
     cluster = LocalCluster(cfg, broker_args=broker_args, worker_args=worker_args)
     cluster.start()
     try:
-        asyncio.run(cluster.wait_ready(60))
+        asyncio.run(cluster.wait_ready())
     except BaseException:
         cluster.stop()
         raise

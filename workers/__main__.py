@@ -10,22 +10,25 @@ import signal
 from dynaserve import config as C
 from dynaserve.aio import run_event_loop
 from dynaserve.env import apply_loopback_kv_env, log_level
-from workers.engines import make_sim_engine
+from workers.engines import make_sim_engine, make_vllm_engine
 from workers.engines.sim import SimEngineConfig
+from workers.engines.vllm_config import VllmEngineConfig
 from workers.local_scheduler import LocalSchedulerConfig
 from workers.server import Worker, WorkerConfig
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="dynaserve-worker", description="DynaServe worker")
-    parser.add_argument("--config", help="TOML file; its [worker] and [sim] sections set defaults")
+    parser.add_argument("--config", help="TOML file; its [worker], [sim] and [vllm] sections set defaults")
     C.add_args(parser, WorkerConfig)
     C.add_args(parser, SimEngineConfig, prefix="sim_")
+    C.add_args(parser, VllmEngineConfig, prefix="vllm_")
     ns = parser.parse_args(argv)
     try:
         toml = C.load_toml(ns.config)
         wcfg = C.build(WorkerConfig, toml.get("worker"), ns)
         scfg = C.build(SimEngineConfig, toml.get("sim"), ns, prefix="sim_")
+        vcfg = C.build(VllmEngineConfig, toml.get("vllm"), ns, prefix="vllm_")
     except ValueError as exc:
         parser.error(str(exc))
     logging.basicConfig(level=log_level(), format=f"%(asctime)s {wcfg.instance_id} %(levelname)s %(message)s")
@@ -34,9 +37,12 @@ def main(argv: list[str] | None = None) -> None:
         tbt_slo_ms=wcfg.tbt_slo_ms, margin=wcfg.margin, max_batched_tokens=wcfg.max_batched_tokens,
         max_num_seqs=wcfg.max_num_seqs,
     )
-    if wcfg.engine != "sim":
-        parser.error(f"engine {wcfg.engine!r} is not available in this build (choose sim)")
-    engine = make_sim_engine(scfg, sched_cfg, wcfg.instance_id, wcfg.kv_transport)
+    if wcfg.engine == "sim":
+        engine = make_sim_engine(scfg, sched_cfg, wcfg.instance_id, wcfg.kv_transport)
+    elif wcfg.engine == "vllm":
+        engine = make_vllm_engine(vcfg, sched_cfg)
+    else:
+        parser.error(f"unknown engine {wcfg.engine!r} (choose sim or vllm)")
 
     async def _run() -> None:
         worker = Worker(wcfg, engine)

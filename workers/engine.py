@@ -46,6 +46,7 @@ class StepOutput:
     prefill_tokens: int = 0
     decode_seqs: int = 0
     token_budget: int = 0
+    kv_transfers: list[tuple[int, float]] = field(default_factory=list)  # KV pulls done: (bytes, seconds)
 
 
 @dataclass(slots=True)

@@ -19,6 +19,7 @@ import zmq
 from dynaserve import protocol as P
 from dynaserve.sockets import Channel, make_socket
 from workers.engine import Engine, EngineError, StepOutput
+from workers.metrics import WorkerMetrics
 
 log = logging.getLogger("dynaserve.worker")
 
@@ -37,6 +38,7 @@ class WorkerConfig:
     max_batched_tokens: int = 8192  # tokens per step at most
     max_num_seqs: int = 256  # decode sequences per step at most
     idle_poll_ms: float = 1.0  # poll period for transfers and confirmations while idle
+    metrics_port: int = 0  # Prometheus metrics on http://127.0.0.1:PORT/metrics; 0 = off
 
     def __post_init__(self) -> None:
         if not self.instance_id or len(self.instance_id) > 64:
@@ -57,6 +59,7 @@ class Worker:
         self._stop = asyncio.Event()
         self._seq = 0
         self.steps = 0
+        self.metrics = WorkerMetrics(config.instance_id)
 
     def stop(self) -> None:
         self._stop.set()
@@ -81,6 +84,7 @@ class Worker:
         sock = make_socket(self.ctx, zmq.DEALER, connect=self.cfg.broker_addr, identity=self.cfg.instance_id.encode())
         self.chan = Channel(sock, self._on_frames, "broker")
         self.chan.attach()
+        self.metrics.serve(self.cfg.metrics_port)
         try:
             self._register()
             while not self.registered.is_set() and not self._stop.is_set():
@@ -91,6 +95,7 @@ class Worker:
             await self._main_loop()
         finally:
             self.engine.close()
+            self.metrics.close()
             self.chan.close(100)
             self.ctx.term()
 
@@ -144,6 +149,7 @@ class Worker:
             self._send(P.HandoffReady(h.req_id, h.kv, h.num_tokens, h.tokens))
         for rid, code, message in out.failures:
             self._send(P.MicroFailed(rid, code, message))
+        self.metrics.on_output(out)
 
     def _report(self) -> None:
         ld = self.engine.load()
@@ -153,6 +159,7 @@ class Worker:
             ld.pending_decode_tokens, ld.kv_used_tokens, ld.kv_capacity_tokens, ld.step_ms, ld.token_budget,
             ld.held_blocks, ld.active_requests,
         ))
+        self.metrics.on_load(ld)
 
     async def _main_loop(self) -> None:
         next_report = 0.0

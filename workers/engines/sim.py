@@ -83,8 +83,8 @@ class SimEngineConfig:
     block_size: int = 16  # tokens per KV block
     kv_scale: float = 1.0 / 256  # the KV buffer moved per token is the model's KV bytes times this
     max_model_len: int = 32768  # longest prompt + output accepted
-    vocab_size: int = 32000
-    eos_token_id: int = 2
+    vocab_size: int = 32000  # token ids the simulated model knows
+    eos_token_id: int = 2  # the id that ends a sequence unless ignore_eos is set
     lease_s: float = 30.0  # A frees handed-off blocks after this long without B's confirmation
     transfer_timeout_s: float = 10.0  # B recomputes when a KV pull takes longer than this
 
@@ -113,6 +113,7 @@ class _Seq:
     deadline: float = 0.0
     emitted: int = 0
     kv: dict | None = None  # role B: A's transfer parameters until the pull starts
+    xfer_start: float = 0.0  # role B: when the KV pull started
 
     @property
     def pending(self) -> int:
@@ -175,6 +176,9 @@ class SimEngine:
         if desc.role != ROLE_FULL and not (1 <= desc.split < total):
             raise EngineError("bad_split", f"split {desc.split} outside [1, {total})")
         kv_end = desc.split if desc.role == ROLE_A else total
+        if self.pool.blocks_for_tokens(kv_end) > self.pool.num_blocks:
+            raise EngineError("too_long", f"{kv_end} tokens of KV exceed this instance's capacity "
+                                          f"({self.pool.num_blocks * cfg.block_size} tokens)")
         seq = _Seq(desc=desc, tokens=list(desc.prompt), kv_end=kv_end, emit_left=desc.emit_tokens)
         if desc.role == ROLE_B:
             seq.state = WAIT_KV
@@ -230,6 +234,7 @@ class SimEngine:
                     assert self.transport is not None, "no KV transport configured"
                     seq.xfer = self.transport.start_read(seq.desc.req_id, kv, blocks[:nremote])
                     seq.state = XFER
+                    seq.xfer_start = now
                 except (KvTransferError, AssertionError) as exc:
                     self.transfer_failures += 1
                     seq.xfer = None
@@ -249,6 +254,8 @@ class SimEngine:
                 self.transport.release(seq.xfer)
                 seq.xfer = None
                 s = seq.desc.split
+                nbytes = -(-s // self.config.block_size) * self.pool.block_bytes
+                out.kv_transfers.append((nbytes, max(0.0, now - seq.xfer_start)))
                 seq.computed = s
                 seq.h = int(self._hash_at(seq.blocks, s - 1))
                 seq.state = RUN
@@ -297,11 +304,12 @@ class SimEngine:
         )
         await asyncio.sleep(modeled * self.config.time_scale / 1000.0)
         # results appear at the end of the step; sequences aborted meanwhile are skipped
-        for rid in plan.decodes:
-            self._compute(rid, 1, out, time.monotonic())
-        for rid, n in plan.prefills:
-            self._compute(rid, n, out, time.monotonic())
         measured = (time.perf_counter() - t0) * 1000.0
+        end = now + measured / 1000.0  # the caller's clock at the end of the step
+        for rid in plan.decodes:
+            self._compute(rid, 1, out, end)
+        for rid, n in plan.prefills:
+            self._compute(rid, n, out, end)
         self.last_step_ms = measured / self.config.time_scale
         self.sched.observe(plan, self.last_step_ms)
         out.step_ms = self.last_step_ms

@@ -1,0 +1,35 @@
+"""Settings of the vLLM engine (importable without vLLM, so the worker CLI can show them everywhere)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class VllmEngineConfig:
+    """The vLLM engine's model and resources (flags --vllm-*; TOML section [vllm])."""
+
+    model: str = ".models/tiny-llama"  # HF model directory (scripts/build_tiny_model.py makes the default)
+    dtype: str = "float32"  # weights and activations: float32 on CPU for exact equality, bfloat16 on GPUs
+    device: str = "cpu"  # cpu or cuda: where the KV cache lives (the KV transfer reads from there)
+    max_model_len: int = 2048  # longest prompt + output
+    kv_cache_bytes: int = 256 << 20  # KV cache memory of this instance
+    max_num_batched_tokens: int = 2048  # static step size bound (the local scheduler sets the per-step budget)
+    max_num_seqs: int = 64  # sequences per step at most
+    enforce_eager: bool = True  # skip torch.compile (start-up in seconds; compile helps GPUs)
+    side_channel_port: int = 5600  # NIXL handshake port of this instance (distinct per instance on a host)
+    cpu_bind: str = ""  # CPU cores for this instance's compute threads, e.g. "0" or "2-3" (CPU builds)
+    kv_lease_s: float = 30.0  # handed-off blocks are freed after this long without the reader's confirmation
+    kv_pull_timeout_s: float = 5.0  # a B still waiting for A's KV after this long recomputes it locally
+    seed: int = 0  # sampling seed of the engine
+    fault_injection: str = ""  # testing only: scramble_prefix (B overwrites its copy of the handed-off positions) or dead_handoff_port (A advertises a closed handshake port)
+
+    def __post_init__(self) -> None:
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError("device must be cpu or cuda")
+        if self.max_model_len < 2 or self.kv_cache_bytes <= 0:
+            raise ValueError("max_model_len must be >= 2 and kv_cache_bytes > 0")
+        if self.fault_injection not in ("", "scramble_prefix", "dead_handoff_port"):
+            raise ValueError("fault_injection must be empty, scramble_prefix or dead_handoff_port")
+        if not 1 <= self.side_channel_port <= 65535:
+            raise ValueError("side_channel_port must be a TCP port")

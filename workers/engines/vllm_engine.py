@@ -1,0 +1,365 @@
+"""vLLM behind the worker's engine interface (vLLM's CPU build here, its CUDA build on GPUs; one code path).
+
+The engine runs vLLM in-process (``LLMEngine`` with ``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so one
+``step()`` is one vLLM scheduler step plus one forward pass; the step runs in a worker thread while the
+asyncio loop keeps receiving messages. Every change to vLLM's state (add, abort, expire) is queued and
+applied between steps, on the loop thread, so vLLM is never touched concurrently.
+
+Micro-request mapping (the connector, workers.engines.vllm_connector, does the NIXL part):
+    full:           prompt, max_tokens = o.
+    A, s >= p:      prompt, max_tokens = d = s - p + 1, do_remote_decode. Emits d tokens; its blocks cover
+                    s positions and are held for B.
+    A, s < p:       prompt[:s], max_tokens = 1 (that token is discarded), do_remote_decode.
+    B, s >= p:      prompt + A's first d - 1 tokens (exactly the s positions A computed), A's parameters;
+                    max_tokens = B's share + 1: vLLM recomputes position s - 1 and re-emits A's last token,
+                    which is checked and dropped.
+    B, s < p:       prompt, A's parameters switched to the bidirectional path; pulls s positions.
+Only workers/engines/vllm* imports vllm.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from dynaserve.env import loopback_kv_env
+from dynaserve.protocol import (
+    FINISH_ABORT,
+    FINISH_HANDOFF,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    ROLE_A,
+    ROLE_B,
+    ROLE_FULL,
+    MicroDescriptor,
+)
+from workers.engine import EngineError, EngineInfo, EngineLoad, Handoff, StepOutput
+from workers.engines.vllm_config import VllmEngineConfig
+from workers.local_scheduler import LocalScheduler
+
+log = logging.getLogger("dynaserve.vllm")
+
+_FINISH = {"length": FINISH_LENGTH, "stop": FINISH_STOP, "abort": FINISH_ABORT}
+
+RECOMPUTE_SUFFIX = "#recompute"
+
+# request states
+WAIT_KV, RUNNING, HELD = "wait_kv", "running", "held"
+
+
+@dataclass(slots=True)
+class _Req:
+    desc: MicroDescriptor
+    state: str = RUNNING
+    a_tokens: list[int] = field(default_factory=list)  # role A: tokens emitted so far
+    drop_first: int | None = None  # role B after a decode handoff: A's last token, re-emitted by vLLM
+    b_prompt: list[int] = field(default_factory=list)  # role B: the true token sequence it continues from
+    b_max_tokens: int = 0
+    b_deadline: float = 0.0  # role B: recompute locally if A's KV has not arrived by then
+    vllm_id: str = ""  # the id we gave vLLM (changes when B falls back to recomputing)
+    internal_id: str = ""  # vLLM's internal id (its scheduler and the connector key requests by it)
+
+
+def _prepare_env(cfg: VllmEngineConfig) -> None:
+    """Process settings vLLM reads at import/start-up (this module is the only one that sets them)."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(cfg.side_channel_port)
+    for key, val in loopback_kv_env().items():
+        os.environ.setdefault(key, val)
+    if cfg.cpu_bind:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cfg.cpu_bind
+
+
+def scramble_token(token: int, vocab: int) -> int:
+    """A different, deterministic token id (fault injection and the handoff control test)."""
+    return (token * 7 + 13) % (vocab - 3) + 3
+
+
+class VllmEngine:
+    """vLLM engine with DynaServe's local scheduler and KV connector; see the module docstring."""
+
+    def __init__(self, cfg: VllmEngineConfig, local: LocalScheduler) -> None:
+        _prepare_env(cfg)
+        from vllm import EngineArgs
+        from vllm.config import KVTransferConfig
+        from vllm.v1.engine.llm_engine import LLMEngine
+
+        self.cfg = cfg
+        self.local = local
+        kv_cfg = KVTransferConfig(
+            kv_connector="DynaServeConnector",
+            kv_connector_module_path="workers.engines.vllm_connector",
+            kv_role="kv_both",
+            kv_buffer_device=cfg.device,
+            kv_load_failure_policy="recompute",
+            kv_connector_extra_config={
+                "bidirectional_kv_xfer": True,
+                "kv_recompute_threshold": 0,
+                "kv_lease_duration": cfg.kv_lease_s,
+            },
+        )
+        args = EngineArgs(
+            model=cfg.model, dtype=cfg.dtype, enforce_eager=cfg.enforce_eager, max_model_len=cfg.max_model_len,
+            seed=cfg.seed, kv_cache_memory_bytes=cfg.kv_cache_bytes, enable_prefix_caching=False,
+            max_num_batched_tokens=cfg.max_num_batched_tokens, max_num_seqs=cfg.max_num_seqs,
+            scheduler_cls="workers.engines.vllm_scheduler.DynaServeScheduler", kv_transfer_config=kv_cfg,
+        )
+        self.llm = LLMEngine.from_engine_args(args)
+        core = self.llm.engine_core.engine_core  # the in-process EngineCore
+        self.sched = core.scheduler
+        self.sched.local = local
+        self.connector = self.sched.connector
+        vcfg = core.vllm_config
+        mcfg = vcfg.model_config
+        self.block_size = vcfg.cache_config.block_size
+        num_blocks = self.sched.kv_cache_config.num_blocks
+        tok = self.llm.get_tokenizer()
+        elem = {"float32": 4, "float16": 2, "bfloat16": 2}.get(str(mcfg.dtype).replace("torch.", ""), 2)
+        kv_bytes = 2 * mcfg.get_num_layers(vcfg.parallel_config) * mcfg.get_num_kv_heads(vcfg.parallel_config) \
+            * mcfg.get_head_size() * elem
+        self.info = EngineInfo(
+            kind="vllm", model=os.path.basename(os.path.normpath(cfg.model)), block_size=self.block_size,
+            max_model_len=mcfg.max_model_len, kv_capacity_tokens=num_blocks * self.block_size,
+            kv_bytes_per_token=kv_bytes, vocab_size=mcfg.get_vocab_size(),
+            eos_token_id=int(tok.eos_token_id) if tok.eos_token_id is not None else -1,
+        )
+        self.reqs: dict[str, _Req] = {}
+        self._ops: list[tuple[str, Any]] = []
+        self._held_blocks: dict[str, tuple[str, int]] = {}  # request -> (vLLM internal id, blocks held)
+        self._exec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-step")
+        self.last_step_ms = 0.0
+        self.handoff_mismatches = 0
+        self.transfer_failures = 0
+
+    # ------------------------------------------------------------------ intake
+
+    def _validate(self, desc: MicroDescriptor) -> None:
+        p = len(desc.prompt)
+        if desc.req_id in self.reqs:
+            raise EngineError("duplicate_id", f"request {desc.req_id!r} is already on this instance")
+        if desc.role not in (ROLE_FULL, ROLE_A, ROLE_B):
+            raise EngineError("bad_role", f"unknown role {desc.role!r}")
+        if p < 1:
+            raise EngineError("empty_prompt", "prompt must hold at least one token")
+        vocab = self.info.vocab_size
+        if min(desc.prompt) < 0 or max(desc.prompt) >= vocab:
+            raise EngineError("bad_token", f"prompt token ids must be in [0, {vocab})")
+        total = p + desc.sampling.max_tokens
+        if total > self.info.max_model_len:
+            raise EngineError("too_long", f"prompt + max_tokens = {total} exceeds max_model_len {self.info.max_model_len}")
+        if desc.role != ROLE_FULL and not (1 <= desc.split < total):
+            raise EngineError("bad_split", f"split {desc.split} outside [1, {total})")
+
+    def _params(self, desc: MicroDescriptor, max_tokens: int, kv: dict | None) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        sp = desc.sampling
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=sp.temperature, top_p=sp.top_p, seed=sp.seed,
+            stop_token_ids=list(sp.stop_token_ids), ignore_eos=sp.ignore_eos, output_kind=RequestOutputKind.DELTA,
+            extra_args={"kv_transfer_params": kv} if kv is not None else None,
+        )
+
+    def add(self, desc: MicroDescriptor, now: float) -> None:
+        self._validate(desc)
+        p, s = len(desc.prompt), desc.split
+        req = _Req(desc)
+        if desc.role == ROLE_FULL:
+            self._ops.append(("add", (desc.req_id, desc.prompt, self._params(desc, desc.emit_tokens, None))))
+        elif desc.role == ROLE_A:
+            kv = {"do_remote_decode": True, "dynaserve_role": "A"}
+            if s >= p:
+                self._ops.append(("add", (desc.req_id, desc.prompt, self._params(desc, desc.emit_tokens, kv))))
+            else:
+                self._ops.append(("add", (desc.req_id, desc.prompt[:s], self._params(desc, 1, kv))))
+        else:
+            req.state = WAIT_KV
+        self.reqs[desc.req_id] = req
+
+    def start_decode(self, req_id: str, kv: dict, num_tokens: int, tokens: list[int], now: float) -> None:
+        req = self.reqs.get(req_id)
+        if req is None or req.desc.role != ROLE_B:
+            raise EngineError("unknown_id", f"no role-B micro-request {req_id!r} on this instance")
+        if req.state != WAIT_KV:
+            raise EngineError("bad_state", f"request {req_id!r} is not waiting for KV")
+        desc = req.desc
+        p, s = len(desc.prompt), desc.split
+        if num_tokens != s or (s >= p and len(tokens) != s - p + 1) or (s < p and tokens):
+            raise EngineError("bad_handoff", f"handoff of {num_tokens} positions / {len(tokens)} tokens does not "
+                                             f"match split {s} of a {p}-token prompt")
+        params = dict(kv)
+        params["dynaserve_role"] = "B"
+        if s >= p:
+            prompt = desc.prompt + tokens[:-1]
+            req.drop_first = tokens[-1]
+            max_tokens = desc.emit_tokens + 1
+        else:
+            prompt = list(desc.prompt)
+            params["do_remote_prefill"] = False
+            params["do_remote_decode"] = True
+            max_tokens = desc.emit_tokens
+        req.b_prompt, req.b_max_tokens = list(prompt), max_tokens
+        req.b_deadline = time.monotonic() + self.cfg.kv_pull_timeout_s
+        if self.cfg.fault_injection == "scramble_prefix":
+            # B's tokens for the pulled positions no longer matter if B really continues from A's KV; vLLM
+            # recomputes position s - 1 after a decode handoff, so that one stays
+            keep = s - 1 if s >= p else s
+            prompt = [scramble_token(t, self.info.vocab_size) for t in prompt[:keep]] + prompt[keep:]
+        req.state = RUNNING
+        self._ops.append(("add", (req_id, prompt, self._params(desc, max_tokens, params))))
+
+    def abort(self, req_id: str) -> bool:
+        req = self.reqs.pop(req_id, None)
+        if req is None:
+            return False
+        if req.state == RUNNING:
+            self._ops.append(("abort", req.vllm_id or req_id))
+        elif req.state == HELD:
+            self._ops.append(("expire", req.internal_id))
+        return True
+
+    # ------------------------------------------------------------------ progress
+
+    def _apply_ops(self) -> None:
+        ops, self._ops = self._ops, []
+        for kind, arg in ops:
+            if kind == "add":
+                rid, prompt, params = arg
+                req = self.reqs.get(rid)
+                if req is not None:
+                    req.vllm_id = rid if not req.vllm_id else rid + RECOMPUTE_SUFFIX
+                    req.internal_id = self.llm.add_request(req.vllm_id, {"prompt_token_ids": prompt}, params)
+            elif kind == "abort":
+                self.llm.abort_request([arg])
+            elif kind == "expire":
+                self.connector.expire(arg)
+
+    def has_work(self) -> bool:
+        return bool(self._ops) or self.llm.has_unfinished_requests() or self.sched.has_requests()
+
+    def housekeeping(self, now: float) -> StepOutput:
+        return StepOutput()  # vLLM polls transfers and leases inside its steps
+
+    def _check_pulls(self, out: StepOutput) -> None:
+        """B requests whose KV has not arrived in time (failed handshake or read, dead A): recompute."""
+        from vllm.v1.request import RequestStatus
+
+        mono = time.monotonic()
+        for rid, req in self.reqs.items():
+            if req.desc.role != ROLE_B or req.state != RUNNING or not req.b_deadline or mono < req.b_deadline:
+                continue
+            vreq = self.sched.requests.get(req.internal_id)
+            if vreq is None or vreq.status != RequestStatus.WAITING_FOR_REMOTE_KVS:
+                req.b_deadline = 0.0  # the pull completed (or vLLM recovered on its own)
+                continue
+            req.b_deadline = 0.0
+            self.transfer_failures += 1
+            out.failures.append((rid, "kv_transfer_recompute", f"no KV from A after {self.cfg.kv_pull_timeout_s} s"))
+            log.warning("request %s: KV pull did not complete; recomputing locally", rid)
+            self.llm.abort_request([req.vllm_id])
+            params = self._params(req.desc, req.b_max_tokens, None)
+            self._ops.append(("add", (rid, req.b_prompt, params)))
+
+    async def step(self, now: float) -> StepOutput:
+        out = StepOutput()
+        self._check_pulls(out)
+        self._apply_ops()
+        if not (self.llm.has_unfinished_requests() or self.sched.has_requests()):
+            return out
+        t0 = time.perf_counter()
+        outputs = await asyncio.get_running_loop().run_in_executor(self._exec, self.llm.step)
+        ms = (time.perf_counter() - t0) * 1000.0
+        plan = self.sched.last_step
+        self.sched.last_step = None
+        if plan is not None and not plan.empty:
+            self.local.observe(plan, ms)
+            self.last_step_ms = ms
+            out.step_ms = ms
+            out.prefill_tokens = plan.prefill_tokens
+            out.decode_seqs = len(plan.decodes)
+            out.token_budget = plan.token_budget
+        for o in outputs:
+            self._on_output(o, out)
+        for rid in [r for r, (iid, _) in self._held_blocks.items() if iid not in self.sched.requests]:
+            del self._held_blocks[rid]  # the reader confirmed or the lease ran out: vLLM freed the blocks
+            held = self.reqs.get(rid)
+            if held is not None and held.state == HELD:
+                del self.reqs[rid]
+        return out
+
+    def _on_output(self, o: Any, out: StepOutput) -> None:
+        rid = o.request_id.removesuffix(RECOMPUTE_SUFFIX)
+        req = self.reqs.get(rid)
+        if req is None or req.state != RUNNING or o.request_id != req.vllm_id:
+            return
+        comp = o.outputs[0]
+        new = list(comp.token_ids)
+        finish = _FINISH.get(comp.finish_reason or "", FINISH_STOP) if o.finished else None
+        desc = req.desc
+        if desc.role == ROLE_A:
+            p, s = len(desc.prompt), desc.split
+            if s < p:
+                new = []  # the token after a partial prompt is not part of the stream
+            req.a_tokens += new
+            if finish is None:
+                if new:
+                    out.entries.append([rid, new, None])
+                return
+            if finish == FINISH_LENGTH or (s < p and finish is not None):
+                if new:
+                    out.entries.append([rid, new, FINISH_HANDOFF])
+                kv = dict(o.kv_transfer_params or {})
+                if self.cfg.fault_injection == "dead_handoff_port":
+                    kv["remote_port"] = 9  # discard port: nothing listens, the reader's handshake fails
+                req.state = HELD
+                self._held_blocks[rid] = (req.internal_id, -(-s // self.block_size))
+                out.handoffs.append(Handoff(rid, kv, s, list(req.a_tokens)))
+            else:  # stopped early (stop token): the request ends on A and nobody will read its KV
+                out.entries.append([rid, new, finish])
+                del self.reqs[rid]
+                self._ops.append(("expire", req.internal_id))
+            return
+        if req.drop_first is not None and new:
+            first = new.pop(0)
+            if first != req.drop_first:
+                self.handoff_mismatches += 1
+                log.error("request %s: B re-emitted %d where A emitted %d", rid, first, req.drop_first)
+            req.drop_first = None
+        if new or finish is not None:
+            out.entries.append([rid, new, finish])
+        if finish is not None:
+            del self.reqs[rid]
+
+    # ------------------------------------------------------------------ reporting
+
+    def load(self) -> EngineLoad:
+        sched = self.sched
+        ld = EngineLoad(kv_capacity_tokens=self.info.kv_capacity_tokens, step_ms=self.last_step_ms,
+                        token_budget=self.local.last_budget, active_requests=len(self.reqs))
+        for r in list(sched.running) + list(sched.waiting):
+            if r.num_computed_tokens >= r.num_prompt_tokens:
+                ld.running_seqs += 1
+                ld.decode_ctx_tokens += r.num_computed_tokens
+            else:
+                ld.queued_prefill_tokens += r.num_prompt_tokens - r.num_computed_tokens
+            ld.pending_decode_tokens += max(0, r.max_tokens - r.num_output_tokens)
+        for req in self.reqs.values():
+            if req.state == WAIT_KV:
+                ld.queued_prefill_tokens += max(0, len(req.desc.prompt) - req.desc.split)
+        pool = sched.kv_cache_manager.block_pool
+        ld.kv_used_tokens = (pool.num_gpu_blocks - 1 - pool.get_num_free_blocks()) * self.block_size
+        ld.held_blocks = sum(n for _, n in self._held_blocks.values())
+        return ld
+
+    def close(self) -> None:
+        self._exec.shutdown(wait=True)
+        try:
+            self.llm.engine_core.shutdown()
+        except Exception:  # noqa: BLE001 - best effort at exit
+            log.debug("engine shutdown failed", exc_info=True)
