@@ -35,6 +35,17 @@ def prompt_tokens(n: int, seed: int, vocab: int = 32000) -> list[int]:
     return [rng.randrange(3, vocab) for _ in range(n)]
 
 
+def fit_to_context(reqs: Sequence[TraceRequest], max_len: int) -> list[TraceRequest]:
+    """Clip lengths so prompt + output fits a cluster's context (a small model serving a long trace):
+    the output keeps at most a quarter of the context, the prompt the rest."""
+    out = []
+    for r in reqs:
+        o = min(r.output_tokens, max(1, max_len // 4))
+        p = min(r.input_tokens, max_len - o)
+        out.append(TraceRequest(r.arrival_s, max(1, p), o))
+    return out
+
+
 async def replay(
     addr: str,
     reqs: Sequence[TraceRequest],
@@ -49,10 +60,14 @@ async def replay(
     """Replay ``reqs`` open-loop; returns one record per request (errors recorded, never raised)."""
     records: list[RequestRecord] = []
     bar = tqdm(total=len(reqs), desc="replay", unit="req", disable=not progress, file=sys.stderr)
-    prompts = [prompt_tokens(r.input_tokens, seed * 1_000_003 + i, vocab) for i, r in enumerate(reqs)]
 
     async with DynaServeClient(addr) as client:
-        await client.status()  # fail fast when no broker answers
+        status = await client.status()  # fail fast when no broker answers
+        vocab = int(status.stats.get("vocab_size", vocab))
+        max_len = int(status.stats.get("max_model_len", 0))
+        if max_len:
+            reqs = fit_to_context(reqs, max_len)
+        prompts = [prompt_tokens(r.input_tokens, seed * 1_000_003 + i, vocab) for i, r in enumerate(reqs)]
         t0 = time.monotonic() + 0.05
 
         async def one(i: int, r: TraceRequest) -> None:
@@ -73,7 +88,7 @@ async def replay(
                         rec.instance_b = stream.admitted.instance_b
             except DynaServeError as exc:
                 rec.error = f"{exc.code}: {exc}"
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 rec.error = f"timeout after {timeout_s} s"
             records.append(rec)
             bar.update(1)

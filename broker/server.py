@@ -48,7 +48,7 @@ class BrokerConfig:
     tp: int = 1  # tensor-parallel degree of each instance
     transfer_gbps: float = 25.0  # KV link bandwidth the scheduler assumes, GB/s
     heartbeat_ms: int = 20  # how often workers report load
-    worker_timeout_ms: int = 3000  # a worker silent this long is declared dead
+    worker_timeout_ms: int = 5000  # a worker silent this long is declared dead
     max_queued: int = 4096  # requests waiting for capacity before new ones are rejected
     max_active: int = 65536  # admitted requests in flight at most
     max_prompt_tokens: int = 0  # longest prompt accepted; 0 = smallest worker max_model_len
@@ -197,6 +197,8 @@ class Broker:
 
     def _status_stats(self) -> dict:
         stats: dict = dataclasses.asdict(self.stats)
+        stats["vocab_size"] = self._vocab()
+        stats["max_model_len"] = self._max_prompt()
         stats["instances"] = {
             iid: {k: v for k, v in dataclasses.asdict(r).items() if k not in ("instance_id", "seq")}
             for iid, r in self.reports.items() if iid in self.cluster.instances

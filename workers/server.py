@@ -161,25 +161,33 @@ class Worker:
         ))
         self.metrics.on_load(ld)
 
-    async def _main_loop(self) -> None:
-        next_report = 0.0
-        idle = self.cfg.idle_poll_ms / 1000.0
+    async def _report_loop(self) -> None:
+        """Heartbeats with load, on their own timer: a long engine step (it runs off the event loop) must
+        not make the broker think this worker died."""
         while not self._stop.is_set():
-            now = time.monotonic()
-            if now >= next_report:
-                self._report()
-                next_report = now + self.heartbeat_s
-            if self.engine.has_work():
-                out = await self.engine.step(now)
-                self.steps += 1
-                self._ship(out)
-                if out.step_ms > 0:
-                    continue
-            else:
-                self._ship(self.engine.housekeeping(now))
-            # nothing ran: wait for a message, the next poll or the next report
-            self._wake.clear()
-            timeout = min(idle if self.engine.load().active_requests else self.heartbeat_s,
-                          max(0.0, next_report - time.monotonic()))
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+            self._report()
+            await asyncio.sleep(self.heartbeat_s)
+
+    async def _main_loop(self) -> None:
+        reporter = asyncio.create_task(self._report_loop())
+        idle = self.cfg.idle_poll_ms / 1000.0
+        try:
+            while not self._stop.is_set():
+                now = time.monotonic()
+                if self.engine.has_work():
+                    out = await self.engine.step(now)
+                    self.steps += 1
+                    self._ship(out)
+                    if out.step_ms > 0:
+                        continue
+                else:
+                    self._ship(self.engine.housekeeping(now))
+                # nothing ran: wait for a message or the next poll
+                self._wake.clear()
+                timeout = idle if self.engine.load().active_requests else self.heartbeat_s
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout)
+        finally:
+            reporter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reporter

@@ -135,6 +135,17 @@ class VllmEngine:
         self.last_step_ms = 0.0
         self.handoff_mismatches = 0
         self.transfer_failures = 0
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Run one small request through vLLM before serving: the first request pays for lazy start-up
+        work (input processing, kernel selection) that must not land on a live request."""
+        from vllm import SamplingParams
+
+        self.llm.add_request("dynaserve-warmup", {"prompt_token_ids": [3] * 16},
+                             SamplingParams(max_tokens=2, ignore_eos=True))
+        while self.llm.has_unfinished_requests():
+            self.llm.step()
 
     # ------------------------------------------------------------------ intake
 
@@ -262,19 +273,23 @@ class VllmEngine:
             self.transfer_failures += 1
             out.failures.append((rid, "kv_transfer_recompute", f"no KV from A after {self.cfg.kv_pull_timeout_s} s"))
             log.warning("request %s: KV pull did not complete; recomputing locally", rid)
-            self.llm.abort_request([req.vllm_id])
+            self._ops.append(("abort", req.vllm_id))
             params = self._params(req.desc, req.b_max_tokens, None)
             self._ops.append(("add", (rid, req.b_prompt, params)))
+
+    def _run_step(self) -> tuple[list[Any], float]:
+        """On the engine thread: apply queued changes, then one vLLM step (if it has anything to do)."""
+        self._apply_ops()
+        if not (self.llm.has_unfinished_requests() or self.sched.has_requests()):
+            return [], 0.0
+        t0 = time.perf_counter()
+        outputs = self.llm.step()
+        return outputs, (time.perf_counter() - t0) * 1000.0
 
     async def step(self, now: float) -> StepOutput:
         out = StepOutput()
         self._check_pulls(out)
-        self._apply_ops()
-        if not (self.llm.has_unfinished_requests() or self.sched.has_requests()):
-            return out
-        t0 = time.perf_counter()
-        outputs = await asyncio.get_running_loop().run_in_executor(self._exec, self.llm.step)
-        ms = (time.perf_counter() - t0) * 1000.0
+        outputs, ms = await asyncio.get_running_loop().run_in_executor(self._exec, self._run_step)
         plan = self.sched.last_step
         self.sched.last_step = None
         if plan is not None and not plan.empty:
