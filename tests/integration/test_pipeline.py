@@ -11,7 +11,12 @@ import pytest
 
 from dynaserve import protocol as P
 from dynaserve.client import DynaServeClient, RequestStream, SyncClient
-from dynaserve.errors import InvalidRequestError, MalformedRequestError, PromptTooLongError, ProtocolVersionError
+from dynaserve.errors import (
+    InvalidRequestError,
+    MalformedRequestError,
+    PromptTooLongError,
+    ProtocolVersionError,
+)
 from tests.conftest import make_prompt, start_cluster, wait_idle
 from workers.engines.sim import reference_tokens
 
@@ -35,7 +40,7 @@ def test_concurrent_streams_each_policy(policy: str) -> None:
                 reqs = [(make_prompt(20 + 37 * i % 400, seed=i), 5 + (i * 13) % 40) for i in range(40)]
                 results = await asyncio.gather(*[_run(c, p, o) for p, o in reqs])
                 kinds = set()
-                for (prompt, o), (toks, adm) in zip(reqs, results):
+                for (prompt, o), (toks, adm) in zip(reqs, results, strict=True):
                     assert toks == reference_tokens(prompt, o)
                     kinds.add(adm.kind)
                 if policy == "colocate":
