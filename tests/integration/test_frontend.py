@@ -268,7 +268,12 @@ def test_metrics_of_frontend_broker_and_workers(oai: openai.OpenAI, http_cluster
     assert _metric(fe, "dynaserve:frontend_generation_tokens_total", endpoint="completions") >= 8
     assert _metric(fe, "dynaserve:frontend_requests_in_flight") == 0
 
+    deadline = time.monotonic() + 5.0  # the SDK's abort reaches the broker asynchronously
     after = _get(broker_url)[1].decode()
+    while (_metric(after, "dynaserve:broker_requests_total", outcome="aborted") < aborted0 + 1
+           and time.monotonic() < deadline):
+        time.sleep(0.05)
+        after = _get(broker_url)[1].decode()
     assert _metric(after, "dynaserve:broker_requests_total", outcome="finished") >= finished0 + 2
     assert _metric(after, "dynaserve:broker_requests_total", outcome="aborted") >= aborted0 + 1
     assert _metric(after, "dynaserve:broker_rejected_requests_total", code="prompt_too_long") >= 1
