@@ -122,7 +122,7 @@ class LocalCluster:
         if self.engine == "vllm":
             return ["--engine", "vllm", "--vllm-model", self.model_dir,
                     "--vllm-side-channel-port", str(cfg.side_channel_base_port + 10 * index),
-                    "--vllm-cpu-bind", "nobind"]
+                    "--vllm-cpu-bind", str(index % (os.cpu_count() or 1))]
         return ["--engine", "sim", "--sim-model", cfg.model, "--sim-gpu", cfg.gpu,
                 "--sim-time-scale", str(cfg.engine_time_scale), "--sim-kv-capacity-tokens", str(cfg.kv_capacity_tokens)]
 
