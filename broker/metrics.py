@@ -14,9 +14,11 @@ import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from dynaserve.prom import MetricsExporter
 
 SPLIT_KINDS = ("none", "prompt", "pd", "decode")
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
@@ -49,11 +51,11 @@ class _StatsCollector(Collector):
         yield GaugeMetricFamily("dynaserve:broker_workers", "Registered live workers", value=alive)
 
 
-class BrokerMetrics:
+class BrokerMetrics(MetricsExporter):
     """The broker's metrics and their hooks; ``serve(port)`` exposes them over HTTP."""
 
     def __init__(self, broker: Any, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
+        super().__init__(registry)
         r = self.registry
         self.rejected = Counter("dynaserve:broker_rejected_requests", "Requests refused, by error code",
                                 ["code"], registry=r)
@@ -70,17 +72,6 @@ class BrokerMetrics:
         self._tbt_observe = self.tbt.observe
         self._last: dict[str, float] = {}  # internal request id -> time of its last relay
         r.register(_StatsCollector(broker))
-        self._server: Any = None
-
-    def serve(self, port: int) -> None:
-        """Serve the metrics on 127.0.0.1:port (0 = do nothing)."""
-        if port > 0:
-            self._server, _ = start_http_server(port, addr="127.0.0.1", registry=self.registry)
-
-    def close(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
 
     def on_reject(self, code: str) -> None:
         self.rejected.labels(code).inc()

@@ -11,10 +11,11 @@ Lifecycle of a micro-request inside an engine:
 
 from __future__ import annotations
 
+from collections.abc import Container
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from dynaserve.protocol import MicroDescriptor
+from dynaserve.protocol import ROLE_A, ROLE_B, ROLE_FULL, MicroDescriptor
 
 
 class EngineError(Exception):
@@ -23,6 +24,26 @@ class EngineError(Exception):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+def validate_descriptor(desc: MicroDescriptor, info: EngineInfo, active: Container[str]) -> None:
+    """Checks every engine makes before taking a micro-request; raises EngineError naming the problem."""
+    p = len(desc.prompt)
+    if desc.req_id in active:
+        raise EngineError("duplicate_id", f"request {desc.req_id!r} is already on this instance")
+    if desc.role not in (ROLE_FULL, ROLE_A, ROLE_B):
+        raise EngineError("bad_role", f"unknown role {desc.role!r}")
+    if p < 1:
+        raise EngineError("empty_prompt", "prompt must hold at least one token")
+    if min(desc.prompt) < 0 or max(desc.prompt) >= info.vocab_size:
+        raise EngineError("bad_token", f"prompt token ids must be in [0, {info.vocab_size})")
+    total = p + desc.sampling.max_tokens
+    if total > info.max_model_len:
+        raise EngineError("too_long", f"prompt + max_tokens = {total} exceeds max_model_len {info.max_model_len}")
+    if desc.emit_tokens < 0 or desc.emit_tokens > desc.sampling.max_tokens:
+        raise EngineError("bad_field", "emit_tokens out of range")
+    if desc.role != ROLE_FULL and not (1 <= desc.split < total):
+        raise EngineError("bad_split", f"split {desc.split} outside [1, {total})")
 
 
 @dataclass(slots=True)

@@ -8,10 +8,9 @@ once, so a hook is a few attribute updates.
 
 from __future__ import annotations
 
-from typing import Any
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-
+from dynaserve.prom import MetricsExporter
 from workers.engine import EngineLoad, StepOutput
 
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0)
@@ -28,11 +27,11 @@ _LOAD_GAUGES = (
 )
 
 
-class WorkerMetrics:
+class WorkerMetrics(MetricsExporter):
     """A worker's metrics and their hooks; ``serve(port)`` exposes them over HTTP."""
 
     def __init__(self, instance_id: str, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
+        super().__init__(registry)
         r, w = self.registry, [instance_id]
         lab = ["worker"]
         self.step = Histogram("dynaserve:worker_step_seconds", "Engine step time (of the modeled GPU)", lab,
@@ -52,17 +51,6 @@ class WorkerMetrics:
                                    "KV pulls that failed (the request was recomputed)", lab, registry=r).labels(*w)
         self._load = [(name, Gauge(f"dynaserve:worker_{name}", help_, lab, registry=r).labels(*w))
                       for name, help_ in _LOAD_GAUGES]
-        self._server: Any = None
-
-    def serve(self, port: int) -> None:
-        """Serve the metrics on 127.0.0.1:port (0 = do nothing)."""
-        if port > 0:
-            self._server, _ = start_http_server(port, addr="127.0.0.1", registry=self.registry)
-
-    def close(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
 
     def on_output(self, out: StepOutput) -> None:
         """Every StepOutput the shell ships (engine steps and housekeeping)."""

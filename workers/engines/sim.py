@@ -24,10 +24,9 @@ from dynaserve.protocol import (
     FINISH_STOP,
     ROLE_A,
     ROLE_B,
-    ROLE_FULL,
     MicroDescriptor,
 )
-from workers.engine import EngineError, EngineInfo, EngineLoad, Handoff, StepOutput
+from workers.engine import EngineError, EngineInfo, EngineLoad, Handoff, StepOutput, validate_descriptor
 from workers.kv.base import KvTransferError, KvTransport, XferState
 from workers.kv.pool import KvBlockPool
 from workers.local_scheduler import DecodeItem, LocalScheduler, PrefillItem
@@ -158,23 +157,9 @@ class SimEngine:
     # ------------------------------------------------------------------ intake
 
     def add(self, desc: MicroDescriptor, now: float) -> None:
-        p = len(desc.prompt)
+        validate_descriptor(desc, self.info, self.seqs)
         cfg = self.config
-        if desc.req_id in self.seqs:
-            raise EngineError("duplicate_id", f"request {desc.req_id!r} is already on this instance")
-        if desc.role not in (ROLE_FULL, ROLE_A, ROLE_B):
-            raise EngineError("bad_role", f"unknown role {desc.role!r}")
-        if p < 1:
-            raise EngineError("empty_prompt", "prompt must hold at least one token")
-        if any(t < 0 or t >= cfg.vocab_size for t in desc.prompt):
-            raise EngineError("bad_token", f"prompt token ids must be in [0, {cfg.vocab_size})")
-        total = p + desc.sampling.max_tokens
-        if total > cfg.max_model_len:
-            raise EngineError("too_long", f"prompt + max_tokens = {total} exceeds max_model_len {cfg.max_model_len}")
-        if desc.emit_tokens < 0 or desc.emit_tokens > desc.sampling.max_tokens:
-            raise EngineError("bad_field", "emit_tokens out of range")
-        if desc.role != ROLE_FULL and not (1 <= desc.split < total):
-            raise EngineError("bad_split", f"split {desc.split} outside [1, {total})")
+        total = len(desc.prompt) + desc.sampling.max_tokens
         kv_end = desc.split if desc.role == ROLE_A else total
         if self.pool.blocks_for_tokens(kv_end) > self.pool.num_blocks:
             raise EngineError("too_long", f"{kv_end} tokens of KV exceed this instance's capacity "

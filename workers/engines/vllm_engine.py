@@ -38,7 +38,7 @@ from dynaserve.protocol import (
     ROLE_FULL,
     MicroDescriptor,
 )
-from workers.engine import EngineError, EngineInfo, EngineLoad, Handoff, StepOutput
+from workers.engine import EngineError, EngineInfo, EngineLoad, Handoff, StepOutput, validate_descriptor
 from workers.engines.vllm_config import VllmEngineConfig
 from workers.local_scheduler import LocalScheduler
 
@@ -149,23 +149,6 @@ class VllmEngine:
 
     # ------------------------------------------------------------------ intake
 
-    def _validate(self, desc: MicroDescriptor) -> None:
-        p = len(desc.prompt)
-        if desc.req_id in self.reqs:
-            raise EngineError("duplicate_id", f"request {desc.req_id!r} is already on this instance")
-        if desc.role not in (ROLE_FULL, ROLE_A, ROLE_B):
-            raise EngineError("bad_role", f"unknown role {desc.role!r}")
-        if p < 1:
-            raise EngineError("empty_prompt", "prompt must hold at least one token")
-        vocab = self.info.vocab_size
-        if min(desc.prompt) < 0 or max(desc.prompt) >= vocab:
-            raise EngineError("bad_token", f"prompt token ids must be in [0, {vocab})")
-        total = p + desc.sampling.max_tokens
-        if total > self.info.max_model_len:
-            raise EngineError("too_long", f"prompt + max_tokens = {total} exceeds max_model_len {self.info.max_model_len}")
-        if desc.role != ROLE_FULL and not (1 <= desc.split < total):
-            raise EngineError("bad_split", f"split {desc.split} outside [1, {total})")
-
     def _params(self, desc: MicroDescriptor, max_tokens: int, kv: dict | None) -> Any:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
@@ -178,7 +161,7 @@ class VllmEngine:
         )
 
     def add(self, desc: MicroDescriptor, now: float) -> None:
-        self._validate(desc)
+        validate_descriptor(desc, self.info, self.reqs)
         p, s = len(desc.prompt), desc.split
         req = _Req(desc)
         if desc.role == ROLE_FULL:
