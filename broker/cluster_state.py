@@ -8,6 +8,7 @@ live broker and the simulator price work the same way.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dynaserve.costmodel import StepLatencyModel
@@ -116,6 +117,11 @@ class Pricing:
     def decode_ms_per_token(self, inst: InstanceState, ctx: int) -> float:
         """Step time one more decode token of context ``ctx`` costs this instance."""
         return self.model.decode_token_ms(ctx)
+
+    def decode_ms_fn(self) -> Callable[[int], float]:
+        """``decode_ms_per_token(inst, ctx)`` as a function of ``ctx`` alone (it is the same on every
+        instance), for loops that price every instance per request."""
+        return self.model.decode_token_ms
 
     def work_ms(self, inst: InstanceState, tbt_slo_ms: float) -> float:
         """Projected time the instance needs for the work it already has."""

@@ -14,7 +14,9 @@ Policies (registry ``POLICIES``):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from bisect import insort
+from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Protocol
 
 from broker.cluster_state import ClusterState, InstanceState, Pricing, RequestInfo
@@ -111,6 +113,22 @@ class DisaggPolicy:
         return Plan.make(a.id, b.id, p, o, p)
 
 
+_Row = tuple[InstanceState, float, float, float]  # instance, projected work, prefill ms/token, decode ms/token
+_KEY = itemgetter(0)
+_INF = float("inf")
+
+
+def _push_best(top: list[tuple[float, _Row]], key: float, row: _Row, k: int) -> float | None:
+    """Keep ``top`` equal to ``sorted(everything pushed, key=key)[:k]`` (stable: ties keep push order);
+    ``k < 1`` keeps everything (the caller slices). Returns the key a later push must be below to enter
+    (None while every push enters).
+    """
+    insort(top, (key, row), key=_KEY)
+    if 0 < k < len(top):
+        top.pop()
+    return top[-1][0] if 0 < k <= len(top) else None
+
+
 @dataclass
 class DynaServePolicy:
     """Adaptive split: balance the projected work of A and B (DESIGN section 3)."""
@@ -119,34 +137,86 @@ class DynaServePolicy:
     candidates: int = 2  # best-k instances considered for each role
     min_gain_frac: float = 0.05  # split only if it saves this share of the request's cost, beyond the handoff
     name: str = "dynaserve"
+    # Prices that depend only on (running_seqs, decode_ctx_tokens, TBT SLO) and the pricing, per TBT SLO
+    # and instance: slo -> id -> (running_seqs, decode_ctx_tokens, prefill ms/token, decode ms/token at
+    # the average context, average context). Load reports change their inputs a few times per second;
+    # every plan reads them for every instance, so they are recomputed only when their inputs change.
+    _prices: dict[float, dict[str, tuple[int, int, float, float, int]]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+    _prices_of: Pricing | None = field(default=None, init=False, repr=False, compare=False)
 
     def plan(self, req: RequestInfo, cluster: ClusterState, now: float) -> Plan | None:
         p, o_plan = req.prompt_len, req.max_tokens
         o = max(1, min(req.predicted_output, o_plan))
         pr = self.pricing
         slo = req.tbt_slo_ms
-        alive = [i for i in cluster.instances.values() if i.alive]
-        if not alive:
-            return None
-        # Per-instance prices, computed once.
-        rows = []
-        for inst in alive:
-            ms_tok = pr.prefill_ms_per_token(inst, slo)
-            avg_ctx = inst.decode_ctx_tokens // inst.running_seqs if inst.running_seqs else 0
-            dtok = pr.decode_ms_per_token(inst, avg_ctx + p + o // 2)
-            work = inst.queued_prefill_tokens * ms_tok + inst.pending_decode_tokens * pr.decode_ms_per_token(
-                inst, avg_ctx
-            )
-            rows.append((inst, work, ms_tok, dtok))
-        # No split: the instance where the whole request ends its work soonest.
-        need = p + o
-        whole = [(w + p * m + o * d, inst) for inst, w, m, d in rows if _fits(inst, need)]
-        best_whole = min(whole, key=lambda t: t[0]) if whole else None
-        if len(rows) == 1 or o_plan <= 1:
-            return Plan.whole(best_whole[1].id, p, o_plan) if best_whole else None
         k = self.candidates
-        a_cands = sorted((r for r in rows if _fits(r[0], p)), key=lambda r: r[1] + p * r[2])[:k]
-        b_cands = sorted((r for r in rows if _fits(r[0], need)), key=lambda r: r[1] + o * r[3])[:k]
+        if self._prices_of is not pr or len(self._prices) > 8:
+            self._prices.clear()
+            self._prices_of = pr
+        prices = self._prices.get(slo)
+        if prices is None or len(prices) > 2 * len(cluster.instances) + 64:
+            prices = self._prices[slo] = {}
+        decode_ms = pr.decode_ms_fn()  # decode_ms(ctx) == pr.decode_ms_per_token(inst, ctx)
+        need = p + o
+        half_o = o // 2
+        # One pass over the alive instances prices each one (work, prefill and decode rate), tracks the
+        # cheapest rates, the best unsplit placement and the best-k A and B candidates.
+        n_rows = 0
+        min_m = min_d = 0.0
+        whole_cost, whole_inst = _INF, None
+        a_top: list[tuple[float, _Row]] = []
+        b_top: list[tuple[float, _Row]] = []
+        a_lim: float | None = None  # key of the k-th candidate once there are k (a new one must be smaller)
+        b_lim: float | None = None
+        for inst in cluster.instances.values():
+            if not inst.alive:
+                continue
+            running = inst.running_seqs
+            ctx = inst.decode_ctx_tokens
+            cached = prices.get(inst.id)
+            if cached is None or cached[0] != running or cached[1] != ctx:
+                avg_ctx = ctx // running if running else 0
+                cached = (running, ctx, pr.prefill_ms_per_token(inst, slo), decode_ms(avg_ctx), avg_ctx)
+                prices[inst.id] = cached
+            ms_tok = cached[2]
+            dtok = decode_ms(cached[4] + p + half_o)
+            work = inst.queued_prefill_tokens * ms_tok + inst.pending_decode_tokens * cached[3]
+            if n_rows:
+                if ms_tok < min_m:
+                    min_m = ms_tok
+                if dtok < min_d:
+                    min_d = dtok
+            else:
+                min_m, min_d = ms_tok, dtok
+            n_rows += 1
+            free = inst.kv_capacity_tokens - inst.kv_used_tokens
+            mml = inst.max_model_len
+            if free >= need and need <= mml:  # holds the whole request, so it can be A or B (p < need)
+                row = None
+                key_a = work + p * ms_tok
+                if a_lim is None or key_a < a_lim:
+                    row = (inst, work, ms_tok, dtok)
+                    a_lim = _push_best(a_top, key_a, row, k)
+                c = key_a + o * dtok
+                if whole_inst is None or c < whole_cost:
+                    whole_cost, whole_inst = c, inst
+                key = work + o * dtok
+                if b_lim is None or key < b_lim:
+                    b_lim = _push_best(b_top, key, row or (inst, work, ms_tok, dtok), k)
+            elif free >= p and p <= mml:  # room for the prompt only: A
+                key = work + p * ms_tok
+                if a_lim is None or key < a_lim:
+                    a_lim = _push_best(a_top, key, (inst, work, ms_tok, dtok), k)
+        if n_rows == 0:
+            return None
+        best_whole = None if whole_inst is None else (whole_cost, whole_inst)
+        # No split: the instance where the whole request ends its work soonest.
+        if n_rows == 1 or o_plan <= 1:
+            return Plan.whole(best_whole[1].id, p, o_plan) if best_whole else None
+        a_cands = [r for _, r in (a_top if k >= 1 else a_top[:k])]
+        b_cands = [r for _, r in (b_top if k >= 1 else b_top[:k])]
         best_split: tuple[float, str, str, int] | None = None
         for a, wa, ma, da in a_cands:
             for b, wb, mb, db in b_cands:
@@ -160,12 +230,13 @@ class DynaServePolicy:
             return Plan.whole(best_whole[1].id, p, o_plan) if best_whole else None
         cost, a_id, b_id, s = best_split
         if best_whole is not None:
-            full_cost = p * min(r[2] for r in rows) + o * min(r[3] for r in rows)
+            full_cost = p * min_m + o * min_d
             if cost + pr.handoff_ms + self.min_gain_frac * full_cost >= best_whole[0]:
                 return Plan.whole(best_whole[1].id, p, o_plan)
-        if s >= p + o:
-            return Plan.whole(a_id, p, o_plan)
-        return Plan.make(a_id, b_id, p, o_plan, s)
+        plan = Plan.make(a_id, b_id, p, o_plan, s)
+        if plan.b is None:  # the balance point means no split: only an instance with room for it all
+            return Plan.whole(best_whole[1].id, p, o_plan) if best_whole else None
+        return plan
 
 
 def _balance(
@@ -175,14 +246,6 @@ def _balance(
 
     A: wa + ma*min(s, p) + da*max(0, s-p). B: wb + mb*(p - min(s, p)) + db*(o - emitted_by_A) + x*s.
     """
-
-    def cost(s: int) -> float:
-        s = normalize_split(p, o, s)
-        ea = tokens_emitted_by_a(p, o, s)
-        fa = wa + ma * min(s, p) + da * max(0, s - p)
-        fb = wb + mb * (p - min(s, p)) + db * (o - ea) + x * s
-        return max(fa, fb)
-
     cands = {1, p, min(p + o - 1, p + 1)}
     # Segment 1 (s <= p): wa + ma s = wb + mb (p - s) + db o + x s
     den = ma + mb - x
@@ -193,12 +256,35 @@ def _balance(
     if den > 0:
         u = (wb + db * (o - 1) + x * p - wa - ma * p) / den
         cands.add(p + int(u))
-    best_s, best_c = p + o, float("inf")
+    total = p + o
+    last = total - 1
+    valid = p >= 1 and o >= 1
+    best_s, best_c = total, _INF
+    seen: set[int] = set()
     for s in cands:
-        s = min(max(1, s), p + o - 1) if p + o > 1 else 1
+        if total > 1:  # s = min(max(1, s), last)
+            if s < 1:
+                s = 1
+            elif s > last:
+                s = last
+        else:
+            s = 1
         for t in (s, s + 1):
-            if 1 <= t < p + o:
-                c = cost(t)
+            if 1 <= t < total and t not in seen:
+                seen.add(t)
+                # the cost of split t: normalize_split and tokens_emitted_by_a inlined
+                if not valid:
+                    normalize_split(p, o, t)  # raises ValueError
+                if t >= last:  # no split: A computes and emits everything
+                    sn, lo, ea = total, p, o
+                elif t < p:
+                    sn, lo, ea = t, t, 0
+                else:
+                    sn, lo = t, p
+                    ea = t - p + 1  # < o here
+                fa = wa + ma * lo + da * (sn - p if sn > p else 0)
+                fb = wb + mb * (p - lo) + db * (o - ea) + x * sn
+                c = fb if fb > fa else fa  # max(fa, fb)
                 if c < best_c:
                     best_s, best_c = t, c
     return best_s, best_c

@@ -413,7 +413,8 @@ class Broker:
         out: dict[bytes, list[list]] = {}
         table = self.table.by_iid
         relayed, now = self.metrics.on_relay, time.monotonic()
-        for iid, toks, finish in entries:
+        for entry in entries:  # [req_id, tokens, finish, ...]: fields are only ever appended
+            iid, toks, finish = entry[0], entry[1], entry[2]
             req = table.get(iid)
             if req is None:
                 continue

@@ -219,7 +219,8 @@ class DynaServeClient:
         except P.ProtocolError:
             return
         if isinstance(msg, P.TokenStream):
-            for rid, toks, finish in msg.entries:
+            for entry in msg.entries:  # [req_id, tokens, finish, ...]: fields are only ever appended
+                rid, toks, finish = entry[0], entry[1], entry[2]
                 stream = self._streams.get(rid)
                 if stream is not None:
                     stream._push(_Batch(toks, finish, ts))

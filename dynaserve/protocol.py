@@ -497,6 +497,16 @@ def decode(frame: bytes, allowed: tuple[type[Message], ...] | None = None) -> Me
         raise ProtocolError("unknown_type", f"unknown message type {type_id!r}")
     if allowed is not None and cls not in allowed:
         raise ProtocolError("unexpected_type", f"{cls.__name__} is not accepted on this socket")
+    if (cls is TokenBatch or cls is TokenStream) and len(obj) > 2 and type(obj[2]) is list:
+        # Hot path (one message per engine step): _check_entries alone covers everything the generic
+        # decoder checks here (each entry a list), without building a field path per entry. Anything it
+        # rejects goes through the generic path below, which reports the same error as always.
+        try:
+            _check_entries(obj[2])
+        except ProtocolError:
+            pass
+        else:
+            return cls(obj[2])  # type: ignore[call-arg]
     try:
         msg = _decode_struct(cls, obj[2:], cls.__name__)
         if cls is TokenBatch or cls is TokenStream:

@@ -1,0 +1,65 @@
+"""The broker's token relay (pure message handling, sockets replaced by recording channels)."""
+
+from __future__ import annotations
+
+from broker.cluster_state import InstanceState
+from broker.requests import BrokerRequest
+from broker.server import Broker, BrokerConfig
+from dynaserve import protocol as P
+from dynaserve.split import Plan
+
+
+class RecordingChannel:
+    def __init__(self) -> None:
+        self.sent: list[list[bytes]] = []
+
+    def send(self, frames: list[bytes]) -> None:
+        self.sent.append(frames)
+
+
+def make_broker() -> Broker:
+    b = Broker(BrokerConfig(client_addr="ipc:///tmp/dynaserve-unit-c", worker_addr="ipc:///tmp/dynaserve-unit-w"))
+    b.clients, b.workers = RecordingChannel(), RecordingChannel()  # type: ignore[assignment]
+    b.cluster.add(InstanceState(id="w0", kv_capacity_tokens=1 << 20))
+    for iid, rid, client in (("1", "a", b"c1"), ("2", "b", b"c1"), ("3", "c", b"c2")):
+        b.table.add(BrokerRequest(
+            iid=iid, client=client, client_req_id=rid, prompt=[5], sampling=P.SamplingParams(max_tokens=4),
+            plan=Plan.whole("w0", 1, 4), arrival=0.0, ttft_slo_ms=2000, tbt_slo_ms=100, predicted_output=4))
+    return b
+
+
+def client_entries(b: Broker) -> dict[bytes, list[list]]:
+    out: dict[bytes, list[list]] = {}
+    for client, frame in b.clients.sent:  # type: ignore[attr-defined]
+        msg = P.decode(frame)
+        assert isinstance(msg, P.TokenStream)
+        out.setdefault(client, []).extend(msg.entries)
+    return out
+
+
+def test_one_message_per_client_per_batch_with_client_ids() -> None:
+    b = make_broker()
+    frame = P.encode_token_entries(P.TokenBatch.TYPE, [["1", [7], None], ["2", [8, 9], "length"], ["3", [1], None]])
+    b._on_worker_frames([b"w0", frame])
+    got = client_entries(b)
+    assert len(b.clients.sent) == 2  # type: ignore[attr-defined]
+    assert got[b"c1"] == [["a", [7], None], ["b", [8, 9], "length"]]
+    assert got[b"c2"] == [["c", [1], None]]
+    assert b.table.get("2") is None and b.table.get("1") is not None  # finished requests leave the table
+    assert b.stats.tokens_relayed == 4
+
+
+def test_entries_with_appended_fields_are_relayed() -> None:
+    """Fields are only ever appended to the protocol: a newer worker's extra entry fields are ignored."""
+    b = make_broker()
+    frame = P.encode_token_entries(P.TokenBatch.TYPE, [["1", [7], "length"], ["2", [8], None, {"logprob": -0.1}]])
+    b._on_worker_frames([b"w0", frame])
+    assert client_entries(b)[b"c1"] == [["a", [7], "length"], ["b", [8], None]]
+
+
+def test_handoff_finish_is_not_shown_to_clients() -> None:
+    b = make_broker()
+    frame = P.encode_token_entries(P.TokenBatch.TYPE, [["1", [7], P.FINISH_HANDOFF]])
+    b._on_worker_frames([b"w0", frame])
+    assert client_entries(b)[b"c1"] == [["a", [7], None]]
+    assert b.table.get("1") is not None

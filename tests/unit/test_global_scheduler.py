@@ -1,0 +1,397 @@
+"""The global scheduler: colocate, disagg and dynaserve policies, commit, forced plans and pricing.
+
+Prices are computed by hand with a simple step model: a = 2 ms, b = 0.25 ms per prefill token, c = 1 ms
+per decode sequence, no context or attention terms; TBT SLO 100 ms with a 50% margin (50 ms per step) and
+at most 512 tokens per step. An idle instance then prefills at m = (2 + 0.25 * 512) / 512 = 0.25390625 ms
+per token, and every decode token costs 1 ms.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from broker.cluster_state import ClusterState, InstanceState, Pricing, RequestInfo
+from broker.scheduler import (
+    POLICIES,
+    ColocatePolicy,
+    DisaggPolicy,
+    DynaServePolicy,
+    commit,
+    forced_plan,
+    make_policy,
+)
+from dynaserve.costmodel import StepLatencyModel
+from dynaserve.split import KIND_DECODE, KIND_NONE, KIND_PD, KIND_PROMPT, Plan
+
+MODEL = StepLatencyModel(a=2.0, b=0.25, c=1.0, d=0.0, e=0.0)
+PRICING = Pricing(MODEL, tbt_margin=0.5, max_batched_tokens=512, min_chunk_tokens=16, handoff_ms=2.0)
+M_IDLE = 0.25390625  # ms per prefill token on an instance without running decodes
+SLO = 100.0
+BIG = 1 << 30
+
+
+def req(p: int, o: int, predicted: int | None = None, rid: str = "r") -> RequestInfo:
+    return RequestInfo(rid, p, o, o if predicted is None else predicted, 2000.0, SLO)
+
+
+def inst(iid: str, kv: int = BIG, **kw: object) -> InstanceState:
+    return InstanceState(iid, kv_capacity_tokens=kv, **kw)  # type: ignore[arg-type]
+
+
+def cluster(*insts: InstanceState) -> ClusterState:
+    c = ClusterState()
+    for i in insts:
+        c.add(i)
+    return c
+
+
+# ----------------------------------------------------------------------------------- pricing
+
+
+def test_idle_prices_by_hand() -> None:
+    idle = inst("w0")
+    assert PRICING.prefill_budget(idle, SLO) == 512
+    assert PRICING.prefill_ms_per_token(idle, SLO) == M_IDLE
+    assert PRICING.decode_ms_per_token(idle, 5000) == 1.0
+    busy = inst("w1", queued_prefill_tokens=100, pending_decode_tokens=10)
+    assert PRICING.work_ms(busy, SLO) == pytest.approx(100 * M_IDLE + 10 * 1.0)
+
+
+@pytest.mark.parametrize(
+    ("running", "budget", "ms_per_token"),
+    [
+        (0, 512, 130 / 512),
+        (8, 160, 50 / 160),  # room 50 - 2 - 8 = 40 ms -> 160 tokens, step 50 ms
+        (40, 32, 50 / 32),
+        (46, 16, 52 / 16),  # room 2 ms -> 8 tokens, raised to min_chunk_tokens
+        (100, 16, 106 / 16),  # no room at all: still min_chunk_tokens
+    ],
+)
+def test_prefill_rate_under_decode_load(running: int, budget: int, ms_per_token: float) -> None:
+    i = inst("w", running_seqs=running)
+    assert PRICING.prefill_budget(i, SLO) == budget
+    assert PRICING.prefill_ms_per_token(i, SLO) == pytest.approx(ms_per_token)
+
+
+def test_prefill_price_is_monotonic_in_decode_load() -> None:
+    pricing = Pricing(StepLatencyModel(), handoff_ms=2.0)  # default model: context matters too
+    for ctx_per_seq in (0, 100, 2000):
+        budgets, prices = [], []
+        for running in (0, 1, 2, 8, 32, 128, 512, 2048):
+            i = inst("w", running_seqs=running, decode_ctx_tokens=running * ctx_per_seq)
+            budgets.append(pricing.prefill_budget(i, SLO))
+            prices.append(pricing.prefill_ms_per_token(i, SLO))
+        assert budgets == sorted(budgets, reverse=True)
+        assert prices == sorted(prices)
+        assert prices[-1] > prices[0]  # heavy decode load makes prefill really dearer
+    # more context at the same number of sequences also costs
+    light = inst("w", running_seqs=64, decode_ctx_tokens=64 * 10)
+    heavy = inst("w", running_seqs=64, decode_ctx_tokens=64 * 100_000)
+    assert pricing.prefill_budget(heavy, SLO) < pricing.prefill_budget(light, SLO)
+    assert pricing.prefill_ms_per_token(heavy, SLO) > pricing.prefill_ms_per_token(light, SLO)
+
+
+def test_transfer_price() -> None:
+    assert PRICING.transfer_ms_per_token(inst("w")) == 0.0
+    i = inst("w", kv_bytes_per_token=131072)
+    assert PRICING.transfer_ms_per_token(i) == pytest.approx(131072 / 25e6)  # 25 GB/s = 25e6 bytes/ms
+    assert Pricing(MODEL, transfer_gbps=0.0).transfer_ms_per_token(i) == 0.0
+
+
+# ----------------------------------------------------------------------------------- colocate
+
+
+def test_colocate_picks_least_loaded_and_never_splits() -> None:
+    c = cluster(
+        inst("w0", queued_prefill_tokens=100),  # 25.4 ms of work
+        inst("w1", pending_decode_tokens=10),  # 10 ms
+        inst("w2", queued_prefill_tokens=20),  # 5.1 ms
+    )
+    plan = ColocatePolicy(PRICING).plan(req(1000, 500, predicted=50), c, 0.0)
+    assert plan == Plan("w2", None, 1500, KIND_NONE)  # split = p + max_tokens
+
+
+def test_colocate_prices_prefill_under_decode_load() -> None:
+    # w0 has a little queued prefill but 40 running decodes: its prefill costs 1.5625 ms per token
+    c = cluster(inst("w0", running_seqs=40), inst("w1", queued_prefill_tokens=200))
+    # w0: 100 * 1.5625 = 156.25; w1: 200 * m + 100 * m = 76.2
+    assert ColocatePolicy(PRICING).plan(req(100, 10), c, 0.0) == Plan("w1", None, 110, KIND_NONE)
+
+
+def test_colocate_respects_kv_and_liveness() -> None:
+    pol = ColocatePolicy(PRICING)
+    c = cluster(inst("w0", kv=100), inst("w1", queued_prefill_tokens=5000, kv=200), inst("w2", alive=False))
+    assert pol.plan(req(90, 10), c, 0.0) == Plan("w0", None, 100, KIND_NONE)
+    assert pol.plan(req(90, 11), c, 0.0) == Plan("w1", None, 101, KIND_NONE)  # w0 is one token short
+    assert pol.plan(req(150, 60), c, 0.0) is None
+    c.instances["w1"].kv_used_tokens = 150
+    assert pol.plan(req(90, 11), c, 0.0) is None  # 50 tokens free on w1
+    assert pol.plan(req(10, 10), cluster(inst("w0", alive=False)), 0.0) is None
+
+
+# ----------------------------------------------------------------------------------- disagg
+
+
+def test_disagg_first_instances_prefill_rest_decode() -> None:
+    c = cluster(inst("w0", queued_prefill_tokens=4000), inst("w1", pending_decode_tokens=500), inst("w2"))
+    plan = DisaggPolicy(PRICING).plan(req(100, 20), c, 0.0)
+    assert plan == Plan("w0", "w2", 100, KIND_PD)  # A is the only prefill instance, however loaded
+    plan = DisaggPolicy(PRICING, prefill_instances=2).plan(req(100, 20), c, 0.0)
+    assert plan == Plan("w1", "w2", 100, KIND_PD)  # w1 has less work than w0
+    # never more prefill instances than leave one for decode
+    assert DisaggPolicy(PRICING, prefill_instances=9).pools(c)[1] == [c.instances["w2"]]
+
+
+def test_disagg_explicit_pools() -> None:
+    c = cluster(inst("w0", pool="decode"), inst("w1", pool="decode", pending_decode_tokens=50), inst("w2", pool="prefill"))
+    assert DisaggPolicy(PRICING).plan(req(64, 8), c, 0.0) == Plan("w2", "w0", 64, KIND_PD)
+    c.instances["w0"].pending_decode_tokens = 80
+    assert DisaggPolicy(PRICING).plan(req(64, 8), c, 0.0) == Plan("w2", "w1", 64, KIND_PD)
+
+
+def test_disagg_single_output_token_is_unsplit() -> None:
+    c = cluster(inst("w0"), inst("w1"))
+    assert DisaggPolicy(PRICING).plan(req(64, 1), c, 0.0) == Plan("w0", None, 65, KIND_NONE)
+
+
+def test_disagg_without_a_usable_pool_plans_nothing() -> None:
+    c = cluster(inst("w0"), inst("w1", alive=False))
+    assert DisaggPolicy(PRICING).plan(req(64, 8), c, 0.0) is None
+    c = cluster(inst("w0", kv=32), inst("w1"))
+    assert DisaggPolicy(PRICING).plan(req(64, 8), c, 0.0) is None  # the prefill instance is too small
+    c = cluster(inst("w0"), inst("w1", kv=70))
+    assert DisaggPolicy(PRICING).plan(req(64, 8), c, 0.0) is None  # the decode instance is too small
+
+
+# ----------------------------------------------------------------------------------- dynaserve
+
+
+def test_dynaserve_single_instance_never_splits() -> None:
+    c = cluster(inst("w0"))
+    assert DynaServePolicy(PRICING).plan(req(8000, 4000), c, 0.0) == Plan("w0", None, 12000, KIND_NONE)
+    c = cluster(inst("w0"), inst("w1", alive=False))
+    assert DynaServePolicy(PRICING).plan(req(8000, 4000), c, 0.0) == Plan("w0", None, 12000, KIND_NONE)
+
+
+def test_dynaserve_idle_pair_splits_a_long_prompt_in_half() -> None:
+    # p = 1000, o = 2. A: m*s; B: m*(1000 - s) + 2. s = 504: max(127.97, 127.94); s = 503: B = 128.19.
+    plan = DynaServePolicy(PRICING).plan(req(1000, 2), cluster(inst("w0"), inst("w1")), 0.0)
+    assert plan == Plan("w0", "w1", 504, KIND_PROMPT)
+
+
+def test_dynaserve_loaded_b_gets_less_of_the_prompt() -> None:
+    # w0 only fits the prompt (it can only be A). w1 has 400 queued prompt tokens (101.5625 ms).
+    # Balance m*s = 101.5625 + m*(1000 - s) + 2 -> s = 704 (A 178.75, B 178.72; s = 703: B 178.97).
+    c = cluster(inst("w0", kv=1000), inst("w1", queued_prefill_tokens=400))
+    assert DynaServePolicy(PRICING).plan(req(1000, 2), c, 0.0) == Plan("w0", "w1", 704, KIND_PROMPT)
+
+
+def test_dynaserve_decode_heavy_instance_gets_the_decode() -> None:
+    # w0 runs 40 decodes: its prefill costs 1.5625 ms/token; w1 is idle (0.2539 ms/token).
+    # A = w1, B = w0: 0.2539*s vs 1.5625*(1000 - s) + 200 -> s = 971 (A 246.54, B 245.31; s = 970: B 246.88).
+    # The other direction balances at 390 ms; whole on w1 costs 453.9 ms.
+    c = cluster(inst("w0", running_seqs=40), inst("w1"))
+    assert DynaServePolicy(PRICING).plan(req(1000, 200), c, 0.0) == Plan("w1", "w0", 971, KIND_PROMPT)
+
+
+def test_dynaserve_pd_when_b_decode_backlog_matches_a_prefill() -> None:
+    # w0 only fits the prompt; w1 has 1000 ms of pending decodes. p = 4000, o = 16.
+    # s = p: A = 4000*m = 1015.625, B = 1000 + 15 = 1015 -> 1015.625.
+    # s = p - 1: B = 1000 + m + 16 = 1016.25; s = p + 1: A = 1016.625. Whole on w1: 2031.6.
+    c = cluster(inst("w0", kv=4000), inst("w1", pending_decode_tokens=1000))
+    assert DynaServePolicy(PRICING).plan(req(4000, 16), c, 0.0) == Plan("w0", "w1", 4000, KIND_PD)
+
+
+def test_dynaserve_decode_handoff_when_b_is_busy() -> None:
+    # w0 only fits the prompt; w1 has 300 ms of pending decodes. p = 400, o = 400, A decodes u tokens:
+    # A: 400*m + u = 101.5625 + u; B: 300 + (399 - u).
+    # u = 298: A 399.5625, B 401; u = 299: A 400.5625, B 400; u = 300: A 401.56 -> s = p + 299 = 699.
+    c = cluster(inst("w0", kv=400), inst("w1", pending_decode_tokens=300))
+    assert DynaServePolicy(PRICING).plan(req(400, 400), c, 0.0) == Plan("w0", "w1", 699, KIND_DECODE)
+
+
+def test_dynaserve_falls_back_when_the_handoff_costs_too_much() -> None:
+    c = cluster(inst("w0"), inst("w1"))
+    pricey = Pricing(MODEL, tbt_margin=0.5, max_batched_tokens=512, handoff_ms=1e9)
+    assert DynaServePolicy(pricey).plan(req(1000, 2), c, 0.0) == Plan("w0", None, 1002, KIND_NONE)
+    # the no-split alternative is the instance that finishes the whole request soonest
+    c.instances["w0"].queued_prefill_tokens = 10
+    assert DynaServePolicy(pricey).plan(req(1000, 2), c, 0.0) == Plan("w1", None, 1002, KIND_NONE)
+
+
+def test_dynaserve_does_not_split_small_requests() -> None:
+    # whole: 8*m + 2 = 4.03 ms; the best split saves about 2 ms, the handoff costs 2 ms
+    plan = DynaServePolicy(PRICING).plan(req(8, 2), cluster(inst("w0"), inst("w1")), 0.0)
+    assert plan == Plan("w0", None, 10, KIND_NONE)
+
+
+def test_dynaserve_single_output_token_is_unsplit() -> None:
+    c = cluster(inst("w0", queued_prefill_tokens=1000), inst("w1"))
+    assert DynaServePolicy(PRICING).plan(req(3000, 1), c, 0.0) == Plan("w1", None, 3001, KIND_NONE)
+
+
+def test_dynaserve_kv_capacity() -> None:
+    pol = DynaServePolicy(PRICING)
+    # w0 has room for the prompt only: it can be A, never B, and never hold the whole request
+    c = cluster(inst("w0", kv=1000), inst("w1"))
+    for p, o in ((1000, 2), (1000, 50), (900, 100)):
+        plan = pol.plan(req(p, o), c, 0.0)
+        assert plan is not None and plan.b != "w0" and (plan.b is not None or plan.a == "w1")
+    # nobody has room for prompt + output
+    c = cluster(inst("w0", kv=1001), inst("w1", kv=1001))
+    assert pol.plan(req(1000, 2), c, 0.0) is None
+    # used KV counts against capacity
+    c = cluster(inst("w0", kv=2000, kv_used_tokens=1500), inst("w1", kv=2000, kv_used_tokens=999))
+    assert pol.plan(req(1000, 2), c, 0.0) is None
+    c.instances["w1"].kv_used_tokens = 998
+    assert pol.plan(req(1000, 2), c, 0.0) == Plan("w1", None, 1002, KIND_NONE)  # w0 cannot even be A
+
+
+def test_dynaserve_never_puts_a_whole_request_where_it_does_not_fit() -> None:
+    # w1 fits the 1000-token prompt but not prompt + output (1002); w0 is busy but has room.
+    c = cluster(inst("w0", queued_prefill_tokens=5000), inst("w1", kv=1001))
+    plan = DynaServePolicy(PRICING).plan(req(1000, 2), c, 0.0)
+    assert plan is not None
+    assert plan.b is not None or c.instances[plan.a].kv_free_tokens >= 1002
+
+
+def test_dynaserve_skips_dead_instances() -> None:
+    pol = DynaServePolicy(PRICING)
+    c = cluster(inst("w0", alive=False), inst("w1"), inst("w2"))
+    assert pol.plan(req(1000, 2), c, 0.0) == Plan("w1", "w2", 504, KIND_PROMPT)
+    c.instances["w1"].alive = False
+    assert pol.plan(req(1000, 2), c, 0.0) == Plan("w2", None, 1002, KIND_NONE)
+    c.instances["w2"].alive = False
+    assert pol.plan(req(1000, 2), c, 0.0) is None
+    assert pol.plan(req(1000, 2), ClusterState(), 0.0) is None
+
+
+_inst_strategy = st.builds(
+    dict,
+    kv=st.integers(0, 6000),
+    alive=st.booleans(),
+    queued_prefill_tokens=st.integers(0, 5000),
+    running_seqs=st.integers(0, 64),
+    pending_decode_tokens=st.integers(0, 3000),
+    kv_used_tokens=st.integers(0, 2000),
+    kv_bytes_per_token=st.sampled_from([0, 131072]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_inst_strategy, min_size=1, max_size=4), st.integers(1, 3000), st.integers(1, 600))
+def test_dynaserve_plans_are_feasible(specs: list[dict], p: int, o: int) -> None:
+    c = cluster(*(inst(f"w{i}", **spec) for i, spec in enumerate(specs)))
+    plan = DynaServePolicy(PRICING).plan(req(p, o), c, 0.0)
+    if plan is None:
+        assert not any(i.alive and i.kv_free_tokens >= p + o for i in c.instances.values())
+        return
+    a = c.instances[plan.a]
+    assert a.alive and a.kv_free_tokens >= p
+    if plan.b is None:
+        assert plan.kind == KIND_NONE and plan.split == p + o
+        # (room for p + o on A is not guaranteed: test_dynaserve_never_puts_a_whole_request_where_it_does_not_fit)
+    else:
+        b = c.instances[plan.b]
+        assert plan.a != plan.b
+        assert b.alive and b.kv_free_tokens >= p + o
+        assert 1 <= plan.split < p + o - 1 and plan.kind != KIND_NONE
+        assert len(c.alive()) >= 2
+
+
+# ----------------------------------------------------------------------------------- commit
+
+
+def _state_after(plan: Plan, r: RequestInfo) -> dict[str, tuple[int, int, int]]:
+    c = cluster(inst("A", kv=10_000), inst("B", kv=10_000))
+    commit(plan, r, c)
+    return {k: (i.queued_prefill_tokens, i.pending_decode_tokens, i.kv_used_tokens) for k, i in c.instances.items()}
+
+
+@pytest.mark.parametrize(
+    ("plan", "a", "b"),
+    [
+        (Plan.whole("A", 100, 20), (100, 20, 120), (0, 0, 0)),
+        (Plan.make("A", "B", 100, 20, 40), (40, 0, 40), (60, 20, 120)),  # prompt split: B emits all 20
+        (Plan.make("A", "B", 100, 20, 100), (100, 0, 100), (0, 19, 120)),  # PD: A's one token needs no decode
+        (Plan.make("A", "B", 100, 20, 110), (100, 10, 110), (0, 9, 120)),  # A emits 11, B 9
+    ],
+    ids=["whole", "prompt", "pd", "decode"],
+)
+def test_commit_adds_planned_work(plan: Plan, a: tuple[int, int, int], b: tuple[int, int, int]) -> None:
+    assert _state_after(plan, req(100, 20)) == {"A": a, "B": b}
+
+
+def test_commit_accumulates_and_tolerates_removed_instances() -> None:
+    c = cluster(inst("A"), inst("B"))
+    r = req(100, 20)
+    commit(Plan.whole("A", 100, 20), r, c)
+    commit(Plan.whole("A", 100, 20), r, c)
+    assert (c.instances["A"].queued_prefill_tokens, c.instances["A"].kv_used_tokens) == (200, 240)
+    c.remove("B")
+    commit(Plan.make("A", "B", 100, 20, 100), r, c)  # B left the cluster meanwhile
+    assert c.instances["A"].queued_prefill_tokens == 300
+    commit(Plan.whole("gone", 100, 20), r, c)
+    assert list(c.instances) == ["A"]
+
+
+def test_report_overwrites_committed_work() -> None:
+    c = cluster(inst("A"))
+    commit(Plan.whole("A", 100, 20), req(100, 20), c)
+    c.report("A", 5.0, queued_prefill_tokens=7, running_seqs=1, decode_ctx_tokens=30,
+             pending_decode_tokens=3, kv_used_tokens=48, step_ms=9.5)
+    a = c.instances["A"]
+    assert (a.queued_prefill_tokens, a.pending_decode_tokens, a.kv_used_tokens, a.last_report) == (7, 3, 48, 5.0)
+    c.report("nobody", 6.0, queued_prefill_tokens=1, running_seqs=1, decode_ctx_tokens=1,
+             pending_decode_tokens=1, kv_used_tokens=1, step_ms=1.0)
+    assert list(c.instances) == ["A"]
+
+
+def test_commit_spreads_a_burst() -> None:
+    # without commit every request of a burst would see the same idle cluster
+    c = cluster(inst("w0"), inst("w1"))
+    pol = ColocatePolicy(PRICING)
+    chosen = []
+    for k in range(4):
+        r = req(100, 10, rid=f"r{k}")
+        plan = pol.plan(r, c, 0.0)
+        assert plan is not None
+        commit(plan, r, c)
+        chosen.append(plan.a)
+    assert chosen == ["w0", "w1", "w0", "w1"]
+
+
+# ----------------------------------------------------------------------------------- forced plans
+
+
+def test_forced_plan_pins_the_split() -> None:
+    c = cluster(inst("w0", queued_prefill_tokens=50), inst("w1"), inst("w2", pending_decode_tokens=10))
+    assert forced_plan(req(100, 20), c, 100) == Plan("w1", "w2", 100, KIND_PD)
+    assert forced_plan(req(100, 20), c, 30) == Plan("w1", "w2", 30, KIND_PROMPT)
+    assert forced_plan(req(100, 20), c, 105) == Plan("w1", "w2", 105, KIND_DECODE)
+    assert forced_plan(req(100, 20), c, 0) == Plan("w1", "w2", 1, KIND_PROMPT)
+    assert forced_plan(req(100, 20), c, 119) == Plan("w1", None, 120, KIND_NONE)
+
+
+def test_forced_plan_ties_break_by_id_and_dead_are_skipped() -> None:
+    c = cluster(inst("w2"), inst("w1"), inst("w0", alive=False))
+    assert forced_plan(req(10, 5), c, 10) == Plan("w1", "w2", 10, KIND_PD)
+    c.instances["w2"].alive = False
+    assert forced_plan(req(10, 5), c, 10) == Plan("w1", None, 15, KIND_NONE)
+    c.instances["w1"].alive = False
+    assert forced_plan(req(10, 5), c, 10) is None
+
+
+# ----------------------------------------------------------------------------------- registry
+
+
+def test_make_policy() -> None:
+    assert set(POLICIES) == {"colocate", "disagg", "dynaserve"}
+    pol = make_policy("disagg", PRICING, prefill_instances=2)
+    assert isinstance(pol, DisaggPolicy) and pol.prefill_instances == 2 and pol.pricing is PRICING
+    assert isinstance(make_policy("dynaserve", PRICING), DynaServePolicy)
+    assert make_policy("colocate", PRICING).name == "colocate"
+    with pytest.raises(ValueError, match="unknown policy 'round_robin'.*colocate"):
+        make_policy("round_robin", PRICING)
