@@ -23,6 +23,7 @@ from broker.metrics import BrokerMetrics
 from broker.requests import BrokerRequest, RequestTable
 from broker.scheduler import commit, forced_plan, make_policy
 from dynaserve import protocol as P
+from dynaserve import security
 from dynaserve.costmodel import preset_step_model
 from dynaserve.predictor import make_predictor
 from dynaserve.sockets import Channel, make_socket
@@ -55,12 +56,13 @@ class BrokerConfig:
     allow_remote_bind: bool = False  # permit binding to non-loopback addresses
     allow_forced_splits: bool = False  # honour SubmitRequest.force_split (debugging, split experiments)
     metrics_port: int = 0  # Prometheus metrics on http://127.0.0.1:PORT/metrics; 0 = off
+    curve_dir: str = ""  # CURVE key directory (scripts/keygen.py): authenticate and encrypt; empty = off
 
     def __post_init__(self) -> None:
         for addr in (self.client_addr, self.worker_addr):
             if not addr.startswith(("tcp://", "ipc://", "inproc://")):
                 raise ValueError(f"unsupported address {addr!r}: use tcp://, ipc:// or inproc://")
-            if addr.startswith("tcp://") and not self.allow_remote_bind:
+            if addr.startswith("tcp://") and not self.allow_remote_bind and not self.curve_dir:
                 host = addr[6:].rsplit(":", 1)[0]
                 if host not in ("127.0.0.1", "localhost", "[::1]"):
                     raise ValueError(f"refusing to bind {addr} off loopback without --allow-remote-bind")
@@ -104,6 +106,7 @@ class Broker:
         self._stop = asyncio.Event()
         self.clients: Channel | None = None
         self.workers: Channel | None = None
+        self.auth: security.KeyAuthenticator | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -111,10 +114,15 @@ class Broker:
         self._stop.set()
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
-        self.clients = Channel(make_socket(self.ctx, zmq.ROUTER, bind=self.cfg.client_addr),
+        curve_c = curve_w = None
+        if self.cfg.curve_dir:  # ZAP handler first: sockets bound before it would accept anyone
+            self.auth = security.start_authenticator(self.ctx, self.cfg.curve_dir)
+            curve_c = security.server_options(self.cfg.curve_dir, security.CLIENTS)
+            curve_w = security.server_options(self.cfg.curve_dir, security.WORKERS)
+        self.clients = Channel(make_socket(self.ctx, zmq.ROUTER, bind=self.cfg.client_addr, curve=curve_c),
                                self._on_client_frames, "clients")
-        self.workers = Channel(make_socket(self.ctx, zmq.ROUTER, bind=self.cfg.worker_addr),
-                               self._on_worker_frames, "workers")
+        self.workers = Channel(make_socket(self.ctx, zmq.ROUTER, bind=self.cfg.worker_addr, curve=curve_w),
+                               self._on_worker_frames, "workers", user_ids=bool(self.cfg.curve_dir))
         self.clients.attach()
         self.workers.attach()
         self.metrics.serve(self.cfg.metrics_port)
@@ -136,6 +144,8 @@ class Broker:
             self.clients.close(0)
             self.workers.close(100)
             self.metrics.close()
+            if self.auth is not None:
+                self.auth.stop()
             self.ctx.term()
 
     # ------------------------------------------------------------------ sending
@@ -351,6 +361,17 @@ class Broker:
             self.stats.bad_frames += 1
             log.warning("bad frame from worker %r: %s", ident, exc)
             self._to_ident(ident, P.ErrorReply(exc.code, str(exc)))
+            return
+        if self.cfg.curve_dir and self.workers is not None and self.workers.last_user_id != ident.decode(
+                errors="replace"):
+            # CURVE on: a worker speaks only under the instance id its certificate names
+            self.stats.bad_frames += 1
+            reason = f"certificate of {self.workers.last_user_id!r} cannot act as instance {ident!r}"
+            log.warning("refused worker message: %s", reason)
+            if isinstance(msg, P.RegisterWorker):
+                self._to_ident(ident, P.RegisterAck(msg.instance_id, False, reason, 0))
+            else:
+                self._to_ident(ident, P.ErrorReply("forbidden", reason))
             return
         now = time.monotonic()
         inst_id = ident.decode(errors="replace")

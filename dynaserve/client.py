@@ -13,6 +13,7 @@ exceptions of :mod:`dynaserve.errors`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import threading
 import time
@@ -24,8 +25,9 @@ from typing import Any
 import zmq
 
 from dynaserve import protocol as P
+from dynaserve import security
 from dynaserve.errors import BrokerUnavailableError, DynaServeError, error_from_wire
-from dynaserve.sockets import Channel, make_socket
+from dynaserve.sockets import Channel, CurveOptions, make_socket
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +109,8 @@ class RequestStream:
             self._done = True
             self.finish_reason = P.FINISH_ABORT
             self.client._forget(self.req_id)
-            self.client._send(P.AbortRequest(self.req_id))
+            with contextlib.suppress(BrokerUnavailableError):  # nothing to abort on a broker we cannot reach
+                self.client._send(P.AbortRequest(self.req_id))
 
     async def __aenter__(self) -> RequestStream:
         return self
@@ -119,9 +122,22 @@ class RequestStream:
 class DynaServeClient:
     """Async client of a DynaServe broker. Use as ``async with DynaServeClient(addr) as c``."""
 
-    def __init__(self, address: str = "tcp://127.0.0.1:5555", *, identity: bytes | None = None) -> None:
+    def __init__(
+        self,
+        address: str = "tcp://127.0.0.1:5555",
+        *,
+        identity: bytes | None = None,
+        curve_dir: str = "",
+        curve_name: str = "client",
+        curve: CurveOptions | None = None,
+    ) -> None:
+        """``curve_dir`` (keys from scripts/keygen.py: ``clients/<curve_name>.key_secret`` and ``broker.key``)
+        or explicit ``curve`` keys turn on CURVE authentication and encryption."""
         self.address = address
         self.identity = identity or uuid.uuid4().bytes
+        if curve is None and curve_dir:
+            curve = security.client_options(curve_dir, curve_name)
+        self.curve = curve
         self._ctx: zmq.Context | None = None
         self._chan: Channel | None = None
         self._streams: dict[str, RequestStream] = {}
@@ -139,7 +155,7 @@ class DynaServeClient:
 
     async def connect(self) -> None:
         self._ctx = zmq.Context()
-        sock = make_socket(self._ctx, zmq.DEALER, connect=self.address, identity=self.identity)
+        sock = make_socket(self._ctx, zmq.DEALER, connect=self.address, identity=self.identity, curve=self.curve)
         self._chan = Channel(sock, self._on_frames, "client")
         self._chan.attach()
 
@@ -156,7 +172,10 @@ class DynaServeClient:
     def _send(self, msg: P.Message) -> None:
         if self._chan is None:
             raise BrokerUnavailableError("client is not connected")
-        self._chan.send([P.encode(msg)])
+        try:
+            self._chan.send([P.encode(msg)])
+        except zmq.Again:  # no connection to send on (e.g. refused by CURVE authentication) or queue full
+            raise BrokerUnavailableError(f"cannot send to {self.address}: not connected or queue full") from None
 
     def send_raw(self, frames: list[bytes]) -> None:
         """Send raw frames (tests and diagnostics)."""
@@ -194,7 +213,10 @@ class DynaServeClient:
         if self.connection_error is not None:
             stream._push(self.connection_error)  # type: ignore[arg-type]
         else:
-            self._send(msg)
+            try:
+                self._send(msg)
+            except BrokerUnavailableError as exc:
+                stream._push(exc)  # type: ignore[arg-type]
         return stream
 
     async def status(self, timeout: float = 5.0) -> P.StatusReply:

@@ -69,6 +69,7 @@ class LocalCluster:
     worker_args: list[str] = field(default_factory=list)
     frontend_args: list[str] = field(default_factory=list)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    client_curve_dir: str = ""  # CURVE keys wait_ready connects with (when the broker runs with --curve-dir)
 
     def __post_init__(self) -> None:
         if self.run_dir is None:
@@ -189,7 +190,7 @@ class LocalCluster:
         the instance ids. Raises on timeout or if a process died."""
         deadline = time.monotonic() + (timeout or self.config.ready_timeout_s)
         want = set(self.instance_ids)
-        async with DynaServeClient(self.client_addr) as client:
+        async with DynaServeClient(self.client_addr, curve_dir=self.client_curve_dir) as client:
             while True:
                 self.check_alive()
                 try:

@@ -5,12 +5,27 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import zmq
 
 from dynaserve.protocol import MAX_FRAME_BYTES
 
 log = logging.getLogger("dynaserve.sockets")
+
+
+@dataclass(frozen=True)
+class CurveOptions:
+    """CURVE keys of one socket (z85-encoded, as in pyzmq certificates).
+
+    A server socket sets ``server_key=None`` and a ``zap_domain`` (the ZAP authenticator's allow-list for
+    that socket); a client socket sets ``server_key`` to the server's public key.
+    """
+
+    public_key: bytes
+    secret_key: bytes
+    server_key: bytes | None = None
+    zap_domain: str = ""
 
 
 def make_socket(
@@ -23,8 +38,14 @@ def make_socket(
     hwm: int = 100_000,
     max_msg_bytes: int = MAX_FRAME_BYTES,
     linger_ms: int = 0,
+    curve: CurveOptions | None = None,
 ) -> zmq.Socket:
-    """Create a socket with DynaServe's defaults. ROUTER sockets report unroutable peers as errors."""
+    """Create a socket with DynaServe's defaults. ROUTER sockets report unroutable peers as errors.
+
+    With ``curve`` the socket authenticates and encrypts with CURVE: as the server when
+    ``curve.server_key`` is None (peers are checked by the ZAP handler of ``curve.zap_domain``), else as a
+    client of the server with that public key.
+    """
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, linger_ms)
     sock.setsockopt(zmq.SNDHWM, hwm)
@@ -34,6 +55,14 @@ def make_socket(
         sock.setsockopt(zmq.IDENTITY, identity)
     if kind == zmq.ROUTER:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    if curve is not None:
+        sock.setsockopt(zmq.CURVE_PUBLICKEY, curve.public_key)
+        sock.setsockopt(zmq.CURVE_SECRETKEY, curve.secret_key)
+        if curve.server_key is None:
+            sock.setsockopt(zmq.ZAP_DOMAIN, curve.zap_domain.encode())
+            sock.setsockopt(zmq.CURVE_SERVER, 1)
+        else:
+            sock.setsockopt(zmq.CURVE_SERVERKEY, curve.server_key)
     if bind:
         sock.bind(bind)
     if connect:
@@ -50,10 +79,15 @@ class Channel:
     Handler exceptions are logged and never stop the channel.
     """
 
-    def __init__(self, sock: zmq.Socket, handler: Callable[[list[bytes]], None], name: str = "") -> None:
+    def __init__(
+        self, sock: zmq.Socket, handler: Callable[[list[bytes]], None], name: str = "", user_ids: bool = False
+    ) -> None:
         self.sock = sock
         self.handler = handler
         self.name = name
+        # user_ids: record the ZAP User-Id of each incoming message in ``last_user_id`` (read by the handler)
+        self.user_ids = user_ids
+        self.last_user_id: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._scheduled = False
         self._closed = False
@@ -74,7 +108,12 @@ class Channel:
         for _ in range(budget):
             if self._closed or not (sock.getsockopt(zmq.EVENTS) & zmq.POLLIN):
                 return
-            frames = sock.recv_multipart(zmq.NOBLOCK)
+            if self.user_ids:
+                parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                self.last_user_id = _user_id(parts[-1])
+                frames = [p.bytes for p in parts]
+            else:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
             try:
                 self.handler(frames)
             except Exception:
@@ -96,3 +135,12 @@ class Channel:
         if self._loop is not None:
             self._loop.remove_reader(self.sock.FD)
         self.sock.close(linger_ms)
+
+
+def _user_id(frame: zmq.Frame) -> str | None:
+    """The ZAP User-Id the authenticator gave the frame's peer (None when there is none)."""
+    try:
+        uid = frame.get("User-Id")
+    except zmq.ZMQError:
+        return None
+    return uid if isinstance(uid, str) else None

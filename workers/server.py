@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import zmq
 
 from dynaserve import protocol as P
+from dynaserve import security
 from dynaserve.sockets import Channel, make_socket
 from workers.engine import Engine, EngineError, StepOutput
 from workers.metrics import WorkerMetrics
@@ -39,6 +40,7 @@ class WorkerConfig:
     max_num_seqs: int = 256  # decode sequences per step at most
     idle_poll_ms: float = 1.0  # poll period for transfers and confirmations while idle
     metrics_port: int = 0  # Prometheus metrics on http://127.0.0.1:PORT/metrics; 0 = off
+    curve_dir: str = ""  # CURVE key directory: uses workers/<instance_id>.key_secret and broker.key; empty = off
 
     def __post_init__(self) -> None:
         if not self.instance_id or len(self.instance_id) > 64:
@@ -81,7 +83,9 @@ class Worker:
         ))
 
     async def run(self) -> None:
-        sock = make_socket(self.ctx, zmq.DEALER, connect=self.cfg.broker_addr, identity=self.cfg.instance_id.encode())
+        curve = security.worker_options(self.cfg.curve_dir, self.cfg.instance_id) if self.cfg.curve_dir else None
+        sock = make_socket(self.ctx, zmq.DEALER, connect=self.cfg.broker_addr, identity=self.cfg.instance_id.encode(),
+                           curve=curve)
         self.chan = Channel(sock, self._on_frames, "broker")
         self.chan.attach()
         self.metrics.serve(self.cfg.metrics_port)

@@ -25,6 +25,8 @@ class FrontendConfig:
     broker_timeout_s: float = 5.0  # broker silent this long: requests fail with 503 broker_unavailable
     max_body_bytes: int = 8 << 20  # largest request body accepted
     allow_remote_bind: bool = False  # permit binding the HTTP server to a non-loopback address
+    curve_dir: str = ""  # CURVE keys for the broker connection (clients/<curve_name>.key_secret); empty = off
+    curve_name: str = "client"  # client certificate name in curve_dir/clients
 
     def __post_init__(self) -> None:
         if not self.host:

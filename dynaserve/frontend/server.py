@@ -117,7 +117,7 @@ class Frontend:
         self.cfg = config
         self.codec = TextCodec(tokenizer or load_tokenizer(config.tokenizer or config.model, config.vocab_size))
         self.metrics = FrontendMetrics()
-        self.client = DynaServeClient(config.broker)
+        self.client = DynaServeClient(config.broker, curve_dir=config.curve_dir, curve_name=config.curve_name)
         self.broker_error: str | None = None
         self.active: dict[str, RequestStream] = {}  # request id -> stream of every running request
         self.created = int(time.time())
