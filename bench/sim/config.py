@@ -1,0 +1,103 @@
+"""Settings of a simulated cluster (frozen) and the derived per-instance quantities."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+from broker.cluster_state import Pricing
+from dynaserve.costmodel import StepLatencyModel
+from dynaserve.costtables import MODEL_PRESETS, ModelShape, build_step_model
+from workers.local_scheduler import LocalSchedulerConfig
+
+GROUND_TRUTHS = ("linear", "detailed")
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """One simulated cluster: model, GPUs, instance count, local batching and the KV link."""
+
+    model: str = "llama3-8b"  # preset of dynaserve.costtables.MODEL_PRESETS
+    gpu: str = "a100"  # cost tables: a100 or h100
+    tp: int = 1  # tensor-parallel degree of one instance
+    instances: int = 8  # unified instances in the cluster
+    tbt_slo_ms: float = 100.0  # TBT SLO the local schedulers batch for
+    margin: float = 0.1  # local scheduler: keep predicted steps under (1 - margin) * TBT SLO
+    max_batched_tokens: int = 8192  # local scheduler: hard cap of tokens per step
+    max_num_seqs: int = 256  # running sequences per instance (admission cap, as in vLLM)
+    min_chunk_tokens: int = 16  # prefill progress guaranteed per step
+    report_interval_ms: float = 20.0  # instances report their load this often (virtual time)
+    link_gbps: float = 25.0  # KV link bandwidth per direction, GB/s (one link per GPU of an instance)
+    transfer_latency_ms: float = 1.0  # fixed cost of one KV handoff (setup, descriptor round trip)
+    serialize_transfers: bool = True  # transfers into one instance share its link, one at a time
+    eager_pull: bool = False  # B admits and starts its pull when the handoff arrives (the live worker waits
+    # for its next step boundary, as the default here)
+    prefill_order: str = "fcfs"  # order of prefill chunks in a step: "fcfs" (arrival, as the live engine)
+    # or "deadline" (earliest TTFT deadline first)
+    gpu_memory_gb: float = 80.0  # memory of one GPU
+    kv_memory_fraction: float = 0.9  # share of GPU memory the engine may use (weights + KV)
+    block_size: int = 16  # KV block size in tokens (reservations round up to blocks)
+    ground_truth: str = "linear"  # step durations: "linear" (the schedulers' own model) or "detailed"
+    handoff_ms: float = 2.0  # the global policies' fixed price of a handoff (Pricing.handoff_ms)
+    max_sim_s: float = 7200.0  # stop the simulation at this virtual time (unfinished requests fail)
+
+    def __post_init__(self) -> None:
+        if self.model not in MODEL_PRESETS:
+            raise ValueError(f"unknown model {self.model!r}; known: {sorted(MODEL_PRESETS)}")
+        if self.instances < 1:
+            raise ValueError("instances must be >= 1")
+        if self.report_interval_ms <= 0:
+            raise ValueError("report_interval_ms must be > 0")
+        if self.link_gbps <= 0 or self.transfer_latency_ms < 0:
+            raise ValueError("link_gbps must be > 0 and transfer_latency_ms >= 0")
+        if self.prefill_order not in ("fcfs", "deadline"):
+            raise ValueError(f"prefill_order must be fcfs or deadline, got {self.prefill_order!r}")
+        if self.ground_truth not in GROUND_TRUTHS:
+            raise ValueError(f"ground_truth must be one of {GROUND_TRUTHS}, got {self.ground_truth!r}")
+        if self.kv_capacity_tokens < self.block_size:
+            raise ValueError(f"{self.model} on {self.tp}x {self.gpu}: the weights leave no room for KV")
+
+    @property
+    def shape(self) -> ModelShape:
+        return MODEL_PRESETS[self.model]
+
+    @cached_property
+    def step_model(self) -> StepLatencyModel:
+        """The linear step model every scheduler uses (and the ground truth when ``ground_truth="linear"``)."""
+        return build_step_model(self.shape, self.gpu, self.tp)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """KV bytes of one token on one GPU of an instance (each GPU moves its own shard)."""
+        return self.shape.kv_bytes_per_token(self.tp)
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        """KV tokens one instance holds: (fraction x GPU memory - weights) / bytes per token, whole blocks."""
+        free = self.kv_memory_fraction * self.gpu_memory_gb * 1e9 - self.shape.weight_bytes(self.tp)
+        tokens = int(free // self.kv_bytes_per_token)
+        return tokens // self.block_size * self.block_size
+
+    def transfer_ms(self, tokens: int) -> float:
+        """Time to move the KV of ``tokens`` positions from A to B (all TP shards in parallel)."""
+        return self.transfer_latency_ms + tokens * self.kv_bytes_per_token / (self.link_gbps * 1e6)
+
+    def local_config(self) -> LocalSchedulerConfig:
+        return LocalSchedulerConfig(
+            tbt_slo_ms=self.tbt_slo_ms,
+            margin=self.margin,
+            max_batched_tokens=self.max_batched_tokens,
+            max_num_seqs=self.max_num_seqs,
+            min_chunk_tokens=self.min_chunk_tokens,
+        )
+
+    def pricing(self) -> Pricing:
+        """The global policies' pricing, consistent with the local schedulers and the link."""
+        return Pricing(
+            model=self.step_model,
+            tbt_margin=self.margin,
+            max_batched_tokens=self.max_batched_tokens,
+            min_chunk_tokens=self.min_chunk_tokens,
+            transfer_gbps=self.link_gbps,
+            handoff_ms=self.handoff_ms,
+        )

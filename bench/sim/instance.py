@@ -1,0 +1,333 @@
+"""One simulated unified instance: the real local scheduler forms each step; the step model prices it.
+
+Lifecycle of a micro-request (a :class:`MicroSeq`) on an instance::
+
+    WAIT_KV (role B, until A hands off) -> QUEUED -> admitted (KV blocks reserved, FCFS by arrival,
+    at most ``max_num_seqs`` running) -> [XFER (role B pulls A's KV)] -> PREFILL (chunks) -> DECODE
+    (one token per step) -> DONE | HELD (role A: blocks kept until B's pull completes) -> DONE
+
+Decode-phase sequences are not touched on every step. A sequence that enters the decode phase at step
+index ``i0`` with ``n`` tokens to emit emits one token at the end of every step ``i0 .. i0+n-1`` (every
+running decode is in every step), so its token times are a slice of the instance's step end times,
+copied once when it leaves; its end step sits in a heap. The load counters the instance reports are
+kept incrementally, so a step with only decodes costs O(1) plus the sequences that end in it.
+"""
+
+from __future__ import annotations
+
+import heapq
+from bisect import insort
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from dynaserve.split import Plan
+from workers.local_scheduler import DecodeItem, LocalScheduler, PrefillItem, StepPlan
+
+if TYPE_CHECKING:
+    from bench.sim.simulator import Simulator
+
+ROLE_FULL, ROLE_A, ROLE_B = 0, 1, 2
+WAIT_KV, QUEUED, XFER, PREFILL, DECODE, HELD, DONE = range(7)
+
+# ground-truth step time: (prefill chunks as (tokens, ctx before), decode seqs, decode ctx sum, StepPlan) -> ms
+StepTime = Callable[[list[tuple[int, int]], int, int, float], float]
+
+
+@dataclass(slots=True, eq=False)
+class SimRequest:
+    """A client request as the simulated broker sees it, plus its true output length."""
+
+    idx: int
+    req_id: str
+    arrival: float
+    prompt: int
+    output: int  # true output length (the request stops there)
+    max_tokens: int  # the client's limit; what the broker plans and the engines reserve KV for
+    ttft_slo_ms: float
+    tbt_slo_ms: float
+    predicted: int = 0
+    plan: Plan | None = None
+    token_ts: list[float] = field(default_factory=list)
+    emitted: int = 0
+    finish: str | None = None
+    error: str | None = None
+    seq_a: MicroSeq | None = None
+    seq_b: MicroSeq | None = None
+
+
+@dataclass(slots=True, eq=False)
+class MicroSeq:
+    """The part of a request one instance computes (see the module docstring for its states)."""
+
+    req: SimRequest
+    inst: SimInstance
+    role: int
+    prefill_end: int  # positions computed when the prefill phase ends
+    emits_at_prefill: bool  # the last prefill chunk produces a token (False: A of a prompt split)
+    computed: int  # positions computed (B starts at the split point once the pull is done)
+    emit_plan: int  # tokens the descriptor asks for (what the instance reports as pending)
+    emit_true: int  # tokens it really emits (fewer when the true output ends first)
+    kv_tokens: int  # positions reserved at admission
+    state: int
+    split: int = 0
+    blocks: int = 0
+    i0: int = 0  # first decode step index
+    ctx0: int = 0  # context at the first decode step
+    dsteps: int = 0  # decode steps (tokens emitted in the decode phase)
+
+    @property
+    def pre_left(self) -> int:
+        """Prefill positions still to compute."""
+        return self.prefill_end - self.computed if self.prefill_end > self.computed else 0
+
+
+def _arrival_key(s: MicroSeq) -> tuple[float, int]:
+    return (s.req.arrival, s.req.idx)
+
+
+def _deadline_key(s: MicroSeq) -> tuple[float, int]:
+    return (s.req.arrival + s.req.ttft_slo_ms / 1000.0, s.req.idx)
+
+
+PREFILL_ORDERS = {"fcfs": _arrival_key, "deadline": _deadline_key}
+
+
+class SimInstance:
+    """A simulated engine: its queues, its local scheduler, its KV blocks and its reported load."""
+
+    def __init__(
+        self, iid: str, sim: Simulator, sched: LocalScheduler, kv_tokens: int, block_size: int, truth: StepTime
+    ) -> None:
+        self.id = iid
+        self.sim = sim
+        self.sched = sched
+        self.block_size = block_size
+        self.total_blocks = kv_tokens // block_size
+        self.free_blocks = self.total_blocks
+        self.truth = truth
+        self.max_seqs = sched.config.max_num_seqs
+        self.eager_pull = sim.cfg.eager_pull
+        self.prefill_key = PREFILL_ORDERS[sim.cfg.prefill_order]
+        self.waiting: list[MicroSeq] = []  # QUEUED, by arrival
+        self.prefilling: list[MicroSeq] = []  # PREFILL, by arrival
+        self.decoding: dict[MicroSeq, None] = {}  # DECODE, insertion-ordered
+        self.n_xfer = 0
+        self.finish_heap: list[tuple[int, int, MicroSeq]] = []
+        self.step_ends: list[float] = []
+        self.busy = False
+        self.cur_n = 0
+        self.cur_end = 0.0
+        self.cur_prefills: list[tuple[MicroSeq, int]] = []
+        self.cur_plan: StepPlan | None = None
+        # reported load (what the live worker's EngineLoad holds)
+        self.qp = 0  # queued_prefill_tokens
+        self.dctx = 0  # decode_ctx_tokens
+        self.pd = 0  # pending_decode_tokens
+        self.last_step_ms = 0.0
+        self.dirty = True
+        self.min_free_blocks = self.total_blocks
+        self.busy_ms = 0.0
+        self._tie = 0
+
+    # ------------------------------------------------------------------ reported load
+
+    @property
+    def running_seqs(self) -> int:
+        return len(self.decoding)
+
+    @property
+    def kv_used_tokens(self) -> int:
+        return (self.total_blocks - self.free_blocks) * self.block_size
+
+    @property
+    def active(self) -> int:
+        return len(self.waiting) + len(self.prefilling) + len(self.decoding) + self.n_xfer
+
+    # ------------------------------------------------------------------ intake
+
+    def add(self, seq: MicroSeq, now: float) -> None:
+        """A dispatched micro-request arrives (role B waits for A's handoff)."""
+        self.qp += seq.pre_left if seq.role != ROLE_B else max(0, seq.prefill_end - seq.split)
+        self.pd += seq.emit_plan
+        self.dirty = True
+        if seq.state == QUEUED:
+            insort(self.waiting, seq, key=_arrival_key)
+            self.kick(now)
+
+    def handoff_ready(self, seq: MicroSeq, now: float) -> None:
+        """Role B: A finished its part; queue for admission (then pull)."""
+        seq.state = QUEUED
+        insort(self.waiting, seq, key=_arrival_key)
+        if self.busy and self.eager_pull:
+            self._admit(now)
+        self.kick(now)
+
+    def drop(self, seq: MicroSeq) -> None:
+        """Abort a role-B micro-request still waiting for its handoff (the request ended on A)."""
+        if seq.state != WAIT_KV:
+            raise RuntimeError(f"can only drop a waiting micro-request, {seq.req.req_id} is in state {seq.state}")
+        self.qp -= max(0, seq.prefill_end - seq.split)
+        self.pd -= seq.emit_plan
+        seq.state = DONE
+        self.dirty = True
+
+    def kick(self, now: float) -> None:
+        if not self.busy:
+            self.start_step(now)
+
+    def _admit(self, now: float) -> None:
+        bs = self.block_size
+        waiting = self.waiting
+        k = 0
+        running = len(self.prefilling) + len(self.decoding) + self.n_xfer
+        while k < len(waiting) and running < self.max_seqs:
+            seq = waiting[k]
+            need = -(-seq.kv_tokens // bs)
+            if need > self.free_blocks:
+                break
+            self.free_blocks -= need
+            if self.free_blocks < self.min_free_blocks:
+                self.min_free_blocks = self.free_blocks
+            seq.blocks = need
+            running += 1
+            k += 1
+            if seq.role == ROLE_B:
+                seq.state = XFER
+                self.n_xfer += 1
+                self.sim.start_transfer(seq, now)
+            else:
+                seq.state = PREFILL
+                insort(self.prefilling, seq, key=self.prefill_key)
+        if k:
+            del waiting[:k]
+            self.dirty = True
+
+    def free(self, seq: MicroSeq) -> None:
+        self.free_blocks += seq.blocks
+        seq.blocks = 0
+        self.dirty = True
+
+    # ------------------------------------------------------------------ steps
+
+    def start_step(self, now: float) -> None:
+        """Form the next step with the local scheduler and schedule its end; idle when there is no work."""
+        if self.waiting:
+            self._admit(now)
+        n = len(self.decoding)
+        if not self.prefilling:
+            if n == 0:
+                self.busy = False
+                return
+            self.cur_prefills = []
+            self.cur_plan = None
+            ms = self.truth([], n, self.dctx, 0.0)
+        else:
+            j = len(self.step_ends)
+            decodes = [DecodeItem(s.req.req_id, s.ctx0 + j - s.i0) for s in self.decoding]
+            prefills = [PrefillItem(s.req.req_id, s.prefill_end - s.computed, s.computed) for s in self.prefilling]
+            plan = self.sched.schedule(decodes, prefills)
+            chunks = [(c, s.computed) for s, (_, c) in zip(self.prefilling, plan.prefills, strict=False)]
+            self.cur_prefills = [(s, c) for s, (_, c) in zip(self.prefilling, plan.prefills, strict=False)]
+            self.cur_plan = plan
+            ms = self.truth(chunks, n, plan.decode_ctx_tokens, plan.prefill_attn)
+            if len(plan.decodes) != n:
+                raise RuntimeError("the local scheduler left decodes out of a step (max_num_seqs exceeded)")
+        self.cur_n = n
+        self.busy = True
+        self.last_step_ms = ms
+        self.busy_ms += ms
+        self.cur_end = now + ms / 1000.0
+        self.sim.schedule_step_end(self, self.cur_end)
+
+    def end_step(self, now: float) -> None:
+        """Apply the step that just ended: emit tokens, finish sequences, then start the next step."""
+        j = len(self.step_ends)
+        self.step_ends.append(now)
+        n = self.cur_n
+        self.dctx += n
+        self.pd -= n
+        if self.cur_plan is not None:
+            self.sched.observe(self.cur_plan, self.last_step_ms)
+        heap = self.finish_heap
+        while heap and heap[0][0] <= j:
+            seq = heapq.heappop(heap)[2]
+            self._end_decode(seq, j, now)
+        for seq, c in self.cur_prefills:
+            seq.computed += c
+            self.qp -= c
+            if seq.computed >= seq.prefill_end:
+                self.prefilling.remove(seq)
+                self._end_prefill(seq, j, now)
+        self.dirty = True
+        self.busy = False
+        self.start_step(now)
+
+    def _enter_decode(self, seq: MicroSeq, i0: int, tokens: int) -> None:
+        seq.state = DECODE
+        seq.i0 = i0
+        seq.ctx0 = seq.computed
+        seq.dsteps = tokens
+        self.decoding[seq] = None
+        self.dctx += seq.computed
+        self._tie += 1
+        heapq.heappush(self.finish_heap, (i0 + tokens - 1, self._tie, seq))
+
+    def _end_prefill(self, seq: MicroSeq, j: int, now: float) -> None:
+        if not seq.emits_at_prefill:
+            self._part_done(seq, now)
+            return
+        req = seq.req
+        req.token_ts.append(now)
+        req.emitted += 1
+        self.pd -= 1
+        left = seq.emit_true - 1
+        if left <= 0:
+            self._part_done(seq, now)
+        else:
+            self._enter_decode(seq, j + 1, left)
+
+    def _end_decode(self, seq: MicroSeq, j: int, now: float) -> None:
+        req = seq.req
+        req.token_ts.extend(self.step_ends[seq.i0 : j + 1])
+        req.emitted += seq.dsteps
+        seq.computed = seq.ctx0 + seq.dsteps
+        del self.decoding[seq]
+        self.dctx -= seq.computed
+        self._part_done(seq, now)
+
+    def _part_done(self, seq: MicroSeq, now: float) -> None:
+        """The micro-request computed its part: hand off (role A) or finish the request."""
+        self.pd -= seq.emit_plan - seq.emit_true  # planned tokens it will never emit (the output ended)
+        req = seq.req
+        if seq.role == ROLE_A and req.emitted < req.output:
+            seq.state = HELD
+            self.sim.handoff(seq, now)
+            return
+        seq.state = DONE
+        self.free(seq)
+        self.sim.finish(req, now)
+
+    def transfer_done(self, seq: MicroSeq, now: float) -> None:
+        """Role B: A's KV arrived; continue with the rest of the prompt or with decoding."""
+        self.n_xfer -= 1
+        seq.computed = seq.split
+        self.dirty = True
+        if seq.prefill_end > seq.computed:
+            seq.state = PREFILL
+            insort(self.prefilling, seq, key=self.prefill_key)
+        else:
+            self._enter_decode(seq, len(self.step_ends) + (1 if self.busy else 0), seq.emit_true)
+        self.kick(now)
+
+    # ------------------------------------------------------------------ inspection
+
+    def decode_ctx_now(self, seq: MicroSeq) -> int:
+        """Context of a decode-phase sequence at the next step to be formed."""
+        j = len(self.step_ends) + (1 if self.busy else 0)
+        return seq.ctx0 + max(0, j - seq.i0)
+
+    def decode_left(self, seq: MicroSeq) -> int:
+        """Decode tokens a decode-phase sequence still has to emit (true lengths)."""
+        j = len(self.step_ends) + (1 if self.busy else 0)
+        return seq.dsteps - max(0, j - seq.i0)

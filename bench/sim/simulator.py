@@ -1,0 +1,324 @@
+"""The event loop and the simulated broker.
+
+Events (a heap ordered by virtual time, ties by insertion order): request arrival, step end of an
+instance, end of a KV transfer, and the load-report tick. The broker side mirrors the live broker
+(``broker/server.py``): on arrival it asks the output-length predictor, builds a
+:class:`~broker.cluster_state.RequestInfo`, asks the global policy for a plan and commits it; a request
+the policy cannot place waits in a FIFO queue that is drained after every report tick and every finished
+request. Every ``report_interval_ms`` each instance whose load changed reports the same fields the live
+worker reports; between reports the policy sees its own optimistic ``commit`` accounting.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Protocol
+
+from bench.sim.config import SimConfig
+from bench.sim.instance import (
+    DONE,
+    QUEUED,
+    ROLE_A,
+    ROLE_B,
+    ROLE_FULL,
+    WAIT_KV,
+    MicroSeq,
+    SimInstance,
+    SimRequest,
+    StepTime,
+)
+from bench.traces import TraceRequest
+from broker.cluster_state import ClusterState, InstanceState, RequestInfo
+from broker.scheduler import GlobalPolicy, commit
+from dynaserve.costtables import detailed_step_ms
+from dynaserve.metrics import RequestRecord
+from dynaserve.predictor import MaxTokensPredictor, OutputPredictor
+from dynaserve.split import Plan, tokens_emitted_by_a
+from workers.local_scheduler import LocalScheduler
+
+ARRIVE, STEP_END, XFER_DONE, TICK = 0, 1, 2, 3
+
+
+class TruthAwarePredictor(Protocol):
+    """A predictor that is told the true output length (for error studies; never used by real policies)."""
+
+    name: str
+
+    def predict_with_truth(self, prompt_len: int, max_tokens: int, true_output: int) -> int: ...
+
+    def observe(self, prompt_len: int, output_len: int) -> None: ...
+
+
+@dataclass
+class SimResult:
+    """Records of one run (as a live replay writes them) and the simulator's own statistics."""
+
+    records: list[RequestRecord]
+    span_s: float  # first to last arrival of the trace (the offered-load window)
+    end_s: float  # virtual time of the last event
+    stats: dict[str, Any] = field(default_factory=dict)
+    samples: list[tuple[float, list[tuple[int, int, int, int]]]] = field(default_factory=list)
+
+
+def linear_truth(cfg: SimConfig) -> StepTime:
+    m = cfg.step_model
+    a, b, c, d, e = m.a, m.b, m.c, m.d, m.e
+
+    def step(chunks: list[tuple[int, int]], n: int, dctx: int, attn: float) -> float:
+        pre = 0
+        for t, _ in chunks:
+            pre += t
+        return a + b * pre + c * n + d * dctx + e * attn
+
+    return step
+
+
+def detailed_truth(cfg: SimConfig) -> StepTime:
+    """Kernel-table step times (cached on the batch shape, decode context rounded to 64 tokens)."""
+    shape, gpu, tp = cfg.shape, cfg.gpu, cfg.tp
+
+    @lru_cache(maxsize=1 << 18)
+    def cached(chunks: tuple[tuple[int, int], ...], n: int, ctx_bucket: int) -> float:
+        return detailed_step_ms(shape, gpu, tp, chunks, [ctx_bucket * 64 + 32] * n)
+
+    def step(chunks: list[tuple[int, int]], n: int, dctx: int, attn: float) -> float:
+        key = tuple((t, p // 64 * 64) for t, p in chunks)
+        return cached(key, n, (dctx // n) // 64 if n else 0)
+
+    return step
+
+
+class Simulator:
+    """A cluster of :class:`SimInstance` behind the simulated broker; ``run`` replays one trace."""
+
+    def __init__(
+        self,
+        config: SimConfig,
+        policy: GlobalPolicy,
+        predictor: OutputPredictor | TruthAwarePredictor | None = None,
+        *,
+        sample_interval_s: float | None = None,
+    ) -> None:
+        self.cfg = config
+        self.policy = policy
+        self.predictor = predictor if predictor is not None else MaxTokensPredictor()
+        self.sample_interval_s = sample_interval_s
+        truth = detailed_truth(config) if config.ground_truth == "detailed" else linear_truth(config)
+        self.cluster = ClusterState()
+        self.instances: list[SimInstance] = []
+        cap = config.kv_capacity_tokens
+        for i in range(config.instances):
+            iid = f"i{i}"
+            sched = LocalScheduler(config.step_model, config.local_config())
+            self.instances.append(SimInstance(iid, self, sched, cap, config.block_size, truth))
+            self.cluster.add(InstanceState(id=iid, kv_capacity_tokens=cap, kv_bytes_per_token=config.kv_bytes_per_token))
+        self.by_id = {inst.id: inst for inst in self.instances}
+        self._heap: list[tuple[float, int, int, Any]] = []
+        self._tie = 0
+        self.now = 0.0
+        self.queue: deque[SimRequest] = deque()
+        self.requests: list[SimRequest] = []
+        self.active = 0
+        self.link_free: dict[str, float] = {}
+        self.stats: dict[str, Any] = {"plans": 0, "queued": 0, "transfers": 0, "transfer_ms": 0.0, "steps": 0}
+        bind = getattr(policy, "bind", None)
+        if callable(bind):
+            bind(self)
+
+    # ------------------------------------------------------------------ events
+
+    def _push(self, t: float, kind: int, obj: Any) -> None:
+        self._tie += 1
+        heapq.heappush(self._heap, (t, self._tie, kind, obj))
+
+    def schedule_step_end(self, inst: SimInstance, t: float) -> None:
+        self._push(t, STEP_END, inst)
+
+    def start_transfer(self, seq: MicroSeq, now: float) -> None:
+        """Role B was admitted: pull A's KV of positions [0, split) over B's link."""
+        dur = self.cfg.transfer_ms(seq.split) / 1000.0
+        start = now
+        if self.cfg.serialize_transfers:
+            start = max(now, self.link_free.get(seq.inst.id, 0.0))
+            self.link_free[seq.inst.id] = start + dur
+        self.stats["transfers"] += 1
+        self.stats["transfer_ms"] += (start + dur - now) * 1000.0
+        self._push(start + dur, XFER_DONE, seq)
+
+    def handoff(self, seq_a: MicroSeq, now: float) -> None:
+        """A finished its part: B may now admit the request and pull the KV."""
+        seq_b = seq_a.req.seq_b
+        if seq_b is None:
+            raise RuntimeError(f"request {seq_a.req.req_id} handed off without a B")
+        seq_b.inst.handoff_ready(seq_b, now)
+
+    def finish(self, req: SimRequest, now: float) -> None:
+        req.finish = "length" if req.emitted >= req.max_tokens else "stop"
+        if req.emitted != req.output:
+            raise RuntimeError(f"request {req.req_id}: emitted {req.emitted} tokens, expected {req.output}")
+        seq_b = req.seq_b
+        if seq_b is not None and seq_b.state == WAIT_KV:  # the output ended on A: B is aborted
+            seq_b.inst.drop(seq_b)
+        self.predictor.observe(req.prompt, req.emitted)
+        self.active -= 1
+        if self.queue:
+            self._drain(now)
+
+    # ------------------------------------------------------------------ broker
+
+    def _predict(self, req: SimRequest) -> int:
+        pr = self.predictor
+        if hasattr(pr, "predict_with_truth"):
+            return int(pr.predict_with_truth(req.prompt, req.max_tokens, req.output))
+        return int(pr.predict(req.prompt, req.max_tokens))  # type: ignore[union-attr]
+
+    def _try_dispatch(self, req: SimRequest, now: float) -> bool:
+        info = RequestInfo(req.req_id, req.prompt, req.max_tokens, req.predicted, req.ttft_slo_ms, req.tbt_slo_ms)
+        plan = self.policy.plan(info, self.cluster, now)
+        self.stats["plans"] += 1
+        if plan is None:
+            return False
+        commit(plan, info, self.cluster)
+        self._dispatch(req, plan, now)
+        return True
+
+    def _dispatch(self, req: SimRequest, plan: Plan, now: float) -> None:
+        req.plan = plan
+        self.active += 1
+        p, mt, o = req.prompt, req.max_tokens, req.output
+        a = self.by_id[plan.a]
+        a.dirty = True
+        if plan.b is None:
+            seq = MicroSeq(req, a, ROLE_FULL, p, True, 0, mt, o, p + mt, QUEUED, split=p + mt)
+            req.seq_a = seq
+            a.add(seq, now)
+            return
+        b = self.by_id[plan.b]
+        b.dirty = True
+        s = plan.split
+        ea = tokens_emitted_by_a(p, mt, s)
+        seq_a = MicroSeq(req, a, ROLE_A, min(s, p), s >= p, 0, ea, min(ea, o), s, QUEUED, split=s)
+        seq_b = MicroSeq(req, b, ROLE_B, max(s, p), s < p, 0, mt - ea, max(0, o - ea), p + mt, WAIT_KV, split=s)
+        req.seq_a, req.seq_b = seq_a, seq_b
+        b.add(seq_b, now)
+        a.add(seq_a, now)
+
+    def _drain(self, now: float) -> None:
+        q = self.queue
+        while q:
+            if not self._try_dispatch(q[0], now):
+                return
+            q.popleft()
+
+    def _report(self, now: float) -> None:
+        report = self.cluster.report
+        for inst in self.instances:
+            if inst.dirty:
+                inst.dirty = False
+                report(
+                    inst.id,
+                    now,
+                    queued_prefill_tokens=inst.qp,
+                    running_seqs=len(inst.decoding),
+                    decode_ctx_tokens=inst.dctx,
+                    pending_decode_tokens=inst.pd,
+                    kv_used_tokens=inst.kv_used_tokens,
+                    step_ms=inst.last_step_ms,
+                )
+
+    # ------------------------------------------------------------------ run
+
+    def run(
+        self,
+        trace: Sequence[TraceRequest],
+        ttft_slo_ms: float | Callable[[TraceRequest], float],
+        tbt_slo_ms: float = 100.0,
+        max_tokens: int | None = None,
+    ) -> SimResult:
+        """Replay ``trace``: each request's true output is its ``output_tokens``; the client's ``max_tokens`` is
+        ``max_tokens`` (None: the true output, as the live replay sends it with ignore_eos)."""
+        if self.requests:
+            raise RuntimeError("a Simulator runs one trace; build a new one")
+        slo = ttft_slo_ms if callable(ttft_slo_ms) else (lambda _r, v=float(ttft_slo_ms): v)
+        for i, r in enumerate(trace):
+            mt = r.output_tokens if max_tokens is None else max_tokens
+            out = min(r.output_tokens, mt)
+            req = SimRequest(i, f"r{i}", r.arrival_s, r.input_tokens, out, mt, slo(r), tbt_slo_ms)
+            self.requests.append(req)
+            self._push(r.arrival_s, ARRIVE, req)
+        interval = self.cfg.report_interval_ms / 1000.0
+        first = trace[0].arrival_s if trace else 0.0
+        self._push(first, TICK, None)
+        pending_arrivals = len(trace)
+        next_sample = first if self.sample_interval_s else math.inf
+        samples: list[tuple[float, list[tuple[int, int, int, int]]]] = []
+        heap = self._heap
+        pop = heapq.heappop
+        horizon = self.cfg.max_sim_s
+        events = 0
+        while heap:
+            t, _, kind, obj = pop(heap)
+            if t > horizon:
+                break
+            self.now = t
+            events += 1
+            if kind == STEP_END:
+                obj.end_step(t)
+            elif kind == ARRIVE:
+                pending_arrivals -= 1
+                obj.predicted = self._predict(obj)
+                if self.queue or not self._try_dispatch(obj, t):
+                    self.queue.append(obj)
+                    self.stats["queued"] += 1
+            elif kind == XFER_DONE:
+                seq = obj
+                req = seq.req
+                a = req.seq_a
+                a.state = DONE  # B confirmed the pull: A frees the held blocks
+                a.inst.free(a)
+                a.inst.kick(t)
+                seq.inst.transfer_done(seq, t)
+            else:  # TICK
+                self._report(t)
+                if self.queue:
+                    self._drain(t)
+                if t >= next_sample:
+                    samples.append((t, [(i.qp, len(i.decoding), i.kv_used_tokens, len(i.waiting)) for i in self.instances]))
+                    next_sample += self.sample_interval_s or math.inf
+                if pending_arrivals or self.active:
+                    self._push(t + interval, TICK, None)
+                elif self.queue:  # nothing runs and the policy still cannot place them: they fail
+                    for req in self.queue:
+                        req.error = "no_capacity"
+                    self.queue.clear()
+        for inst in self.instances:
+            self.stats["steps"] += len(inst.step_ends)
+        self.stats["events"] = events
+        self.stats["min_free_kv_tokens"] = min(i.min_free_blocks for i in self.instances) * self.cfg.block_size
+        self.stats["busy_s"] = {i.id: i.busy_ms / 1000.0 for i in self.instances}
+        span = (trace[-1].arrival_s - trace[0].arrival_s) if len(trace) > 1 else 0.0
+        return SimResult([self._record(r) for r in self.requests], span, self.now, self.stats, samples)
+
+    def _record(self, req: SimRequest) -> RequestRecord:
+        plan = req.plan
+        return RequestRecord(
+            req_id=req.req_id,
+            arrival_s=req.arrival,
+            submit_ts=req.arrival,
+            prompt_tokens=req.prompt,
+            max_tokens=req.max_tokens,
+            token_ts=req.token_ts,
+            finish_reason=req.finish,
+            error=req.error if req.error or req.finish else "unfinished",
+            ttft_slo_ms=req.ttft_slo_ms,
+            tbt_slo_ms=req.tbt_slo_ms,
+            kind=plan.kind if plan else None,
+            split=plan.split if plan else None,
+            instance_a=plan.a if plan else None,
+            instance_b=plan.b if plan else None,
+        )

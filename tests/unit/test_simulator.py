@@ -1,0 +1,147 @@
+"""Tests for the discrete-event simulator (bench.sim): timing, conservation, splits, KV, determinism."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from bench.sim.config import SimConfig
+from bench.sim.policies import build_policy
+from bench.sim.predictors import NoisyOraclePredictor
+from bench.sim.simulator import Simulator
+from bench.traces import TraceRequest, poisson_from_lengths
+from broker.cluster_state import ClusterState, RequestInfo
+from dynaserve.metrics import is_completed, summarize
+from dynaserve.split import Plan, tokens_emitted_by_a
+
+
+@dataclass
+class ForcedSplit:
+    """Test policy: every request on instances i0 -> i1, split at ``prompt_len + offset`` (clamped)."""
+
+    offset: int
+    name: str = "forced"
+
+    def plan(self, req: RequestInfo, cluster: ClusterState, now: float) -> Plan | None:
+        s = max(1, req.prompt_len + self.offset)
+        return Plan.make("i0", "i1", req.prompt_len, req.max_tokens, s)
+
+
+def trace(n: int = 200, rate: float = 20.0, seed: int = 3) -> list[TraceRequest]:
+    return poisson_from_lengths("sharegpt", rate, n, seed)
+
+
+def run(cfg: SimConfig, policy: object, reqs: list[TraceRequest], max_tokens: int | None = None,
+        ttft: float = 5000.0, predictor: object | None = None):  # noqa: ANN201
+    sim = Simulator(cfg, policy, predictor)  # type: ignore[arg-type]
+    return sim, sim.run(reqs, ttft, 100.0, max_tokens=max_tokens)
+
+
+def test_same_seed_same_result() -> None:
+    cfg = SimConfig(instances=4)
+    reqs = trace(300, 40.0)
+    outs = []
+    for _ in range(2):
+        pol = build_policy("dynaserve", cfg.pricing())
+        _, res = run(cfg, pol, reqs, max_tokens=2048, predictor=NoisyOraclePredictor(0.5, seed=1))
+        outs.append([(r.kind, r.split, r.instance_a, r.instance_b, tuple(r.token_ts)) for r in res.records])
+    assert outs[0] == outs[1]
+
+
+def test_single_request_timeline_matches_step_model() -> None:
+    cfg = SimConfig(instances=1)
+    m = cfg.step_model
+    p, o, t0 = 300, 5, 1.5
+    _, res = run(cfg, build_policy("colocate", cfg.pricing()), [TraceRequest(t0, p, o)])
+    (rec,) = res.records
+    t = t0 + m.step_ms(p, 0, 0, m.chunk_attn(p, 0)) / 1000.0  # whole prompt in one step (budget 8192)
+    expected = [t]
+    for k in range(o - 1):  # then one decode step per token, context p, p+1, ...
+        t += m.step_ms(0, 1, p + k) / 1000.0
+        expected.append(t)
+    assert rec.token_ts == pytest.approx(expected, abs=1e-9)
+    assert rec.finish_reason == "length" and rec.kind == "none"
+
+
+def test_chunked_prefill_respects_budget() -> None:
+    cfg = SimConfig(instances=1, max_batched_tokens=256)
+    m = cfg.step_model
+    p = 600
+    _, res = run(cfg, build_policy("colocate", cfg.pricing()), [TraceRequest(0.0, p, 2)])
+    t = sum(m.step_ms(c, 0, 0, m.chunk_attn(c, done)) for c, done in ((256, 0), (256, 256), (88, 512))) / 1000.0
+    assert res.records[0].token_ts[0] == pytest.approx(t, abs=1e-9)
+
+
+@pytest.mark.parametrize("max_tokens", [None, 512])
+@pytest.mark.parametrize("policy", ["colocate", "disagg", "dynaserve", "oracle"])
+def test_conservation(policy: str, max_tokens: int | None) -> None:
+    cfg = SimConfig(instances=4)
+    reqs = trace(150, 30.0)
+    _, res = run(cfg, build_policy(policy, cfg.pricing()), reqs, max_tokens=max_tokens)
+    assert len(res.records) == len(reqs)
+    for r, q in zip(res.records, reqs, strict=True):
+        assert is_completed(r), r
+        want = q.output_tokens if max_tokens is None else min(q.output_tokens, max_tokens)
+        assert len(r.token_ts) == want
+        assert r.finish_reason == ("length" if want == r.max_tokens else "stop")
+        assert r.token_ts == sorted(r.token_ts) and r.token_ts[0] >= r.submit_ts
+    if policy == "colocate":
+        assert all(r.kind == "none" for r in res.records)
+    assert summarize(res.records, res.span_s).failed == 0
+
+
+@pytest.mark.parametrize("offset,kind", [(-100, "prompt"), (0, "pd"), (10, "decode")])
+def test_split_requests_continue_on_b(offset: int, kind: str) -> None:
+    cfg = SimConfig(instances=2)
+    p, o = 400, 50
+    sim, res = run(cfg, ForcedSplit(offset), [TraceRequest(0.0, p, o)])
+    (rec,) = res.records
+    assert rec.kind == kind and rec.instance_a == "i0" and rec.instance_b == "i1"
+    assert len(rec.token_ts) == o and rec.finish_reason == "length"
+    s = p + offset
+    ea = tokens_emitted_by_a(p, o, s)
+    a, b = sim.instances
+    assert len(a.step_ends) >= 1 and len(b.step_ends) >= o - ea  # B decoded the rest
+    # A's KV was freed after B's pull; everything is released at the end
+    assert a.free_blocks == a.total_blocks and b.free_blocks == b.total_blocks
+    assert res.stats["transfers"] == 1
+    if ea:  # the gap across the handoff includes the transfer of s positions
+        gap = rec.token_ts[ea] - rec.token_ts[ea - 1]
+        assert gap >= cfg.transfer_ms(s) / 1000.0
+
+
+def test_output_ending_on_a_aborts_b() -> None:
+    cfg = SimConfig(instances=2)
+    # max_tokens 100 but the true output is 5: A (split at p + 20) emits all 5 and B never runs
+    sim, res = run(cfg, ForcedSplit(20), [TraceRequest(0.0, 200, 5)], max_tokens=100)
+    (rec,) = res.records
+    assert len(rec.token_ts) == 5 and rec.finish_reason == "stop"
+    assert res.stats["transfers"] == 0
+    b = sim.instances[1]
+    assert b.step_ends == [] and b.qp == 0 and b.pd == 0
+
+
+def test_kv_capacity_never_exceeded() -> None:
+    cfg = SimConfig(instances=2, gpu_memory_gb=18.6)  # ~6k KV tokens per instance
+    cap = cfg.kv_capacity_tokens
+    assert 2000 < cap < 10000
+    reqs = [TraceRequest(0.01 * i, 700, 300) for i in range(40)] + [TraceRequest(1.0, cap + 100, 10)]
+    for policy in ("colocate", "dynaserve"):
+        sim, res = run(cfg, build_policy(policy, cfg.pricing()), reqs)
+        assert res.stats["min_free_kv_tokens"] >= 0
+        for inst in sim.instances:
+            assert inst.free_blocks == inst.total_blocks
+        done = [r for r in res.records if is_completed(r)]
+        assert len(done) == 40  # the oversized request fails, the others all complete
+        assert res.records[-1].error == "no_capacity"
+
+
+def test_loads_reported_to_the_broker() -> None:
+    cfg = SimConfig(instances=2, report_interval_ms=20.0)
+    sim = Simulator(cfg, build_policy("colocate", cfg.pricing()))
+    reqs = [TraceRequest(0.0, 3000, 200), TraceRequest(0.001, 3000, 200)]
+    sim.run(reqs, 5000.0)
+    for inst in sim.cluster.instances.values():  # the last report shows idle instances
+        assert inst.queued_prefill_tokens == 0 and inst.running_seqs == 0 and inst.kv_used_tokens == 0
+        assert inst.last_report > 0
