@@ -2,7 +2,9 @@
 
 Lifecycle:
     admitted -> dispatched to A (and B, which waits) -> [A hands off -> B pulls KV and continues]
-    -> finished (stop / length) | aborted (client) | failed (worker error or loss)
+    -> finished (stop / length) | aborted (client) | failed (worker error)
+    An instance lost mid-request (dead or restarted worker) re-plans the request: a new entry continues
+    from the prompt plus the tokens already relayed, so the client's stream goes on without a gap.
 The broker keeps the client's id, the plan and how many tokens it relayed; workers know requests by the
 broker-assigned internal id, so two clients may use the same request id.
 """
@@ -10,7 +12,7 @@ broker-assigned internal id, so two clients may use the same request id.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dynaserve.protocol import SamplingParams
 from dynaserve.split import Plan
@@ -29,8 +31,13 @@ class BrokerRequest:
     tbt_slo_ms: float
     predicted_output: int
     force_split: int | None = None
-    tokens_relayed: int = 0
+    generated: list[int] = field(default_factory=list)  # tokens relayed to the client so far
     handed_off: bool = False
+    replans: int = 0  # times this request was re-planned after losing an instance
+
+    @property
+    def tokens_relayed(self) -> int:
+        return len(self.generated)
 
     def survives_loss_of(self, instance_id: str) -> bool:
         """True when the request no longer needs ``instance_id``: A after its handoff (B holds, or is

@@ -54,6 +54,7 @@ class BrokerConfig:
     max_active: int = 65536  # admitted requests in flight at most
     max_prompt_tokens: int = 0  # longest prompt accepted; 0 = smallest worker max_model_len
     allow_remote_bind: bool = False  # permit binding to non-loopback addresses
+    max_replans: int = 3  # times a request may be re-planned after losing an instance before it fails
     allow_forced_splits: bool = False  # honour SubmitRequest.force_split (debugging, split experiments)
     metrics_port: int = 0  # Prometheus metrics on http://127.0.0.1:PORT/metrics; 0 = off
     curve_dir: str = ""  # CURVE key directory (scripts/keygen.py): authenticate and encrypt; empty = off
@@ -80,6 +81,7 @@ class BrokerStats:
     tokens_relayed: int = 0
     bad_frames: int = 0
     kv_recomputes: int = 0
+    replanned: int = 0
 
 
 class Broker:
@@ -273,15 +275,50 @@ class Broker:
             plan=None, arrival=now, ttft_slo_ms=ttft, tbt_slo_ms=tbt, predicted_output=predicted,
             force_split=msg.force_split,
         )
+        if not self._admit(req, now):
+            self.stats.rejected += 1
+            self.metrics.on_reject("queue_full")
+            self._client_error(client, "queue_full", f"{len(self.queue)} requests waiting for capacity", rid)
+
+    def _admit(self, req: BrokerRequest, now: float) -> bool:
+        """Dispatch now, or queue for capacity; False when the queue is full."""
         if self.queue or not self._try_dispatch(req, now):
             if len(self.queue) >= self.cfg.max_queued:
-                self.stats.rejected += 1
-                self.metrics.on_reject("queue_full")
-                self._client_error(client, "queue_full", f"{len(self.queue)} requests waiting for capacity", rid)
-                return
+                return False
             self.queue.append(req)
-            self.table.by_client[(client, rid)] = req.iid  # visible to aborts while queued
+            self.table.by_client[(req.client, req.client_req_id)] = req.iid  # visible to aborts while queued
             self.table.by_iid[req.iid] = req
+        return True
+
+    def _lose_instance(self, inst_id: str, why: str, now: float) -> None:
+        """Every request that still needs ``inst_id`` is re-planned on the live instances."""
+        for req in self.table.on_instance(inst_id):
+            if not req.survives_loss_of(inst_id):
+                self._replan(req, inst_id, why, now)
+
+    def _replan(self, req: BrokerRequest, lost: str, why: str, now: float) -> None:
+        """Continue ``req`` elsewhere from the tokens its client already has (no duplicate, no gap)."""
+        remaining = req.sampling.max_tokens - len(req.generated)
+        if req.replans >= self.cfg.max_replans or remaining <= 0:
+            self._fail(req, "worker_lost", f"instance {lost} {why}")
+            return
+        self.table.pop(req.iid)
+        for inst in req.instances():
+            if inst != lost:
+                self._send_worker(inst, P.AbortMicro(req.iid))  # the surviving half frees its blocks
+        self.stats.replanned += 1
+        log.warning("request %s: instance %s %s; re-planning after %d tokens", req.client_req_id, lost, why,
+                    len(req.generated))
+        new = BrokerRequest(
+            iid=self.table.new_iid(), client=req.client, client_req_id=req.client_req_id,
+            prompt=req.prompt + req.generated, sampling=dataclasses.replace(req.sampling, max_tokens=remaining),
+            plan=None, arrival=req.arrival, ttft_slo_ms=req.ttft_slo_ms, tbt_slo_ms=req.tbt_slo_ms,
+            predicted_output=min(req.predicted_output, remaining), replans=req.replans + 1,
+        )
+        if not self._admit(new, now):
+            self.stats.failed += 1
+            self._client_error(req.client, "queue_full", f"instance {lost} {why} and no capacity is left",
+                               req.client_req_id)
 
     def _vocab(self) -> int:
         return min(self.vocabs.values()) if self.vocabs else 32000
@@ -416,9 +453,8 @@ class Broker:
             self._to_ident(ident, P.RegisterAck(inst_id, False, "socket identity must equal instance_id", 0))
             return
         if inst_id in self.cluster.instances:  # a restarted worker: whatever it held is gone
-            for req in self.table.on_instance(inst_id):
-                if not req.survives_loss_of(inst_id):
-                    self._fail(req, "worker_lost", f"instance {inst_id} restarted")
+            self.cluster.remove(inst_id)
+            self._lose_instance(inst_id, "restarted", now)
         self.cluster.add(InstanceState(
             id=inst_id, kv_capacity_tokens=msg.kv_capacity_tokens, max_model_len=msg.max_model_len,
             kv_bytes_per_token=msg.kv_bytes_per_token, pool=msg.pool, last_report=now,
@@ -441,7 +477,7 @@ class Broker:
                 continue
             if toks:
                 relayed(iid, req.arrival, now)
-            req.tokens_relayed += len(toks)
+            req.generated += toks
             self.stats.tokens_relayed += len(toks)
             if finish == P.FINISH_HANDOFF:
                 finish = None
@@ -470,7 +506,5 @@ class Broker:
                     self.last_seen.pop(inst_id, None)
                     self.vocabs.pop(inst_id, None)
                     self.reports.pop(inst_id, None)
-                    for req in self.table.on_instance(inst_id):
-                        if not req.survives_loss_of(inst_id):
-                            self._fail(req, "worker_lost", f"instance {inst_id} stopped responding")
+                    self._lose_instance(inst_id, "stopped responding", now)
             self._drain_queue(now)
