@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass
 
@@ -105,6 +106,7 @@ class Broker:
         self.last_seen: dict[str, float] = {}
         self.vocabs: dict[str, int] = {}
         self.reports: dict[str, P.LoadReport] = {}
+        self.boot_id = uuid.uuid4().hex
         self._stop = asyncio.Event()
         self.clients: Channel | None = None
         self.workers: Channel | None = None
@@ -209,6 +211,7 @@ class Broker:
 
     def _status_stats(self) -> dict:
         stats: dict = dataclasses.asdict(self.stats)
+        stats["boot_id"] = self.boot_id  # changes on every broker start: clients detect a restart
         stats["vocab_size"] = self._vocab()
         stats["max_model_len"] = self._max_prompt()
         stats["instances"] = {

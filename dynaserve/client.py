@@ -119,6 +119,9 @@ class RequestStream:
         await self.abort()
 
 
+_PING = "liveness"  # nonce of the client's own liveness pings
+
+
 class DynaServeClient:
     """Async client of a DynaServe broker. Use as ``async with DynaServeClient(addr) as c``."""
 
@@ -130,9 +133,12 @@ class DynaServeClient:
         curve_dir: str = "",
         curve_name: str = "client",
         curve: CurveOptions | None = None,
+        liveness_s: float = 5.0,
     ) -> None:
         """``curve_dir`` (keys from scripts/keygen.py: ``clients/<curve_name>.key_secret`` and ``broker.key``)
-        or explicit ``curve`` keys turn on CURVE authentication and encryption."""
+        or explicit ``curve`` keys turn on CURVE authentication and encryption. While requests are running
+        the client pings the broker; when it hears nothing for ``liveness_s`` seconds, or the broker
+        restarted (and so forgot them), the running requests end with BrokerUnavailableError."""
         self.address = address
         self.identity = identity or uuid.uuid4().bytes
         if curve is None and curve_dir:
@@ -145,6 +151,10 @@ class DynaServeClient:
         self._prefix = uuid.uuid4().hex[:8]
         self.connection_error: DynaServeError | None = None
         self._status_waiters: dict[str, asyncio.Future] = {}
+        self.liveness_s = liveness_s
+        self._last_heard = time.monotonic()
+        self._boot_id: str | None = None
+        self._watchdog: asyncio.Task | None = None
 
     async def __aenter__(self) -> DynaServeClient:
         await self.connect()
@@ -158,8 +168,37 @@ class DynaServeClient:
         sock = make_socket(self._ctx, zmq.DEALER, connect=self.address, identity=self.identity, curve=self.curve)
         self._chan = Channel(sock, self._on_frames, "client")
         self._chan.attach()
+        self._last_heard = time.monotonic()
+        self._watchdog = asyncio.create_task(self._watch_broker())
+        with contextlib.suppress(DynaServeError):
+            self._send(P.StatusRequest(_PING))  # learn the broker's boot id before any request runs
+
+    async def _watch_broker(self) -> None:
+        """Ping while requests run; end them when the broker is silent or has restarted."""
+        period = max(0.05, self.liveness_s / 5)
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            if not self._streams:
+                self._last_heard = now
+                continue
+            with contextlib.suppress(DynaServeError):
+                self._send(P.StatusRequest(_PING))
+            if now - self._last_heard > self.liveness_s:
+                self._fail_all(BrokerUnavailableError(
+                    f"no answer from the broker at {self.address} for {self.liveness_s} s; retry the request"))
+                self._last_heard = now
+
+    def _fail_all(self, err: DynaServeError) -> None:
+        for stream in list(self._streams.values()):
+            stream._push(err)  # type: ignore[arg-type]
 
     async def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watchdog
+            self._watchdog = None
         for stream in list(self._streams.values()):
             await stream.abort()
         if self._chan is not None:
@@ -240,6 +279,7 @@ class DynaServeClient:
             msg = P.decode(frames[0], P.BROKER_TO_CLIENT)
         except P.ProtocolError:
             return
+        self._last_heard = ts
         if isinstance(msg, P.TokenStream):
             for entry in msg.entries:  # [req_id, tokens, finish, ...]: fields are only ever appended
                 rid, toks, finish = entry[0], entry[1], entry[2]
@@ -247,6 +287,12 @@ class DynaServeClient:
                 if stream is not None:
                     stream._push(_Batch(toks, finish, ts))
         elif isinstance(msg, P.StatusReply):
+            boot = msg.stats.get("boot_id")
+            if boot is not None:
+                if self._boot_id is not None and boot != self._boot_id:
+                    self._fail_all(BrokerUnavailableError(
+                        "the broker restarted and lost the running requests; retry them"))
+                self._boot_id = boot
             fut = self._status_waiters.get(msg.nonce)
             if fut is not None and not fut.done():
                 fut.set_result(msg)

@@ -110,6 +110,9 @@ class Engine(Protocol):
     def abort(self, req_id: str) -> bool:
         """Drop a micro-request and free its blocks; False when the id is unknown."""
 
+    def active_ids(self) -> list[str]:
+        """Ids of every micro-request the engine holds (running, waiting or holding blocks)."""
+
     def has_work(self) -> bool:
         """True when a step would make progress (runnable sequences or transfers to drive)."""
 

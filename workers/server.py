@@ -60,6 +60,7 @@ class Worker:
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._seq = 0
+        self._registering = False  # a RegisterWorker is out and not yet acknowledged
         self.steps = 0
         self.metrics = WorkerMetrics(config.instance_id)
 
@@ -75,6 +76,7 @@ class Worker:
             log.warning("broker queue full; dropped %s", type(msg).__name__)
 
     def _register(self) -> None:
+        self._registering = True
         info = self.engine.info
         self._send(P.RegisterWorker(
             self.cfg.instance_id, info.kind, info.model, info.kv_capacity_tokens, info.block_size,
@@ -127,6 +129,7 @@ class Worker:
         elif isinstance(msg, P.AbortMicro):
             self.engine.abort(msg.req_id)
         elif isinstance(msg, P.RegisterAck):
+            self._registering = False
             if msg.ok:
                 self.heartbeat_s = max(0.001, msg.heartbeat_ms / 1000.0)
                 self.registered.set()
@@ -135,10 +138,17 @@ class Worker:
                 log.error("registration refused: %s", msg.reason)
                 self.stop()
         elif isinstance(msg, P.ErrorReply):
-            if msg.code == "not_registered":
+            if msg.code == "not_registered" and not self._registering:
+                # a restarted broker (or one that declared this worker dead) has re-planned or failed
+                # whatever this worker was running: drop it all, then join again
+                stale = self.engine.active_ids()
+                for rid in stale:
+                    self.engine.abort(rid)
+                if stale:
+                    log.warning("broker does not know this worker: dropped %d micro-requests", len(stale))
                 self.registered.clear()
                 self._register()
-            else:
+            elif msg.code != "not_registered":
                 log.warning("broker error: %s %s", msg.code, msg.message)
         elif isinstance(msg, P.Shutdown):
             log.info("shutdown: %s", msg.reason)

@@ -183,6 +183,9 @@ class SimEngine:
         seq.deadline = now + self.config.transfer_timeout_s
         seq.kv = kv  # pulled as soon as blocks are allocated
 
+    def active_ids(self) -> list[str]:
+        return list(self.seqs)
+
     def abort(self, req_id: str) -> bool:
         seq = self.seqs.pop(req_id, None)
         if seq is None:

@@ -208,6 +208,9 @@ class VllmEngine:
         req.state = RUNNING
         self._ops.append(("add", (req_id, prompt, self._params(desc, max_tokens, params))))
 
+    def active_ids(self) -> list[str]:
+        return list(self.reqs)
+
     def abort(self, req_id: str) -> bool:
         req = self.reqs.pop(req_id, None)
         if req is None:
