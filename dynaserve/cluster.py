@@ -204,6 +204,19 @@ class LocalCluster:
                                        f"logs in {self.run_dir}")
                 await asyncio.sleep(0.1)
 
+    def dead(self) -> list[str]:
+        """Names of the processes that have exited."""
+        return [name for name, proc in self.procs.items() if proc.poll() is not None]
+
+    def restart(self, name: str) -> None:
+        """Start a (dead) process again with its original arguments: the broker, the front end or a worker."""
+        if name == "broker":
+            self.start_broker()
+        elif name == "frontend":
+            self.start_frontend()
+        else:
+            self.start_worker(name)
+
     def check_alive(self) -> None:
         for name, proc in self.procs.items():
             if proc.poll() is not None:

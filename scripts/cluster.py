@@ -97,16 +97,20 @@ def cmd_start(ns: argparse.Namespace) -> int:
     if ns.detach:
         print("detached; stop with: scripts/cluster.py stop", file=sys.stderr)
         return 0
-    print("serving; Ctrl-C stops the cluster", file=sys.stderr)
+    print("serving; Ctrl-C stops the cluster (a process that dies is restarted)", file=sys.stderr)
+    restarts: dict[str, int] = {}
     while True:
         time.sleep(1.0)
-        try:
-            cluster.check_alive()
-        except RuntimeError as exc:
-            print(f"{exc}; stopping", file=sys.stderr)
-            cluster.stop()
-            STATE.unlink(missing_ok=True)
-            return 1
+        for name in cluster.dead():
+            restarts[name] = restarts.get(name, 0) + 1
+            if restarts[name] > ns.max_restarts:
+                print(f"{name} died {restarts[name]} times; stopping the cluster (log: {run_dir}/{name}.log)",
+                      file=sys.stderr)
+                cluster.stop()
+                STATE.unlink(missing_ok=True)
+                return 1
+            print(f"{name} exited; restarting it ({restarts[name]}/{ns.max_restarts})", file=sys.stderr)
+            cluster.restart(name)
 
 
 def cmd_stop(ns: argparse.Namespace) -> int:
@@ -155,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     ps.add_argument("--config", help="TOML file with [cluster], [broker], [worker], [sim], [frontend] sections")
     ps.add_argument("--detach", action="store_true", help="leave the cluster running and return")
     ps.add_argument("--replay", metavar="TRACE", help="replay this trace, report, then stop")
+    ps.add_argument("--max-restarts", type=int, default=5,
+                    help="restart a dead broker, worker or front end at most this many times (default 5)")
     C.add_args(ps, ClusterConfig)
     add_replay_args(ps, slo_flags=False)
     sub.add_parser("stop", help="stop a detached cluster")

@@ -72,3 +72,22 @@ async def _status(addr: str):  # noqa: ANN202 - test helper
                 return st
             await asyncio.sleep(0.1)
         return st
+
+
+def test_cluster_restart_brings_a_dead_worker_back() -> None:
+    cluster = start_cluster("colocate", workers=2, broker_args=["--worker-timeout-ms", "600"])
+    try:
+        cluster.kill("w1", signal.SIGKILL)
+        assert cluster.dead() == ["w1"]
+        cluster.restart("w1")
+
+        async def main() -> None:
+            await cluster.wait_ready(30)
+            prompt = make_prompt(24, seed=5)
+            async with DynaServeClient(cluster.client_addr) as c:
+                assert await c.generate(prompt, max_tokens=6, ignore_eos=True).collect() == reference_tokens(prompt, 6)
+
+        asyncio.run(main())
+        assert cluster.dead() == []
+    finally:
+        cluster.stop()
