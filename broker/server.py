@@ -53,6 +53,7 @@ class BrokerConfig:
     worker_timeout_ms: int = 5000  # a worker silent this long is declared dead
     max_queued: int = 4096  # requests waiting for capacity before new ones are rejected
     max_active: int = 65536  # admitted requests in flight at most
+    slo_reject_factor: float = 0.0  # reject requests whose best predicted TTFT exceeds this x the TTFT SLO; 0 = off
     max_prompt_tokens: int = 0  # longest prompt accepted; 0 = smallest worker max_model_len
     allow_remote_bind: bool = False  # permit binding to non-loopback addresses
     max_replans: int = 3  # times a request may be re-planned after losing an instance before it fails
@@ -266,6 +267,12 @@ class Broker:
                 err = ("invalid_request", f"token ids must be in [0, {vocab})")
             elif len(self.table) >= self.cfg.max_active:
                 err = ("queue_full", f"{len(self.table)} requests in flight (limit {self.cfg.max_active})")
+            elif self.cfg.slo_reject_factor > 0:
+                ttft = self._best_ttft_ms(len(prompt), self._slo(msg.slo_class))
+                limit = self.cfg.slo_reject_factor * self._slo(msg.slo_class)[0]  # type: ignore[index]
+                if ttft > limit:
+                    err = ("slo_infeasible", f"predicted time to first token {ttft:.0f} ms exceeds {limit:.0f} ms "
+                                             f"({self.cfg.slo_reject_factor} x the TTFT SLO) on every instance")
         if err is not None:
             self.stats.rejected += 1
             self.metrics.on_reject(err[0])
@@ -322,6 +329,14 @@ class Broker:
             self.stats.failed += 1
             self._client_error(req.client, "queue_full", f"instance {lost} {why} and no capacity is left",
                                req.client_req_id)
+
+    def _best_ttft_ms(self, prompt_len: int, slo: tuple[float, float] | None) -> float:
+        """Projected time to first token of a new prompt on the instance that would finish it first."""
+        tbt = slo[1] if slo else self.cfg.tbt_slo_ms
+        best = float("inf")
+        for inst in self.cluster.alive():
+            best = min(best, (inst.queued_prefill_tokens + prompt_len) * self.pricing.prefill_ms_per_token(inst, tbt))
+        return best
 
     def _vocab(self) -> int:
         return min(self.vocabs.values()) if self.vocabs else 32000

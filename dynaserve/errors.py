@@ -35,6 +35,10 @@ class QueueFullError(DynaServeError):
     code = "queue_full"
 
 
+class SloInfeasibleError(DynaServeError):
+    code = "slo_infeasible"
+
+
 class NoWorkersError(DynaServeError):
     code = "no_workers"
 
@@ -63,6 +67,7 @@ _BY_CODE: dict[str, type[DynaServeError]] = {
         InvalidRequestError,
         PromptTooLongError,
         QueueFullError,
+        SloInfeasibleError,
         NoWorkersError,
         DuplicateRequestError,
         WorkerLostError,

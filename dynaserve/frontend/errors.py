@@ -25,6 +25,7 @@ _BY_CODE: dict[str, tuple[int, str, str | None]] = {
     "prompt_too_long": (400, INVALID, "prompt"),
     "duplicate_id": (409, INVALID, None),
     "queue_full": (429, RATE_LIMIT, None),
+    "slo_infeasible": (429, RATE_LIMIT, None),
     "no_workers": (503, UNAVAILABLE, None),
     "broker_unavailable": (503, UNAVAILABLE, None),
     "worker_lost": (502, SERVER, None),

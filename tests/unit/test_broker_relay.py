@@ -63,3 +63,18 @@ def test_handoff_finish_is_not_shown_to_clients() -> None:
     b._on_worker_frames([b"w0", frame])
     assert client_entries(b)[b"c1"] == [["a", [7], None]]
     assert b.table.get("1") is not None
+
+
+def test_slo_infeasible_requests_are_rejected_with_a_typed_reason() -> None:
+    b = Broker(BrokerConfig(client_addr="ipc:///tmp/dynaserve-unit-c", worker_addr="ipc:///tmp/dynaserve-unit-w",
+                            slo_reject_factor=2.0, ttft_slo_ms=500.0))
+    b.clients, b.workers = RecordingChannel(), RecordingChannel()  # type: ignore[assignment]
+    b.cluster.add(InstanceState(id="w0", kv_capacity_tokens=1 << 20, max_model_len=1 << 20,
+                                queued_prefill_tokens=500_000))  # minutes of prefill queued
+    b._on_submit(b"c", P.SubmitRequest("r1", [5] * 100, P.SamplingParams(max_tokens=4)), 0.0)
+    (client, frame), = b.clients.sent  # type: ignore[attr-defined]
+    msg = P.decode(frame)
+    assert isinstance(msg, P.ErrorReply) and msg.code == "slo_infeasible" and msg.req_id == "r1"
+    b.cluster.instances["w0"].queued_prefill_tokens = 0  # an idle instance meets the SLO: admitted
+    b._on_submit(b"c", P.SubmitRequest("r2", [5] * 100, P.SamplingParams(max_tokens=4)), 0.0)
+    assert isinstance(P.decode(b.clients.sent[-1][1]), P.Admitted)  # type: ignore[attr-defined]
