@@ -300,6 +300,17 @@ class Broker:
             self.table.by_iid[req.iid] = req
         return True
 
+    def _declare_dead(self, inst_id: str, why: str, now: float) -> None:
+        """Forget a worker (it re-registers if it was only slow) and re-plan what it was running."""
+        if inst_id not in self.cluster.instances:
+            return
+        log.warning("worker %s %s: removed", inst_id, why)
+        self.cluster.remove(inst_id)
+        self.last_seen.pop(inst_id, None)
+        self.vocabs.pop(inst_id, None)
+        self.reports.pop(inst_id, None)
+        self._lose_instance(inst_id, why, now)
+
     def _lose_instance(self, inst_id: str, why: str, now: float) -> None:
         """Every request that still needs ``inst_id`` is re-planned on the live instances."""
         for req in self.table.on_instance(inst_id):
@@ -370,7 +381,8 @@ class Broker:
         self._send_client(req.client, P.Admitted(req.client_req_id, plan.a, plan.b, plan.split, plan.kind, p))
         for inst, desc in descs:
             if not self._send_worker(inst, P.DispatchMicro(desc)):
-                self._fail(req, "worker_lost", f"instance {inst} is unreachable")
+                # dead before its heartbeats stopped counting: drop it now; this request is re-planned
+                self._declare_dead(inst, "is unreachable", now)
                 return True
         return True
 
@@ -454,7 +466,7 @@ class Broker:
                 return
             req.handed_off = True
             if not self._send_worker(req.plan.b, P.StartDecode(msg.req_id, msg.kv, msg.num_tokens, msg.tokens)):
-                self._fail(req, "worker_lost", f"instance {req.plan.b} is unreachable")
+                self._declare_dead(req.plan.b, "is unreachable", now)
         elif isinstance(msg, P.MicroFailed):
             if msg.code == "kv_transfer_recompute":
                 self.stats.kv_recomputes += 1
@@ -519,10 +531,5 @@ class Broker:
             now = time.monotonic()
             for inst_id in list(self.cluster.instances):
                 if now - self.last_seen.get(inst_id, now) > timeout:
-                    log.warning("worker %s silent for %.1f s: removed", inst_id, now - self.last_seen[inst_id])
-                    self.cluster.remove(inst_id)
-                    self.last_seen.pop(inst_id, None)
-                    self.vocabs.pop(inst_id, None)
-                    self.reports.pop(inst_id, None)
-                    self._lose_instance(inst_id, "stopped responding", now)
+                    self._declare_dead(inst_id, f"stopped responding for {now - self.last_seen[inst_id]:.1f} s", now)
             self._drain_queue(now)
