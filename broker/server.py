@@ -45,7 +45,7 @@ class BrokerConfig:
     predictor: str = "max_tokens"  # output-length predictor: max_tokens or history
     ttft_slo_ms: float = 2000.0  # TTFT SLO of the default SLO class
     tbt_slo_ms: float = 100.0  # TBT SLO (P99) of the default SLO class
-    model: str = "llama3-8b"  # cost-model preset the scheduler prices work with
+    model: str = "llama3-8b"  # model the scheduler prices work for: a cost-model preset or an HF model directory
     gpu: str = "a100"  # GPU of the cost tables: a100 or h100
     tp: int = 1  # tensor-parallel degree of each instance
     transfer_gbps: float = 25.0  # KV link bandwidth the scheduler assumes, GB/s

@@ -156,7 +156,7 @@ class LocalCluster:
     @property
     def cost_model(self) -> str:
         """Cost-model preset the broker prices work with."""
-        return "tiny-llama" if self.engine == "vllm" else self.config.model
+        return self.model_dir if self.engine == "vllm" else self.config.model
 
     def start(self) -> None:
         if self.engine == "vllm" and not self.config.model_dir:

@@ -104,10 +104,16 @@ class StepLatencyModel:
 
 
 def preset_step_model(model: str, gpu: str = "a100", tp: int = 1) -> tuple[StepLatencyModel, int]:
-    """Step model and KV bytes per token of a model preset on a GPU (from the packaged cost tables)."""
-    from dynaserve.costtables import MODEL_PRESETS, build_step_model
+    """Step model and KV bytes per token of a model preset, or of an HF model directory (its config.json),
+    on a GPU (from the packaged cost tables)."""
+    from pathlib import Path
 
-    if model not in MODEL_PRESETS:
-        raise ValueError(f"unknown model preset {model!r}; known: {sorted(MODEL_PRESETS)}")
-    shape = MODEL_PRESETS[model]
+    from dynaserve.costtables import MODEL_PRESETS, ModelShape, build_step_model
+
+    if (Path(model) / "config.json").is_file():
+        shape = ModelShape.from_hf_config(Path(model) / "config.json")
+    elif model in MODEL_PRESETS:
+        shape = MODEL_PRESETS[model]
+    else:
+        raise ValueError(f"unknown model {model!r}: not a preset ({sorted(MODEL_PRESETS)}) nor an HF model directory")
     return build_step_model(shape, gpu=gpu, tp=tp), shape.kv_bytes_per_token(tp)
