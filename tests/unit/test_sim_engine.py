@@ -333,18 +333,28 @@ def _nixl_available() -> bool:
 nixl_only = pytest.mark.skipif(not _nixl_available(), reason="nixl is not importable")
 
 
-@pytest.fixture(scope="module")
-def pair() -> Iterator[tuple[SimEngine, SimEngine]]:
+def _engine_pair(**kw: object) -> Iterator[tuple[SimEngine, SimEngine]]:
     from workers.kv import make_transport
 
     tag = uuid.uuid4().hex[:8]
-    a = make_engine(transport=make_transport("nixl", f"simA-{tag}"))
-    b = make_engine(transport=make_transport("nixl", f"simB-{tag}"))
+    a = make_engine(transport=make_transport("nixl", f"simA-{tag}"), **kw)
+    b = make_engine(transport=make_transport("nixl", f"simB-{tag}"), **kw)
     yield a, b
     leaks = [(e.pool.num_used, sorted(e.seqs)) for e in (a, b)]
     a.close()
     b.close()
     assert leaks == [(0, []), (0, [])], "blocks or requests left on the engines"
+
+
+@pytest.fixture(scope="module")
+def pair() -> Iterator[tuple[SimEngine, SimEngine]]:
+    yield from _engine_pair()
+
+
+@pytest.fixture(scope="module")
+def unverified_pair() -> Iterator[tuple[SimEngine, SimEngine]]:
+    """Engines that do not checksum handoffs: B continues from whatever bytes it pulled."""
+    yield from _engine_pair(verify_kv=False)
 
 
 def _split_run(
@@ -401,13 +411,24 @@ def test_split_equals_unsplit(pair: tuple[SimEngine, SimEngine], s: int) -> None
 
 @nixl_only
 @pytest.mark.parametrize("s", [32, P_LEN, P_LEN + 3], ids=["prompt", "pd", "decode"])
-def test_corrupted_handoff_changes_b_tokens(pair: tuple[SimEngine, SimEngine], s: int) -> None:
+def test_corrupted_handoff_changes_b_tokens(unverified_pair: tuple[SimEngine, SimEngine], s: int) -> None:
+    """Control: without the checksum, B's tokens follow the bytes it pulled, so B really uses A's KV."""
     prompt = prompt_of(P_LEN, seed=12)
     ref = reference_tokens(prompt, O_LEN)
-    a_tokens, b_tokens, _, run_b = _split_run(pair, f"corrupt-{s}", prompt, O_LEN, s, corrupt=True)
+    a_tokens, b_tokens, _, run_b = _split_run(unverified_pair, f"corrupt-{s}", prompt, O_LEN, s, corrupt=True)
     assert run_b.failures == []  # the transfer itself succeeded
     assert a_tokens == ref[: len(a_tokens)]
     assert b_tokens != ref[len(a_tokens) :]
+
+
+@nixl_only
+@pytest.mark.parametrize("s", [32, P_LEN, P_LEN + 3], ids=["prompt", "pd", "decode"])
+def test_corrupted_handoff_is_detected_and_recomputed(pair: tuple[SimEngine, SimEngine], s: int) -> None:
+    prompt = prompt_of(P_LEN, seed=14)
+    ref = reference_tokens(prompt, O_LEN)
+    a_tokens, b_tokens, _, run_b = _split_run(pair, f"verified-{s}", prompt, O_LEN, s, corrupt=True)
+    assert [(rid, code) for rid, code, _ in run_b.failures] == [(f"verified-{s}", "kv_transfer_recompute")]
+    assert a_tokens + b_tokens == ref
 
 
 def _hand_off_only(eng_a: SimEngine, rid: str) -> Handoff:

@@ -12,6 +12,7 @@ handoff is right.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from dataclasses import dataclass, field
 
@@ -86,6 +87,7 @@ class SimEngineConfig:
     eos_token_id: int = 2  # the id that ends a sequence unless ignore_eos is set
     lease_s: float = 30.0  # A frees handed-off blocks after this long without B's confirmation
     transfer_timeout_s: float = 10.0  # B recomputes when a KV pull takes longer than this
+    verify_kv: bool = True  # A sends a checksum of the handed-off blocks; B recomputes when its copy differs
 
     def __post_init__(self) -> None:
         if self.time_scale <= 0:
@@ -112,6 +114,7 @@ class _Seq:
     deadline: float = 0.0
     emitted: int = 0
     kv: dict | None = None  # role B: A's transfer parameters until the pull starts
+    checksum: bytes | None = None  # role B: A's checksum of the blocks being pulled
     xfer_start: float = 0.0  # role B: when the KV pull started
 
     @property
@@ -217,6 +220,8 @@ class SimEngine:
             seq.blocks = blocks
             if seq.kv is not None:  # role B: pull A's KV
                 kv, seq.kv = seq.kv, None
+                checksum = kv.get("checksum")
+                seq.checksum = checksum if isinstance(checksum, bytes) else None
                 nremote = -(-seq.desc.split // bs)
                 try:
                     assert self.transport is not None, "no KV transport configured"
@@ -244,6 +249,13 @@ class SimEngine:
                 s = seq.desc.split
                 nbytes = -(-s // self.config.block_size) * self.pool.block_bytes
                 out.kv_transfers.append((nbytes, max(0.0, now - seq.xfer_start)))
+                want = seq.checksum
+                nremote = -(-s // self.config.block_size)
+                if want is not None and self._digest(seq.blocks[:nremote]) != want:
+                    self.transfer_failures += 1  # corrupted or partial copy: never continue from it
+                    out.failures.append((seq.desc.req_id, "kv_transfer_recompute", "KV checksum mismatch"))
+                    seq.computed, seq.h, seq.state = 0, H0, RUN
+                    continue
                 seq.computed = s
                 seq.h = int(self._hash_at(seq.blocks, s - 1))
                 seq.state = RUN
@@ -253,6 +265,13 @@ class SimEngine:
                 self.transfer_failures += 1
                 out.failures.append((seq.desc.req_id, "kv_transfer_recompute", f"KV pull {st.name.lower()}"))
                 seq.computed, seq.h, seq.state = 0, H0, RUN
+
+    def _digest(self, blocks: list[int]) -> bytes:
+        """Checksum of whole KV blocks, in order (the bytes a handoff moves)."""
+        h = hashlib.blake2b(digest_size=16)
+        for b in blocks:
+            h.update(self.pool.block_view(b))
+        return h.digest()
 
     def _hash_at(self, blocks: list[int], pos: int) -> int:
         bs = self.config.block_size
@@ -357,6 +376,8 @@ class SimEngine:
         seq.blocks = keep
         assert self.transport is not None, "a split plan needs a KV transport"
         kv = self.transport.export(rid, keep, s)
+        if self.config.verify_kv:
+            kv["checksum"] = self._digest(keep)
         seq.state = HELD
         seq.deadline = now + self.config.lease_s
         out.handoffs.append(Handoff(rid, kv, s, seq.tokens[len(seq.desc.prompt) :]))
