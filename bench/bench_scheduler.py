@@ -31,7 +31,7 @@ from broker.cluster_state import ClusterState, InstanceState, Pricing, RequestIn
 from broker.scheduler import GlobalPolicy, commit, make_policy
 from dynaserve.costmodel import preset_step_model
 
-POLICY_NAMES = ("colocate", "disagg", "dynaserve")
+POLICY_NAMES = ("colocate", "disagg", "dynaserve", "balance")
 KV_CAPACITY = 131072  # tokens per instance (the simulated engine's default)
 MAX_MODEL_LEN = 32768
 TTFT_SLO_MS = 2000.0

@@ -7,9 +7,12 @@ rejects it). After planning, ``commit`` adds the planned work to the cluster vie
 Policies (registry ``POLICIES``):
 * ``colocate``: the whole request on the instance with the least projected work.
 * ``disagg``: static pools; A from the prefill pool, B from the decode pool, split at s = p.
-* ``dynaserve``: per request, A = best TTFT instance, B = least loaded decode host, and the split point
+* ``dynaserve``: TTFT-first placement of A and a prefill/decode handoff (s = p) to a prefill-idle
+  instance when one can take the decode with a short gap (see :class:`DynaServePolicy`).
+* ``balance``: per request, A = best TTFT instance, B = least loaded decode host, and the split point
   s that minimizes the larger of the two instances' projected work, with a no-split fallback when the
-  handoff costs more than it saves.
+  handoff costs more than it saves (the starting formulation of the design; it splits far more and
+  serves less under SLOs, see docs/study.md).
 """
 
 from __future__ import annotations
@@ -130,13 +133,13 @@ def _push_best(top: list[tuple[float, _Row]], key: float, row: _Row, k: int) -> 
 
 
 @dataclass
-class DynaServePolicy:
-    """Adaptive split: balance the projected work of A and B (DESIGN section 3)."""
+class BalancePolicy:
+    """Adaptive split: balance the projected work of A and B (the design's starting formulation)."""
 
     pricing: Pricing
     candidates: int = 2  # best-k instances considered for each role
     min_gain_frac: float = 0.05  # split only if it saves this share of the request's cost, beyond the handoff
-    name: str = "dynaserve"
+    name: str = "balance"
     # Prices that depend only on (running_seqs, decode_ctx_tokens, TBT SLO) and the pricing, per TBT SLO
     # and instance: slo -> id -> (running_seqs, decode_ctx_tokens, prefill ms/token, decode ms/token at
     # the average context, average context). Load reports change their inputs a few times per second;
@@ -290,6 +293,90 @@ def _balance(
     return best_s, best_c
 
 
+@dataclass
+class DynaServePolicy:
+    """TTFT-first placement with prefill/decode handoffs to prefill-idle instances.
+
+    * A: the instance where the prompt's prefill is projected to finish first, pricing only the prefill
+      queue ahead of it at its TBT-limited prefill rate, ``(queued_prefill + p) * ms_per_token``. Pending
+      decode work does not delay a prefill (decodes and prefill chunks share every step); it only lowers
+      the prefill rate, which the rate already reflects. Ties go to the instance with fewer running
+      sequences.
+    * Split at s = p when A has prefill queued and another instance B has none (B lost the placement
+      because its decodes slow its prefill rate), has room for the request's KV and fewer than
+      ``max_decode_seqs`` running, and the handoff gap (transfer + the wait for B's step boundary + B's
+      step) stays under ``gap_frac`` of the TBT SLO; among such instances B runs the shortest decode
+      step. The request's decode then runs where it delays no prefill, instead of taking step time from
+      A's prefill queue: the prefill:decode split of the cluster follows the load.
+    * Only outputs predicted at ``min_output`` tokens or more are split: with 101 or more gaps, the
+      one handoff gap does not move the request's P99 TBT even if B's steps run long.
+    """
+
+    pricing: Pricing
+    gap_frac: float = 0.8  # handoff gap allowed, as a share of the TBT SLO
+    max_decode_seqs: int = 224  # B must run fewer decodes than this (admission cap headroom)
+    min_output: int = 102  # split only outputs predicted to have this many tokens or more
+    name: str = "dynaserve"
+    # prefill ms/token per TBT SLO and instance, with the (running_seqs, decode_ctx_tokens) it was priced
+    # at: it changes only when a load report or a commit changes those inputs
+    _rates: dict[float, dict[str, tuple[int, int, float]]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+    _rates_of: Pricing | None = field(default=None, init=False, repr=False, compare=False)
+
+    def _rate_table(self, slo: float, n_instances: int) -> dict[str, tuple[int, int, float]]:
+        if self._rates_of is not self.pricing or len(self._rates) > 8:
+            self._rates.clear()
+            self._rates_of = self.pricing
+        rates = self._rates.get(slo)
+        if rates is None or len(rates) > 2 * n_instances + 64:
+            rates = self._rates[slo] = {}
+        return rates
+
+    def plan(self, req: RequestInfo, cluster: ClusterState, now: float) -> Plan | None:
+        p, mt = req.prompt_len, req.max_tokens
+        o = max(1, min(req.predicted_output, mt))
+        pr = self.pricing
+        slo = req.tbt_slo_ms
+        rates = self._rate_table(slo, len(cluster.instances))
+        need = p + mt
+        a: InstanceState | None = None
+        best_t = _INF
+        idle: list[InstanceState] = []  # B candidates: no prefill queued
+        for inst in cluster.instances.values():
+            if not inst.alive or inst.kv_capacity_tokens - inst.kv_used_tokens < need or need > inst.max_model_len:
+                continue
+            qp = inst.queued_prefill_tokens
+            if qp <= 0:
+                idle.append(inst)
+            running, ctx = inst.running_seqs, inst.decode_ctx_tokens
+            cached = rates.get(inst.id)
+            if cached is None or cached[0] != running or cached[1] != ctx:
+                cached = rates[inst.id] = (running, ctx, pr.prefill_ms_per_token(inst, slo))
+            t = (qp + p) * cached[2]
+            if t < best_t or (t == best_t and a is not None and running < a.running_seqs):
+                a, best_t = inst, t
+        if a is None:
+            return None
+        if o < self.min_output or mt <= 1 or a.queued_prefill_tokens <= 0 or not idle:
+            return Plan.whole(a.id, p, mt)
+        model = pr.model
+        b: InstanceState | None = None
+        b_step = _INF
+        for inst in idle:
+            if inst is a or inst.running_seqs >= self.max_decode_seqs:
+                continue
+            step = model.step_ms(0, inst.running_seqs + 1, inst.decode_ctx_tokens + p)
+            if step < b_step:
+                b, b_step = inst, step
+        if b is None:
+            return Plan.whole(a.id, p, mt)
+        gap = pr.handoff_ms + p * pr.transfer_ms_per_token(b) + 2.0 * max(b_step, b.step_ms)
+        if gap > self.gap_frac * slo:
+            return Plan.whole(a.id, p, mt)
+        return Plan.make(a.id, b.id, p, mt, p)
+
+
 def forced_plan(req: RequestInfo, cluster: ClusterState, split: int) -> Plan | None:
     """A plan with a pinned split point: A is the instance with the least work, B the next one."""
     alive = sorted(cluster.alive(), key=lambda i: (i.queued_prefill_tokens + i.pending_decode_tokens, i.id))
@@ -300,7 +387,7 @@ def forced_plan(req: RequestInfo, cluster: ClusterState, split: int) -> Plan | N
     return Plan.make(alive[0].id, alive[1].id, req.prompt_len, req.max_tokens, split)
 
 
-POLICIES = {"colocate": ColocatePolicy, "disagg": DisaggPolicy, "dynaserve": DynaServePolicy}
+POLICIES = {"colocate": ColocatePolicy, "disagg": DisaggPolicy, "dynaserve": DynaServePolicy, "balance": BalancePolicy}
 
 
 def make_policy(name: str, pricing: Pricing, **options: object) -> GlobalPolicy:

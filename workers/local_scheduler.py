@@ -2,7 +2,10 @@
 
 Pure: sequences in, a StepPlan out; measured step times go back in through ``observe``. Decodes go first
 (every running decode gets a token each step, up to ``max_num_seqs``), then prefill chunks fill the largest
-token budget whose predicted step time stays under ``(1 - margin) * TBT SLO``. The prediction is the
+token budget whose predicted step time stays under ``(1 - margin) * TBT SLO``. Prefill chunks are taken in
+the engine's priority order, which ``prefill_rank`` defines: by TTFT deadline (``prefill_order="deadline"``,
+the default: a short prompt with a tight deadline does not wait behind a long one that has time) or by
+arrival (``"fcfs"``, what a stock engine does). The prediction is the
 step-latency model times a correction factor learned from measured steps (fast to rise after a latency
 spike, slow to fall), so the budget adapts when the model is off.
 
@@ -17,6 +20,8 @@ from dataclasses import dataclass, field
 
 from dynaserve.costmodel import StepLatencyModel
 
+PREFILL_ORDERS = ("deadline", "fcfs")
+
 
 @dataclass(frozen=True)
 class LocalSchedulerConfig:
@@ -30,6 +35,7 @@ class LocalSchedulerConfig:
     alpha_up: float = 0.5  # EWMA weight when steps run slower than predicted
     alpha_down: float = 0.05  # EWMA weight when steps run faster than predicted
     max_correction: float = 10.0
+    prefill_order: str = "deadline"  # "deadline" (earliest TTFT deadline first) or "fcfs" (arrival order)
 
     def __post_init__(self) -> None:
         if self.tbt_slo_ms <= 0:
@@ -38,6 +44,18 @@ class LocalSchedulerConfig:
             raise ValueError("margin must be in [0, 1)")
         if self.max_batched_tokens < 1 or self.max_num_seqs < 1 or self.min_chunk_tokens < 1:
             raise ValueError("max_batched_tokens, max_num_seqs and min_chunk_tokens must be >= 1")
+        if self.prefill_order not in PREFILL_ORDERS:
+            raise ValueError(f"prefill_order must be one of {PREFILL_ORDERS}, got {self.prefill_order!r}")
+
+
+def prefill_rank(order: str, arrival: float, ttft_slo_ms: float) -> float:
+    """Sort key of a sequence with prefill work (smaller first): its TTFT deadline, or its arrival.
+
+    Engines keep their prefilling sequences sorted by this key (ties in arrival order) and hand them to
+    :meth:`LocalScheduler.schedule` in that order; a B micro-request that prefills the rest of a split
+    prompt carries the request's arrival and TTFT SLO, so it keeps the request's deadline.
+    """
+    return arrival + ttft_slo_ms / 1000.0 if order == "deadline" else arrival
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +98,10 @@ class LocalScheduler:
         self.steps = 0
         self.last_budget = self.config.max_batched_tokens
 
+    def prefill_rank(self, arrival: float, ttft_slo_ms: float) -> float:
+        """:func:`prefill_rank` under this scheduler's ``prefill_order``."""
+        return prefill_rank(self.config.prefill_order, arrival, ttft_slo_ms)
+
     def token_budget(self, decode_seqs: int, decode_ctx_tokens: int, first_prefill_ctx: int = 0) -> int:
         """Prefill tokens the next step may carry next to these decodes."""
         cfg = self.config
@@ -90,6 +112,7 @@ class LocalScheduler:
         return max(cfg.min_chunk_tokens, min(n, cfg.max_batched_tokens - decode_seqs))
 
     def schedule(self, decodes: Sequence[DecodeItem], prefills: Sequence[PrefillItem]) -> StepPlan:
+        """One step's batch: ``decodes`` first, then chunks of ``prefills`` in the given (priority) order."""
         cfg = self.config
         plan = StepPlan()
         for d in decodes[: cfg.max_num_seqs]:

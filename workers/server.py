@@ -20,6 +20,7 @@ from dynaserve import protocol as P
 from dynaserve import security
 from dynaserve.sockets import Channel, make_socket
 from workers.engine import Engine, EngineError, StepOutput
+from workers.local_scheduler import PREFILL_ORDERS
 from workers.metrics import WorkerMetrics
 
 log = logging.getLogger("dynaserve.worker")
@@ -38,6 +39,8 @@ class WorkerConfig:
     margin: float = 0.1  # safety margin under the TBT SLO
     max_batched_tokens: int = 8192  # tokens per step at most
     max_num_seqs: int = 256  # decode sequences per step at most
+    prefill_order: str = "deadline"  # prefill chunks by TTFT deadline, or "fcfs" (arrival order)
+    step_model: str = ""  # step-model file (python -m workers.calibrate); empty: cost tables (sim), CPU default (vllm)
     idle_poll_ms: float = 1.0  # poll period for transfers and confirmations while idle
     metrics_port: int = 0  # Prometheus metrics on http://127.0.0.1:PORT/metrics; 0 = off
     curve_dir: str = ""  # CURVE key directory: uses workers/<instance_id>.key_secret and broker.key; empty = off
@@ -47,6 +50,8 @@ class WorkerConfig:
             raise ValueError("instance_id must be 1..64 characters")
         if self.pool not in ("any", "prefill", "decode"):
             raise ValueError("pool must be any, prefill or decode")
+        if self.prefill_order not in PREFILL_ORDERS:
+            raise ValueError(f"prefill_order must be one of {PREFILL_ORDERS}")
 
 
 class Worker:

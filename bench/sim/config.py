@@ -32,8 +32,8 @@ class SimConfig:
     serialize_transfers: bool = True  # transfers into one instance share its link, one at a time
     eager_pull: bool = False  # B admits and starts its pull when the handoff arrives (the live worker waits
     # for its next step boundary, as the default here)
-    prefill_order: str = "fcfs"  # order of prefill chunks in a step: "fcfs" (arrival, as the live engine)
-    # or "deadline" (earliest TTFT deadline first)
+    prefill_order: str = "deadline"  # order of prefill chunks in a step (workers.local_scheduler.prefill_rank):
+    # "deadline" (earliest TTFT deadline first, the live worker's default) or "fcfs" (arrival, a stock engine)
     gpu_memory_gb: float = 80.0  # memory of one GPU
     kv_memory_fraction: float = 0.9  # share of GPU memory the engine may use (weights + KV)
     block_size: int = 16  # KV block size in tokens (reservations round up to blocks)
@@ -50,8 +50,6 @@ class SimConfig:
             raise ValueError("report_interval_ms must be > 0")
         if self.link_gbps <= 0 or self.transfer_latency_ms < 0:
             raise ValueError("link_gbps must be > 0 and transfer_latency_ms >= 0")
-        if self.prefill_order not in ("fcfs", "deadline"):
-            raise ValueError(f"prefill_order must be fcfs or deadline, got {self.prefill_order!r}")
         if self.ground_truth not in GROUND_TRUTHS:
             raise ValueError(f"ground_truth must be one of {GROUND_TRUTHS}, got {self.ground_truth!r}")
         if self.kv_capacity_tokens < self.block_size:
@@ -89,6 +87,7 @@ class SimConfig:
             max_batched_tokens=self.max_batched_tokens,
             max_num_seqs=self.max_num_seqs,
             min_chunk_tokens=self.min_chunk_tokens,
+            prefill_order=self.prefill_order,
         )
 
     def pricing(self) -> Pricing:

@@ -3,7 +3,7 @@
 Usage::
 
     python -m bench.sim.extras speed [--instances 16] [--hours 1] [--rate 20]
-    python -m bench.sim.extras timeline --workload azure_conv --rate 90 --policies dynaserve,dynaserve_slo
+    python -m bench.sim.extras timeline --workload azure_conv --rate 90 --policies colocate,dynaserve
     python -m bench.sim.extras model-error --workload azure_conv --rate 90
 """
 
@@ -84,16 +84,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     sp.add_argument("--instances", type=int, default=16)
     sp.add_argument("--hours", type=float, default=1.0)
     sp.add_argument("--rate", type=float, default=20.0)
-    sp.add_argument("--policies", default="colocate,dynaserve,dynaserve_slo")
+    sp.add_argument("--policies", default="colocate,balance,dynaserve")
     tl = sub.add_parser("timeline")
     tl.add_argument("--workload", default="azure_conv")
     tl.add_argument("--rate", type=float, required=True)
-    tl.add_argument("--policies", default="dynaserve,dynaserve_slo")
+    tl.add_argument("--policies", default="balance,dynaserve")
     tl.add_argument("--out", default="docs/study")
     me = sub.add_parser("model-error")
     me.add_argument("--workload", default="azure_conv")
     me.add_argument("--rate", type=float, required=True)
-    me.add_argument("--policies", default="colocate,dynaserve,dynaserve_slo")
+    me.add_argument("--policies", default="colocate,balance,dynaserve")
     args = ap.parse_args(argv)
     if args.cmd == "speed":
         print("\n".join(speed(args.instances, args.hours, args.rate, args.policies.split(","))))

@@ -86,13 +86,6 @@ def _arrival_key(s: MicroSeq) -> tuple[float, int]:
     return (s.req.arrival, s.req.idx)
 
 
-def _deadline_key(s: MicroSeq) -> tuple[float, int]:
-    return (s.req.arrival + s.req.ttft_slo_ms / 1000.0, s.req.idx)
-
-
-PREFILL_ORDERS = {"fcfs": _arrival_key, "deadline": _deadline_key}
-
-
 class SimInstance:
     """A simulated engine: its queues, its local scheduler, its KV blocks and its reported load."""
 
@@ -108,7 +101,9 @@ class SimInstance:
         self.truth = truth
         self.max_seqs = sched.config.max_num_seqs
         self.eager_pull = sim.cfg.eager_pull
-        self.prefill_key = PREFILL_ORDERS[sim.cfg.prefill_order]
+        rank = sched.prefill_rank
+        self.prefill_key: Callable[[MicroSeq], tuple[float, int]] = lambda s: (
+            rank(s.req.arrival, s.req.ttft_slo_ms), s.req.idx)
         self.waiting: list[MicroSeq] = []  # QUEUED, by arrival
         self.prefilling: list[MicroSeq] = []  # PREFILL, by arrival
         self.decoding: dict[MicroSeq, None] = {}  # DECODE, insertion-ordered

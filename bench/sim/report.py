@@ -45,6 +45,7 @@ def capacity_table(curves: Sequence[Curve]) -> str:
         head = ["workload", "best colocate", "best disagg", "dynaserve", *[v.split(":", 1)[1] for v in variants],
                 "oracle", "dynaserve / best baseline", "dynaserve / oracle"]
         head += [f"{v.split(':', 1)[1]} / best baseline" for v in variants]
+        head += [f"dynaserve / {v.split(':', 1)[1]}" for v in variants]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for w, cs in rows:
             col, dis = best(cs, "colocate"), best(cs, "disagg")
@@ -60,6 +61,7 @@ def capacity_table(curves: Sequence[Curve]) -> str:
             cells.append(_ratio(dyn.capacity, base) if dyn else "-")
             cells.append(_ratio(dyn.capacity, ora.capacity) if dyn and ora else "-")
             cells += [_ratio(v.capacity, base) if v else "-" for v in vcs]
+            cells += [_ratio(dyn.capacity, v.capacity) if v and dyn else "-" for v in vcs]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)

@@ -79,30 +79,55 @@ class Curve:
         return max((p["goodput"] for p in self.points), default=0.0)
 
 
+FCFS = ("prefill_order", "fcfs")  # a stock engine's local scheduling: prefill chunks in arrival order
+DEADLINE = ("prefill_order", "deadline")  # DynaServe's local scheduler: earliest TTFT deadline first
+
+
 def baseline_specs(quick: bool) -> list[Spec]:
+    """Colocation and disaggregation as deployed today: stock engines (prefill in arrival order), each
+    swept over its knob (token budget and margin; prefill:decode ratio)."""
     out: list[Spec] = []
-    budgets = (512, 2048, 8192)
-    for mbt in budgets:
-        out.append(Spec("colocate", f"colocate budget={mbt}", "colocate", sim=(("max_batched_tokens", mbt),)))
+    for mbt in (512, 2048, 8192):
+        out.append(Spec("colocate", f"colocate budget={mbt}", "colocate", sim=(("max_batched_tokens", mbt), FCFS)))
     out.append(Spec("colocate", "colocate budget=8192 margin=0.3", "colocate",
-                    sim=(("max_batched_tokens", 8192), ("margin", 0.3))))
+                    sim=(("max_batched_tokens", 8192), ("margin", 0.3), FCFS)))
     for k in (1, 2, 3, 4, 5, 6, 7)[:: 2 if quick else 1]:
-        out.append(Spec("disagg", f"disagg {k}P:{INSTANCES - k}D", "disagg", options=(("prefill_instances", k),)))
+        out.append(Spec("disagg", f"disagg {k}P:{INSTANCES - k}D", "disagg", options=(("prefill_instances", k),),
+                        sim=(FCFS,)))
     return out
 
 
 def main_specs(quick: bool) -> list[Spec]:
+    """The baselines, DynaServe (its global policy and its local scheduler) and the oracle (DynaServe's
+    local scheduler, exact state and true output lengths)."""
     return [
         *baseline_specs(quick),
-        Spec("dynaserve", "dynaserve", "dynaserve"),
-        Spec("oracle", "oracle", "oracle", predictor="max_tokens"),
+        Spec("dynaserve", "dynaserve", "dynaserve", sim=(DEADLINE,)),
+        Spec("oracle", "oracle", "oracle", sim=(DEADLINE,), predictor="max_tokens"),
     ]
 
 
+LOCAL_ABLATION = "variant:baselines+deadline"
+GLOBAL_ABLATION = "variant:dynaserve fcfs"
+
+
+def local_ablation_specs(quick: bool) -> list[Spec]:
+    """Where DynaServe's gain comes from: the baselines with DynaServe's local scheduler (their best
+    configuration of these), and DynaServe's global policy on stock engines."""
+    out = [Spec(LOCAL_ABLATION, f"colocate budget={mbt} deadline", "colocate",
+                sim=(("max_batched_tokens", mbt), DEADLINE)) for mbt in (2048, 8192)]
+    for k in (1, 3, 5, 7) if not quick else (1, 5):
+        out.append(Spec(LOCAL_ABLATION, f"disagg {k}P:{INSTANCES - k}D deadline", "disagg",
+                        options=(("prefill_instances", k),), sim=(DEADLINE,)))
+    out.append(Spec(GLOBAL_ABLATION, "dynaserve fcfs", "dynaserve", sim=(FCFS,)))
+    return out
+
+
 def ablation_specs() -> list[Spec]:
-    out = [Spec("dynaserve-pred", "dynaserve, max_tokens predictor", "dynaserve", predictor="max_tokens")]
+    out = [Spec("dynaserve-pred", "dynaserve, max_tokens predictor", "dynaserve", sim=(DEADLINE,),
+                predictor="max_tokens")]
     for sigma in (0.0, 0.25, 0.5, 1.0):
-        out.append(Spec("dynaserve-pred", f"dynaserve, noisy oracle sigma={sigma}", "dynaserve",
+        out.append(Spec("dynaserve-pred", f"dynaserve, noisy oracle sigma={sigma}", "dynaserve", sim=(DEADLINE,),
                         predictor=f"noisy:{sigma}"))
     return out
 
@@ -184,7 +209,7 @@ def run_curve(job: tuple[str, str, Spec, tuple[float, ...], int | None]) -> Curv
 def reference_rate(job: tuple[str, str, int | None, tuple[tuple[str, Any], ...]]) -> tuple[str, str, float]:
     """Capacity of colocation (budget 8192) by bisection: the centre of the rate grid of a workload."""
     model_key, workload, limit, sim = job
-    spec = Spec("colocate", "colocate", "colocate", sim=sim)
+    spec = Spec("colocate", "colocate", "colocate", sim=(FCFS, *sim))
     cfg = sim_config(model_key, spec)
     r = _round2(INSTANCES * 1000.0 / work_estimate_ms(cfg.step_model, base_trace(workload, limit)))
 
@@ -249,7 +274,7 @@ def run_study(workloads: Sequence[str], models: Sequence[str], quick: bool, jobs
     for m in models:
         for w in workloads:
             rates = rate_grid(refs[(m, w)], quick)
-            for spec in [*main_specs(quick), *extra_specs]:
+            for spec in [*main_specs(quick), *(local_ablation_specs(quick) if ablations else ()), *extra_specs]:
                 work.append((m, w, spec, rates, limit))
             if ablations and w in ABLATION_WORKLOADS and m == models[0]:
                 for spec in ablation_specs():

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from broker.cluster_state import ClusterState, InstanceState, Pricing, RequestInfo
 from broker.scheduler import (
     POLICIES,
+    BalancePolicy,
     ColocatePolicy,
     DisaggPolicy,
     DynaServePolicy,
@@ -166,74 +167,160 @@ def test_disagg_without_a_usable_pool_plans_nothing() -> None:
 
 
 # ----------------------------------------------------------------------------------- dynaserve
+# Prefill rates: idle 0.25390625 ms/token; with 8 running decodes the 50 ms step fits (50 - 2 - 8) / 0.25 =
+# 160 prefill tokens, so 50 / 160 = 0.3125 ms/token.
 
 
-def test_dynaserve_single_instance_never_splits() -> None:
+def test_dynaserve_places_by_prefill_queue_not_decode_backlog() -> None:
+    # w0: 1000 prompt tokens queued. w1: 8 decodes running with 5000 decode tokens pending.
+    # TTFT-first: w0 (1000 + 500) * 0.2539 = 380.9 ms, w1 500 * 0.3125 = 156.3 ms -> w1.
+    # Colocate prices w1's decode backlog (5000 ms) and picks w0.
+    c = cluster(inst("w0", queued_prefill_tokens=1000), inst("w1", running_seqs=8, pending_decode_tokens=5000))
+    assert DynaServePolicy(PRICING).plan(req(500, 10), c, 0.0) == Plan("w1", None, 510, KIND_NONE)
+    assert ColocatePolicy(PRICING).plan(req(500, 10), c, 0.0) == Plan("w0", None, 510, KIND_NONE)
+
+
+def test_dynaserve_ties_go_to_fewer_running() -> None:
+    c = cluster(inst("w0", running_seqs=3), inst("w1", running_seqs=1), inst("w2", running_seqs=2))
+    # with d = 0 and budgets capped at 512 for all three, a 3-decode step is (2 + 128 + 3) / 512 ... not a tie;
+    # give them equal rates by making the step model ignore decodes
+    flat = Pricing(StepLatencyModel(a=2.0, b=0.25, c=0.0, d=0.0, e=0.0), tbt_margin=0.5, max_batched_tokens=512)
+    assert DynaServePolicy(flat).plan(req(100, 10), c, 0.0) == Plan("w1", None, 110, KIND_NONE)
+
+
+def _offload_cluster(**b: object) -> ClusterState:
+    # A = w0 (queue 100, idle rate: 1100 * 0.2539 = 279.3 ms) beats w1 (queue 100 at 0.3125: 343.8 ms) and
+    # w2 (no queue, 8 decodes: 1000 * 0.3125 = 312.5 ms); w2 has no prefill queued, so it can take the decode
+    spec: dict[str, object] = {"running_seqs": 8, **b}
+    return cluster(inst("w0", queued_prefill_tokens=100), inst("w1", queued_prefill_tokens=100, running_seqs=8),
+                   inst("w2", **spec))
+
+
+def test_dynaserve_hands_the_decode_to_a_prefill_idle_instance() -> None:
+    # B = w2: its decode step with the request is 2 + 9 = 11 ms; gap 2 + 2 * 11 = 24 ms <= 80 ms
+    assert DynaServePolicy(PRICING).plan(req(1000, 200), _offload_cluster(), 0.0) == Plan("w0", "w2", 1000, KIND_PD)
+    # among prefill-idle instances, B is the one with the shortest decode step
+    c = _offload_cluster()
+    c.add(inst("w3", running_seqs=12))
+    assert DynaServePolicy(PRICING).plan(req(1000, 200), c, 0.0) == Plan("w0", "w2", 1000, KIND_PD)
+    c.instances["w3"].running_seqs = 7  # 1000 * (50 / 164) = 304.9 ms: still not A, now the better B
+    assert DynaServePolicy(PRICING).plan(req(1000, 200), c, 0.0) == Plan("w0", "w3", 1000, KIND_PD)
+
+
+def test_dynaserve_keeps_short_outputs_whole() -> None:
+    pol = DynaServePolicy(PRICING)
+    assert pol.plan(req(1000, 200, predicted=101), _offload_cluster(), 0.0) == Plan("w0", None, 1200, KIND_NONE)
+    assert pol.plan(req(1000, 200, predicted=102), _offload_cluster(), 0.0) == Plan("w0", "w2", 1000, KIND_PD)
+
+
+def test_dynaserve_no_handoff_when_a_has_no_queue_or_b_is_unfit() -> None:
+    pol = DynaServePolicy(PRICING)
+    # A without queued prefill starts at once: nothing to gain
+    c = cluster(inst("w0"), inst("w1"))
+    assert pol.plan(req(1000, 200), c, 0.0) == Plan("w0", None, 1200, KIND_NONE)
+    # B near its decode cap, B without room for the request
+    for b in ({"running_seqs": 224}, {"kv": 1199}):
+        assert pol.plan(req(1000, 200), _offload_cluster(**b), 0.0) == Plan("w0", None, 1200, KIND_NONE), b
+
+
+def test_dynaserve_no_handoff_when_the_gap_breaks_the_tbt_slo() -> None:
+    pol = DynaServePolicy(PRICING)
+    # 1000 tokens at 0.05 ms/token (1.25 MB per token over 25 GB/s) = 50 ms; gap 2 + 50 + 22 = 74 ms <= 80 ms
+    assert pol.plan(req(1000, 200), _offload_cluster(kv_bytes_per_token=1_250_000), 0.0).b == "w2"
+    # 0.06 ms/token: gap 2 + 60 + 22 = 84 ms > 0.8 * 100 ms
+    plan = pol.plan(req(1000, 200), _offload_cluster(kv_bytes_per_token=1_500_000), 0.0)
+    assert plan == Plan("w0", None, 1200, KIND_NONE)
+    # B's last measured step counts: 2 + 2 * 40 = 82 ms
+    plan = pol.plan(req(1000, 200), _offload_cluster(step_ms=40.0), 0.0)
+    assert plan == Plan("w0", None, 1200, KIND_NONE)
+
+
+def test_dynaserve_skips_dead_and_full_instances() -> None:
+    pol = DynaServePolicy(PRICING)
+    c = cluster(inst("w0", alive=False), inst("w1", kv=1000), inst("w2", queued_prefill_tokens=5000))
+    assert pol.plan(req(1000, 2), c, 0.0) == Plan("w2", None, 1002, KIND_NONE)
+    c.instances["w2"].alive = False
+    assert pol.plan(req(1000, 2), c, 0.0) is None
+    assert pol.plan(req(1000, 2), ClusterState(), 0.0) is None
+
+
+def test_dynaserve_reprices_after_a_load_change() -> None:
+    pol = DynaServePolicy(PRICING)
+    c = cluster(inst("w0"), inst("w1", queued_prefill_tokens=10))
+    assert pol.plan(req(500, 10), c, 0.0).a == "w0"
+    c.instances["w0"].running_seqs = 40  # its prefill rate drops to 50 / 32 ms/token
+    assert pol.plan(req(500, 10), c, 0.0).a == "w1"
+
+
+# ----------------------------------------------------------------------------------- balance (the design's starting formulation)
+
+
+def test_balance_single_instance_never_splits() -> None:
     c = cluster(inst("w0"))
-    assert DynaServePolicy(PRICING).plan(req(8000, 4000), c, 0.0) == Plan("w0", None, 12000, KIND_NONE)
+    assert BalancePolicy(PRICING).plan(req(8000, 4000), c, 0.0) == Plan("w0", None, 12000, KIND_NONE)
     c = cluster(inst("w0"), inst("w1", alive=False))
-    assert DynaServePolicy(PRICING).plan(req(8000, 4000), c, 0.0) == Plan("w0", None, 12000, KIND_NONE)
+    assert BalancePolicy(PRICING).plan(req(8000, 4000), c, 0.0) == Plan("w0", None, 12000, KIND_NONE)
 
 
-def test_dynaserve_idle_pair_splits_a_long_prompt_in_half() -> None:
+def test_balance_idle_pair_splits_a_long_prompt_in_half() -> None:
     # p = 1000, o = 2. A: m*s; B: m*(1000 - s) + 2. s = 504: max(127.97, 127.94); s = 503: B = 128.19.
-    plan = DynaServePolicy(PRICING).plan(req(1000, 2), cluster(inst("w0"), inst("w1")), 0.0)
+    plan = BalancePolicy(PRICING).plan(req(1000, 2), cluster(inst("w0"), inst("w1")), 0.0)
     assert plan == Plan("w0", "w1", 504, KIND_PROMPT)
 
 
-def test_dynaserve_loaded_b_gets_less_of_the_prompt() -> None:
+def test_balance_loaded_b_gets_less_of_the_prompt() -> None:
     # w0 only fits the prompt (it can only be A). w1 has 400 queued prompt tokens (101.5625 ms).
     # Balance m*s = 101.5625 + m*(1000 - s) + 2 -> s = 704 (A 178.75, B 178.72; s = 703: B 178.97).
     c = cluster(inst("w0", kv=1000), inst("w1", queued_prefill_tokens=400))
-    assert DynaServePolicy(PRICING).plan(req(1000, 2), c, 0.0) == Plan("w0", "w1", 704, KIND_PROMPT)
+    assert BalancePolicy(PRICING).plan(req(1000, 2), c, 0.0) == Plan("w0", "w1", 704, KIND_PROMPT)
 
 
-def test_dynaserve_decode_heavy_instance_gets_the_decode() -> None:
+def test_balance_decode_heavy_instance_gets_the_decode() -> None:
     # w0 runs 40 decodes: its prefill costs 1.5625 ms/token; w1 is idle (0.2539 ms/token).
     # A = w1, B = w0: 0.2539*s vs 1.5625*(1000 - s) + 200 -> s = 971 (A 246.54, B 245.31; s = 970: B 246.88).
     # The other direction balances at 390 ms; whole on w1 costs 453.9 ms.
     c = cluster(inst("w0", running_seqs=40), inst("w1"))
-    assert DynaServePolicy(PRICING).plan(req(1000, 200), c, 0.0) == Plan("w1", "w0", 971, KIND_PROMPT)
+    assert BalancePolicy(PRICING).plan(req(1000, 200), c, 0.0) == Plan("w1", "w0", 971, KIND_PROMPT)
 
 
-def test_dynaserve_pd_when_b_decode_backlog_matches_a_prefill() -> None:
+def test_balance_pd_when_b_decode_backlog_matches_a_prefill() -> None:
     # w0 only fits the prompt; w1 has 1000 ms of pending decodes. p = 4000, o = 16.
     # s = p: A = 4000*m = 1015.625, B = 1000 + 15 = 1015 -> 1015.625.
     # s = p - 1: B = 1000 + m + 16 = 1016.25; s = p + 1: A = 1016.625. Whole on w1: 2031.6.
     c = cluster(inst("w0", kv=4000), inst("w1", pending_decode_tokens=1000))
-    assert DynaServePolicy(PRICING).plan(req(4000, 16), c, 0.0) == Plan("w0", "w1", 4000, KIND_PD)
+    assert BalancePolicy(PRICING).plan(req(4000, 16), c, 0.0) == Plan("w0", "w1", 4000, KIND_PD)
 
 
-def test_dynaserve_decode_handoff_when_b_is_busy() -> None:
+def test_balance_decode_handoff_when_b_is_busy() -> None:
     # w0 only fits the prompt; w1 has 300 ms of pending decodes. p = 400, o = 400, A decodes u tokens:
     # A: 400*m + u = 101.5625 + u; B: 300 + (399 - u).
     # u = 298: A 399.5625, B 401; u = 299: A 400.5625, B 400; u = 300: A 401.56 -> s = p + 299 = 699.
     c = cluster(inst("w0", kv=400), inst("w1", pending_decode_tokens=300))
-    assert DynaServePolicy(PRICING).plan(req(400, 400), c, 0.0) == Plan("w0", "w1", 699, KIND_DECODE)
+    assert BalancePolicy(PRICING).plan(req(400, 400), c, 0.0) == Plan("w0", "w1", 699, KIND_DECODE)
 
 
-def test_dynaserve_falls_back_when_the_handoff_costs_too_much() -> None:
+def test_balance_falls_back_when_the_handoff_costs_too_much() -> None:
     c = cluster(inst("w0"), inst("w1"))
     pricey = Pricing(MODEL, tbt_margin=0.5, max_batched_tokens=512, handoff_ms=1e9)
-    assert DynaServePolicy(pricey).plan(req(1000, 2), c, 0.0) == Plan("w0", None, 1002, KIND_NONE)
+    assert BalancePolicy(pricey).plan(req(1000, 2), c, 0.0) == Plan("w0", None, 1002, KIND_NONE)
     # the no-split alternative is the instance that finishes the whole request soonest
     c.instances["w0"].queued_prefill_tokens = 10
-    assert DynaServePolicy(pricey).plan(req(1000, 2), c, 0.0) == Plan("w1", None, 1002, KIND_NONE)
+    assert BalancePolicy(pricey).plan(req(1000, 2), c, 0.0) == Plan("w1", None, 1002, KIND_NONE)
 
 
-def test_dynaserve_does_not_split_small_requests() -> None:
+def test_balance_does_not_split_small_requests() -> None:
     # whole: 8*m + 2 = 4.03 ms; the best split saves about 2 ms, the handoff costs 2 ms
-    plan = DynaServePolicy(PRICING).plan(req(8, 2), cluster(inst("w0"), inst("w1")), 0.0)
+    plan = BalancePolicy(PRICING).plan(req(8, 2), cluster(inst("w0"), inst("w1")), 0.0)
     assert plan == Plan("w0", None, 10, KIND_NONE)
 
 
-def test_dynaserve_single_output_token_is_unsplit() -> None:
+def test_balance_single_output_token_is_unsplit() -> None:
     c = cluster(inst("w0", queued_prefill_tokens=1000), inst("w1"))
-    assert DynaServePolicy(PRICING).plan(req(3000, 1), c, 0.0) == Plan("w1", None, 3001, KIND_NONE)
+    assert BalancePolicy(PRICING).plan(req(3000, 1), c, 0.0) == Plan("w1", None, 3001, KIND_NONE)
 
 
-def test_dynaserve_kv_capacity() -> None:
-    pol = DynaServePolicy(PRICING)
+def test_balance_kv_capacity() -> None:
+    pol = BalancePolicy(PRICING)
     # w0 has room for the prompt only: it can be A, never B, and never hold the whole request
     c = cluster(inst("w0", kv=1000), inst("w1"))
     for p, o in ((1000, 2), (1000, 50), (900, 100)):
@@ -249,16 +336,16 @@ def test_dynaserve_kv_capacity() -> None:
     assert pol.plan(req(1000, 2), c, 0.0) == Plan("w1", None, 1002, KIND_NONE)  # w0 cannot even be A
 
 
-def test_dynaserve_never_puts_a_whole_request_where_it_does_not_fit() -> None:
+def test_balance_never_puts_a_whole_request_where_it_does_not_fit() -> None:
     # w1 fits the 1000-token prompt but not prompt + output (1002); w0 is busy but has room.
     c = cluster(inst("w0", queued_prefill_tokens=5000), inst("w1", kv=1001))
-    plan = DynaServePolicy(PRICING).plan(req(1000, 2), c, 0.0)
+    plan = BalancePolicy(PRICING).plan(req(1000, 2), c, 0.0)
     assert plan is not None
     assert plan.b is not None or c.instances[plan.a].kv_free_tokens >= 1002
 
 
-def test_dynaserve_skips_dead_instances() -> None:
-    pol = DynaServePolicy(PRICING)
+def test_balance_skips_dead_instances() -> None:
+    pol = BalancePolicy(PRICING)
     c = cluster(inst("w0", alive=False), inst("w1"), inst("w2"))
     assert pol.plan(req(1000, 2), c, 0.0) == Plan("w1", "w2", 504, KIND_PROMPT)
     c.instances["w1"].alive = False
@@ -280,11 +367,12 @@ _inst_strategy = st.builds(
 )
 
 
+@pytest.mark.parametrize("policy", [BalancePolicy, DynaServePolicy])
 @settings(max_examples=300, deadline=None)
 @given(st.lists(_inst_strategy, min_size=1, max_size=4), st.integers(1, 3000), st.integers(1, 600))
-def test_dynaserve_plans_are_feasible(specs: list[dict], p: int, o: int) -> None:
+def test_split_plans_are_feasible(policy: type, specs: list[dict], p: int, o: int) -> None:
     c = cluster(*(inst(f"w{i}", **spec) for i, spec in enumerate(specs)))
-    plan = DynaServePolicy(PRICING).plan(req(p, o), c, 0.0)
+    plan = policy(PRICING).plan(req(p, o), c, 0.0)
     if plan is None:
         assert not any(i.alive and i.kv_free_tokens >= p + o for i in c.instances.values())
         return
@@ -388,10 +476,11 @@ def test_forced_plan_ties_break_by_id_and_dead_are_skipped() -> None:
 
 
 def test_make_policy() -> None:
-    assert set(POLICIES) == {"colocate", "disagg", "dynaserve"}
+    assert set(POLICIES) == {"colocate", "disagg", "dynaserve", "balance"}
     pol = make_policy("disagg", PRICING, prefill_instances=2)
     assert isinstance(pol, DisaggPolicy) and pol.prefill_instances == 2 and pol.pricing is PRICING
     assert isinstance(make_policy("dynaserve", PRICING), DynaServePolicy)
+    assert isinstance(make_policy("balance", PRICING), BalancePolicy)
     assert make_policy("colocate", PRICING).name == "colocate"
     with pytest.raises(ValueError, match="unknown policy 'round_robin'.*colocate"):
         make_policy("round_robin", PRICING)

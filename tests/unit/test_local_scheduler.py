@@ -11,7 +11,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dynaserve.costmodel import StepLatencyModel
-from workers.local_scheduler import DecodeItem, LocalScheduler, LocalSchedulerConfig, PrefillItem, StepPlan
+from workers.local_scheduler import (
+    DecodeItem,
+    LocalScheduler,
+    LocalSchedulerConfig,
+    PrefillItem,
+    StepPlan,
+    prefill_rank,
+)
 
 MODEL = StepLatencyModel(a=2.0, b=0.25, c=1.0, d=0.001, e=0.0)
 CFG = LocalSchedulerConfig(tbt_slo_ms=100.0, margin=0.5, max_batched_tokens=512, max_num_seqs=256, min_chunk_tokens=16)
@@ -231,6 +238,16 @@ def test_observe_ignores_empty_plans_and_bad_measurements() -> None:
 def test_config_validation(kw: dict) -> None:
     with pytest.raises(ValueError):
         LocalSchedulerConfig(**kw)
+
+
+def test_prefill_rank() -> None:
+    # by deadline: a short prompt with a 1 s SLO arriving at t=5 goes before a long one with 30 s at t=0
+    assert prefill_rank("deadline", 5.0, 1000.0) == 6.0 < prefill_rank("deadline", 0.0, 30_000.0) == 30.0
+    assert prefill_rank("fcfs", 5.0, 1000.0) == 5.0 > prefill_rank("fcfs", 0.0, 30_000.0) == 0.0
+    assert sched().prefill_rank(5.0, 1000.0) == 6.0  # the default order is by deadline
+    assert sched(prefill_order="fcfs").prefill_rank(5.0, 1000.0) == 5.0
+    with pytest.raises(ValueError, match="prefill_order"):
+        sched(prefill_order="lifo")
 
 
 def test_config_defaults_are_valid_and_frozen() -> None:

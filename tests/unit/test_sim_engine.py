@@ -8,7 +8,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 
@@ -26,7 +26,7 @@ from dynaserve.protocol import (
 from dynaserve.split import tokens_emitted_by_a
 from workers.engine import EngineError, Handoff, StepOutput
 from workers.engines.sim import SimEngine, SimEngineConfig, reference_tokens
-from workers.local_scheduler import LocalScheduler
+from workers.local_scheduler import LocalScheduler, LocalSchedulerConfig
 
 BLOCK = 16
 
@@ -139,6 +139,25 @@ def test_several_requests_at_once_are_independent() -> None:
     run = run_full(eng, *(desc(rid, pr, 6 + i, arrival=float(i)) for i, (rid, pr) in enumerate(prompts.items())))
     for i, (rid, pr) in enumerate(prompts.items()):
         assert run.tokens[rid] == reference_tokens(pr, 6 + i)
+    assert eng.pool.num_used == 0
+
+
+@pytest.mark.parametrize("order", ["deadline", "fcfs"])
+def test_prefill_order(order: str) -> None:
+    """A long prompt with a loose TTFT SLO arrives first, a short one with a tight SLO after it; chunks of
+    64 tokens per step: by deadline the short one gets its first token first, by arrival the long one."""
+    cfg = SimEngineConfig(time_scale=1e-4, kv_capacity_tokens=4096, block_size=BLOCK)
+    local = LocalScheduler(StepLatencyModel(), LocalSchedulerConfig(max_batched_tokens=64, prefill_order=order))
+    eng = SimEngine(cfg, local, None)
+    long_p, short_p = prompt_of(600, seed=1), prompt_of(50, seed=2)
+    long_d = replace(desc("long", long_p, 3, arrival=0.0), ttft_slo_ms=20_000.0)  # deadline 20 s
+    short_d = replace(desc("short", short_p, 3, arrival=0.5), ttft_slo_ms=1_000.0)  # deadline 1.5 s
+    run = run_full(eng, long_d, short_d)
+    assert run.tokens == {"long": reference_tokens(long_p, 3), "short": reference_tokens(short_p, 3)}
+    if order == "deadline":
+        assert run.first_step["short"] == 0 and run.first_step["long"] > run.first_step["short"]
+    else:
+        assert run.first_step["long"] < run.first_step["short"]
     assert eng.pool.num_used == 0
 
 
