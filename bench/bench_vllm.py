@@ -4,14 +4,16 @@ against bare vLLM, and memory per process. One run, three phases, markdown table
 (1) handoff. A "wide" Llama (8 layers, 8 KV heads x head_dim 64, fp32: 32 KiB of KV per token; built into
     /tmp on first use, tokenizer copied from the tiny model) on a two-worker vLLM cluster (LocalCluster,
     engine vllm, ipc, broker flag --allow-forced-splits). For each prompt length p, a PD split (s = p,
-    max_tokens = 2: A emits token 1, B pulls A's KV, recomputes position p - 1 and emits token 2), an
-    unsplit run of a prompt of the same length (max_tokens = 8: its token gaps are single decode steps at
-    that context), and a raw NIXL READ of the same blocks between two processes of this benchmark, in
-    rotating order. The first split of the run (first contact of B with A) is reported separately.
+    max_tokens = 2: A emits token 1, B pulls A's KV for positions [0, p) and its first step computes
+    position p and emits token 2, a plain decode step), an unsplit run of a prompt of the same length
+    (max_tokens = 8: its token gaps are single decode steps at that context), and a raw NIXL READ of the
+    same blocks between two processes of this benchmark, in rotating order. The first split of the run
+    (first contact of B with A) is reported separately.
     - handoff (client) = (B's first token - A's token) at the client, minus the unsplit decode-step time
-      (median TBT of the unsplit runs of that length);
-    - handoff (workers) = from the end of A's last step to the end of B's recompute step, from timestamps
-      taken inside the worker processes (CLOCK_MONOTONIC, shared by all processes). The workers run
+      (median TBT of the unsplit runs of that length): the gap holds the handoff plus B's first decode step;
+    - handoff (workers) = from the end of A's last step to the start of B's first step (the KV is in
+      place), from timestamps taken inside the worker processes (CLOCK_MONOTONIC, shared by all
+      processes). The workers run
       ``python -m workers`` through a shim in this file that wraps a few methods (VllmEngine.start_decode,
       LLMEngine.step, the NIXL connector worker's handshake/_read_blocks/get_transfer_results, and the
       NIXL telemetry record) to log timestamps; no engine file is changed.
@@ -23,11 +25,12 @@ against bare vLLM, and memory per process. One run, three phases, markdown table
 (2) overhead. Bare vLLM (an in-process LLMEngine in a child process, the EngineArgs of VllmEngine minus
     the connector and the scheduler class, driven by a plain add-all-then-step loop that stamps each
     token when step() returns it) against DynaServe (client SDK -> broker -> one vLLM worker, colocate
-    policy) on the tiny model: N requests of 128 prompt tokens and 128 output tokens submitted at once,
-    N in {8, 32}, in rounds that rotate the order of the systems. Bare vLLM runs twice, in two processes:
-    step() in the main thread, and step() in one worker thread as VllmEngine runs it (on this machine the
-    two differ in step time and CPU use). TTFT and TBT as defined in dynaserve.metrics; CPU time per
-    output token from /proc/<pid>/stat.
+    policy, the worker bound to all cores like the bare engines) on the tiny model: N requests of 128
+    prompt tokens and 128 output tokens submitted at once, N in {8, 32}, in rounds that rotate the order
+    of the systems. Bare vLLM runs three times, in three processes: built and stepped in the main thread;
+    built in the main thread and stepped in one worker thread (two OpenMP teams in one process, see
+    workers/engines/vllm_engine.py); built and stepped in one worker thread, as VllmEngine runs it. TTFT
+    and TBT as defined in dynaserve.metrics; CPU time per output token from /proc/<pid>/stat.
 (3) memory. VmRSS and VmHWM from /proc/<pid>/status of every process involved, idle (after start-up and
     warm-up) and after the phase's load, plus a simulated-engine worker and its broker.
 
@@ -483,11 +486,11 @@ def analyse_split(run: Run, trace_dir: Path, t_from: float) -> Handoff:
     hs = [e for e in ev_b if e["k"] == "handshake"]
     tel = [e for e in ev_b if e["k"] == "telemetry"]
     sent = [e for e in ev_a if e["k"] == "xfer_done" and e["sent"]]
-    if not (a_done and len(b_steps) >= 2 and reads and done):
+    if not (a_done and b_steps and reads and done):
         h.ok, h.note = False, f"missing events (A done {len(a_done)}, B steps {len(b_steps)}, reads {len(reads)}, done {len(done)})"
         return h
     t_a = a_done[0]["t"]
-    rec, dec = b_steps[0], b_steps[1]
+    dec = b_steps[0]  # B's first step: position p, token 2
     rd, dn = reads[0], done[0]
     ms = 1000.0
     h.inner = {
@@ -496,16 +499,14 @@ def analyse_split(run: Run, trace_dir: Path, t_from: float) -> Handoff:
         "to_post": (rd["t0"] - t_sd) * ms,  # B's step pick-up, add, schedule (+ handshake when cold)
         "read_post": (rd["t"] - rd["t0"]) * ms,
         "read_seen": (dn["t"] - rd["t"]) * ms,
-        "to_recompute": (rec["t0"] - dn["t"]) * ms,
-        "recompute": (rec["t"] - rec["t0"]) * ms,
-        "to_decode": (dec["t0"] - rec["t"]) * ms,
+        "to_decode": (dec["t0"] - dn["t"]) * ms,
         "decode": (dec["t"] - dec["t0"]) * ms,
         "relay_b_client": (run.token_ts[1] - dec["t"]) * ms,
         "relay_a_client": (run.token_ts[0] - t_a) * ms,
-        "handoff_workers": (rec["t"] - t_a) * ms,
+        "handoff_workers": (dec["t0"] - t_a) * ms,
         "a_to_b2": (run.token_ts[1] - t_a) * ms,
         "a_release": ((sent[0]["t"] - t_a) * ms) if sent else float("nan"),
-        "b_waiting_steps": float(sum(1 for e in ev_b if e["k"] == "step" and t_sd <= e["t0"] <= rec["t0"])),
+        "b_waiting_steps": float(sum(1 for e in ev_b if e["k"] == "step" and t_sd <= e["t0"] < dec["t0"])),
         "a_held_steps": float(sum(1 for e in ev_a if e["k"] == "step" and t_a < e["t0"]
                                   and (not sent or e["t0"] <= sent[0]["t"]))),
     }
@@ -585,8 +586,6 @@ async def phase_handoff(args: argparse.Namespace, bar: Any, mem: dict) -> dict:
         mem["wide"]["after"] = {n: mem_row(p.pid) for n, p in cluster.procs.items()}
         for name in ("w0", "w1"):
             log = cluster.log(name)
-            res.setdefault("mismatch_lines", 0)
-            res["mismatch_lines"] += log.count("re-emitted")
             res.setdefault("recompute_fallbacks", 0)
             res["recompute_fallbacks"] += log.count("recomputing locally")
     finally:
@@ -607,16 +606,16 @@ def handoff_tables(res: dict, sizes: list[int]) -> str:
     lines.append(
         "| prompt tokens | KV bytes (tokens x 32 KiB) | bytes moved (whole blocks) | descriptors (vLLM / raw) "
         "| A->B token gap, client ms | unsplit decode step (TBT p50) ms | **handoff, client** ms "
-        "| **handoff, workers** ms | of which recompute step ms | handoff without the recompute ms "
+        "| **handoff, workers** ms | B's first step (decode) ms "
         "| NIXL READ inside the handoff ms | raw READ, 1 desc. per (layer, block) ms | raw READ, 1 descriptor ms |")
-    lines.append("|" + "---|" * 13)
+    lines.append("|" + "---|" * 12)
     ratios = ["\n| prompt tokens | raw / handoff (client) | raw / handoff (workers) "
-              "| raw / handoff without the recompute | raw / READ inside the handoff | handoff GB/s (client) "
-              "| handoff GB/s (workers) | READ inside GB/s | raw READ GB/s |", "|" + "---|" * 9]
+              "| raw / READ inside the handoff | handoff GB/s (client) "
+              "| handoff GB/s (workers) | READ inside GB/s | raw READ GB/s |", "|" + "---|" * 8]
     for p in sizes:
         hs = [h for h in warm if h.p == p]
         if not hs:
-            lines.append(f"| {p} | no successful handoff |" + " |" * 11)
+            lines.append(f"| {p} | no successful handoff |" + " |" * 10)
             continue
         nb = -(-p // BLOCK)
         moved = nb * BLOCK * WIDE_KV_BYTES_PER_TOKEN
@@ -624,8 +623,7 @@ def handoff_tables(res: dict, sizes: list[int]) -> str:
         gap = med([h.gap_ms for h in hs])
         client = med([h.gap_ms - tbt for h in hs])
         inner = med([h.inner["handoff_workers"] for h in hs])
-        recomp = med([h.inner["recompute"] for h in hs])
-        no_rec = med([h.inner["handoff_workers"] - h.inner["recompute"] for h in hs])
+        first = med([h.inner["decode"] for h in hs])
         tel = [h.telemetry for h in hs if h.telemetry]
         xfer = med([t["xfer_ms"] for t in tel])
         descs = "/".join(str(int(t["descs"])) for t in tel) if tel else "?"
@@ -635,13 +633,13 @@ def handoff_tables(res: dict, sizes: list[int]) -> str:
         note = "" if not tbytes or tbytes == moved else f" (NIXL: {tbytes / 2**20:.1f} MiB)"
         lines.append(
             f"| {p} | {p * WIDE_KV_BYTES_PER_TOKEN / 2**20:.1f} MiB | {moved / 2**20:.0f} MiB{note} "
-            f"| {descs} / {nb * 8} | {gap:.1f} | {tbt:.1f} | **{client:.1f}** | **{inner:.1f}** | {recomp:.1f} "
-            f"| {no_rec:.1f} | {xfer:.1f} | {raw_l:.1f} | {raw_c:.1f} |")
+            f"| {descs} / {nb * 8} | {gap:.1f} | {tbt:.1f} | **{client:.1f}** | **{inner:.1f}** | {first:.1f} "
+            f"| {xfer:.1f} | {raw_l:.1f} | {raw_c:.1f} |")
 
         def gbs(ms: float, moved: int = moved) -> str:
             return f"{moved / (ms / 1000.0) / 1e9:.2f}" if ms > 0 else "-"
 
-        ratios.append(f"| {p} | **{raw_l / client:.2f}** | **{raw_l / inner:.2f}** | {raw_l / no_rec:.2f} "
+        ratios.append(f"| {p} | **{raw_l / client:.2f}** | **{raw_l / inner:.2f}** "
                       f"| {raw_l / xfer:.2f} | {gbs(client)} | {gbs(inner)} | {gbs(xfer)} | {gbs(raw_l)} |")
     lines += ratios
     lines.append(f"\nMedians over {len(warm) // max(1, len(sizes))} warm handoffs per length (first contact "
@@ -653,11 +651,9 @@ def handoff_tables(res: dict, sizes: list[int]) -> str:
             ("handshake", "of which NIXL handshake"),
             ("read_post", "READ post (the copy runs inside it)"),
             ("read_seen", "post -> completion seen"),
-            ("to_recompute", "-> recompute step starts"),
-            ("recompute", "recompute step (position p - 1)"),
+            ("to_decode", "-> B's first step starts"),
             ("handoff_workers", "= handoff, workers"),
-            ("to_decode", "-> decode step starts"),
-            ("decode", "decode step (token 2)"),
+            ("decode", "B's first step (position p, token 2)"),
             ("relay_b_client", "B step end -> client")]
     lines.append("| component | first contact, p=" + (str(cold[0].p) if cold else "-") + " | "
                  + " | ".join(f"p={p}" for p in sizes) + " |")
@@ -666,7 +662,7 @@ def handoff_tables(res: dict, sizes: list[int]) -> str:
         c = f"{cold[0].inner[key]:.1f}" if cold and cold[0].ok else "-"
         vals = [med([h.inner[key] for h in warm if h.p == p]) for p in sizes]
         lines.append(f"| {label} | {c} | " + " | ".join(f"{v:.1f}" for v in vals) + " |")
-    extra = [("b_waiting_steps", "B steps from StartDecode to the recompute step"),
+    extra = [("b_waiting_steps", "B steps from StartDecode to its first step"),
              ("a_held_steps", "A steps while holding the blocks"),
              ("a_release", "A: step end -> B's read notification seen (ms)")]
     for key, label in extra:
@@ -687,15 +683,16 @@ def handoff_tables(res: dict, sizes: list[int]) -> str:
 def _bare_main(conn: Any, model: str, mode: str, log_path: str) -> None:
     """Bare vLLM: in-process LLMEngine with VllmEngine's EngineArgs minus the connector and scheduler_cls.
 
-    mode "main": step() in the main thread (a plain loop); mode "thread": step() in one worker thread, the
-    way VllmEngine runs it (ThreadPoolExecutor(max_workers=1)), still without anything else of DynaServe.
+    mode "main": built and stepped in the main thread (a plain loop); mode "thread": built in the main
+    thread, each step() in one worker thread (ThreadPoolExecutor(max_workers=1)); mode "engine_thread":
+    built and stepped in that one worker thread, the way VllmEngine runs it. Nothing else of DynaServe.
     vLLM's log goes to ``log_path``.
     """
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"  # what LocalCluster gives its workers
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"  # all cores of the process (the DynaServe worker's bind)
     from concurrent.futures import ThreadPoolExecutor
 
     from vllm import EngineArgs, SamplingParams
@@ -705,18 +702,21 @@ def _bare_main(conn: Any, model: str, mode: str, log_path: str) -> None:
     from workers.engines.vllm_config import VllmEngineConfig
 
     cfg = VllmEngineConfig(model=model)
-    llm = LLMEngine.from_engine_args(EngineArgs(
+    args = EngineArgs(
         model=cfg.model, dtype=cfg.dtype, enforce_eager=cfg.enforce_eager, max_model_len=cfg.max_model_len,
         seed=cfg.seed, kv_cache_memory_bytes=cfg.kv_cache_bytes, enable_prefix_caching=False,
         max_num_batched_tokens=cfg.max_num_batched_tokens, max_num_seqs=cfg.max_num_seqs,
-    ))
-    if mode == "thread":
-        ex = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-step")
-
+    )
+    ex = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-step")
+    if mode == "engine_thread":
+        llm = ex.submit(LLMEngine.from_engine_args, args).result()
+    else:
+        llm = LLMEngine.from_engine_args(args)
+    if mode == "main":
+        step = llm.step
+    else:
         def step() -> Any:
             return ex.submit(llm.step).result()
-    else:
-        step = llm.step
     llm.add_request("warmup", {"prompt_token_ids": [3] * 16}, SamplingParams(max_tokens=2, ignore_eos=True))
     while llm.has_unfinished_requests():
         step()
@@ -754,9 +754,11 @@ def records(runs: list[tuple[float, list[float]]], p: int, o: int, tag: str) -> 
             for i, (s, ts) in enumerate(runs)]
 
 
-SYSTEMS = (("bare", "bare vLLM, step() in the main thread"),
-           ("bare_thr", "bare vLLM, step() in a worker thread"),
+SYSTEMS = (("bare", "bare vLLM, built and stepped in the main thread"),
+           ("bare_thr", "bare vLLM, built in the main thread, stepped in a worker thread"),
+           ("bare_eng", "bare vLLM, built and stepped in one worker thread"),
            ("ds", "DynaServe"))
+BARE_MODES = {"bare": "main", "bare_thr": "thread", "bare_eng": "engine_thread"}
 
 
 async def phase_overhead(args: argparse.Namespace, bar: Any, mem: dict) -> dict:
@@ -767,15 +769,17 @@ async def phase_overhead(args: argparse.Namespace, bar: Any, mem: dict) -> dict:
     model = str(build(DEFAULT_OUT))
     ctx = mp.get_context("spawn")
     bares: dict[str, tuple[Any, Any]] = {}
+    # the worker gets every core, like the bare engines (LocalCluster binds worker i to core i by default)
     cluster = make_cluster(False, engine="vllm", workers=1, policy="colocate",
-                           side_channel_base_port=SIDE_PORT_TINY, ready_timeout_s=300.0)
+                           side_channel_base_port=SIDE_PORT_TINY, ready_timeout_s=300.0,
+                           worker_args=["--vllm-cpu-bind", f"0-{(os.cpu_count() or 1) - 1}"])
     res: dict[str, Any] = {name: {} for name, _ in SYSTEMS}
     res["rounds"] = []
     res["log_dir"] = log_dir = tempfile.mkdtemp(prefix="bench-vllm-bare-")
     plen, olen = 128, 128
     try:
-        bar.set_postfix_str("starting 2 bare vLLM engines + 1-worker cluster (tiny model)")
-        for name, mode in (("bare", "main"), ("bare_thr", "thread")):
+        bar.set_postfix_str(f"starting {len(BARE_MODES)} bare vLLM engines + 1-worker cluster (tiny model)")
+        for name, mode in BARE_MODES.items():
             conn, child = ctx.Pipe()
             proc = ctx.Process(target=_bare_main, args=(child, model, mode, f"{log_dir}/{name}.log"), daemon=True)
             proc.start()
@@ -808,7 +812,7 @@ async def phase_overhead(args: argparse.Namespace, bar: Any, mem: dict) -> dict:
                 await asyncio.wait_for(asyncio.gather(*(s.collect() for s in streams)), 180)
                 return [(s.submit_ts, list(s.token_ts)) for s in streams]
 
-        runners = {"bare": run_bare("bare"), "bare_thr": run_bare("bare_thr"), "ds": run_ds}
+        runners = {**{name: run_bare(name) for name in BARE_MODES}, "ds": run_ds}
         seed = 7000
         # warm-up round on every system (the first batches pay lazy start-up work), not recorded
         warm = [prompt_ids(plen, seed + i) for i in range(8)]
@@ -877,7 +881,7 @@ def overhead_table(res: dict, concurrency: list[int]) -> str:
                          f"| {s.tbt_p99_ms:.2f} | {tput:,.0f} | {cpu['engine']:.2f} "
                          f"| {cpu['broker']:.2f} | {cpu['client']:.2f} | {cpu['total']:.2f} |")
         d = sums["ds"]
-        for base in ("bare", "bare_thr"):
+        for base in BARE_MODES:
             b = sums[base]
             lines.append(f"| {n} | **ratio DynaServe / {base}** | | **{d.ttft_p50_ms / b.ttft_p50_ms:.2f}** "
                          f"| **{d.tbt_p50_ms / b.tbt_p50_ms:.2f}** | **{d.tbt_p99_ms / b.tbt_p99_ms:.2f}** | "
@@ -886,10 +890,11 @@ def overhead_table(res: dict, concurrency: list[int]) -> str:
     per: dict[tuple[int, int], dict[str, float]] = {}
     for r in res["rounds"]:
         per.setdefault((r["n"], r["rnd"]), {})[r["name"]] = r["tbt_p50"]
-    for base in ("bare", "bare_thr"):
+    for base in BARE_MODES:
         lines.append(f"\nTBT p50 ratio DynaServe / {base} per round: " + "; ".join(
             f"N={n}: " + ", ".join(f"{per[(n, r)]['ds'] / per[(n, r)][base]:.2f}"
-                                   for r in sorted({k[1] for k in per if k[0] == n}) if len(per[(n, r)]) == 3)
+                                   for r in sorted({k[1] for k in per if k[0] == n})
+                                   if len(per[(n, r)]) == len(SYSTEMS))
             for n in concurrency) + ".")
     lines.append(f"\nKV cache: bare engines {res.get('bare_kv_tokens')} tokens, DynaServe worker "
                  f"{res.get('ds_kv_tokens')} tokens (256 MiB each). TTFT/TBT as in dynaserve.metrics "
@@ -993,8 +998,7 @@ async def amain(args: argparse.Namespace) -> None:
             notes = [f"wide cluster up in {res.get('startup_s', float('nan')):.0f} s"]
             if res["errors"]:
                 notes.append("errors: " + "; ".join(res["errors"]))
-            notes.append(f"B re-emitted a token different from A's: {res.get('mismatch_lines', 0)} times; "
-                         f"local recompute fallbacks: {res.get('recompute_fallbacks', 0)}")
+            notes.append(f"local recompute fallbacks: {res.get('recompute_fallbacks', 0)}")
             out.append("\n" + "; ".join(notes) + f". Worker traces: {res['trace_dir']}, logs: {res['run_dir']}")
         if "overhead" in phases:
             res2 = await phase_overhead(args, bar, mem)

@@ -5,6 +5,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+def parse_cpu_list(spec: str) -> set[int]:
+    """CPU ids of a list like ``"0"``, ``"2-3"`` or ``"0,2-3"``."""
+    cpus: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        lo, _, hi = part.partition("-")
+        first, last = int(lo), int(hi or lo)
+        if first < 0 or last < first:
+            raise ValueError(f"bad CPU range {part!r}")
+        cpus.update(range(first, last + 1))
+    if not cpus:
+        raise ValueError(f"empty CPU list {spec!r}")
+    return cpus
+
+
 @dataclass(frozen=True)
 class VllmEngineConfig:
     """The vLLM engine's model and resources (flags --vllm-*; TOML section [vllm])."""
@@ -18,7 +35,7 @@ class VllmEngineConfig:
     max_num_seqs: int = 64  # sequences per step at most
     enforce_eager: bool = True  # skip torch.compile (start-up in seconds; compile helps GPUs)
     side_channel_port: int = 5600  # NIXL handshake port of this instance (distinct per instance on a host)
-    cpu_bind: str = ""  # CPU cores for this instance's compute threads, e.g. "0" or "2-3" (CPU builds)
+    cpu_bind: str = ""  # CPU cores for this instance's compute threads, e.g. "0" or "2-3", one thread per core (CPU builds; empty = all cores of the process)
     kv_lease_s: float = 30.0  # handed-off blocks are freed after this long without the reader's confirmation
     kv_pull_timeout_s: float = 5.0  # a B still waiting for A's KV after this long recomputes it locally
     seed: int = 0  # sampling seed of the engine
@@ -31,5 +48,7 @@ class VllmEngineConfig:
             raise ValueError("max_model_len must be >= 2 and kv_cache_bytes > 0")
         if self.fault_injection not in ("", "scramble_prefix", "dead_handoff_port"):
             raise ValueError("fault_injection must be empty, scramble_prefix or dead_handoff_port")
+        if self.cpu_bind:
+            parse_cpu_list(self.cpu_bind)  # raises ValueError on a malformed list
         if not 1 <= self.side_channel_port <= 65535:
             raise ValueError("side_channel_port must be a TCP port")

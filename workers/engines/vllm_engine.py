@@ -1,18 +1,27 @@
 """vLLM behind the worker's engine interface (vLLM's CPU build here, its CUDA build on GPUs; one code path).
 
 The engine runs vLLM in-process (``LLMEngine`` with ``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so one
-``step()`` is one vLLM scheduler step plus one forward pass; the step runs in a worker thread while the
-asyncio loop keeps receiving messages. Every change to vLLM's state (add, abort, expire) is queued and
-applied between steps, on the loop thread, so vLLM is never touched concurrently.
+``step()`` is one vLLM scheduler step plus one forward pass. All of vLLM (construction, warm-up, steps,
+shutdown) runs on one engine thread while the asyncio loop keeps receiving messages. Every change to
+vLLM's state (add, abort, expire) is queued on the loop and applied on the engine thread right before the
+next step, so vLLM is never touched concurrently.
+
+Why one thread for everything: torch's CPU kernels and vLLM's run OpenMP parallel regions, and OpenMP
+keeps one thread team per thread that opens regions. Had the loop thread built the engine (its team
+exists from then on) and another thread stepped it (a second team), the process would manage more OpenMP
+threads than it has cores, and GNU OpenMP then lets idle team threads sleep instead of spin, so every
+parallel region of every step pays a wake-up. The engine thread also gets the CPU binding
+(``cpu_bind``): its affinity and thread count are set before it opens its first region, so its team
+inherits them.
 
 Micro-request mapping (the connector, workers.engines.vllm_connector, does the NIXL part):
     full:           prompt, max_tokens = o.
     A, s >= p:      prompt, max_tokens = d = s - p + 1, do_remote_decode. Emits d tokens; its blocks cover
                     s positions and are held for B.
     A, s < p:       prompt[:s], max_tokens = 1 (that token is discarded), do_remote_decode.
-    B, s >= p:      prompt + A's first d - 1 tokens (exactly the s positions A computed), A's parameters;
-                    max_tokens = B's share + 1: vLLM recomputes position s - 1 and re-emits A's last token,
-                    which is checked and dropped.
+    B, s >= p:      prompt + A's d tokens, A's parameters, max_tokens = B's share. The connector claims
+                    the s positions A computed; B's first step computes position s (A's last token) and
+                    samples B's first token.
     B, s < p:       prompt, A's parameters switched to the bidirectional path; pulls s positions.
 Only workers/engines/vllm* imports vllm.
 """
@@ -23,9 +32,10 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from dynaserve.env import loopback_kv_env
 from dynaserve.protocol import (
@@ -39,7 +49,7 @@ from dynaserve.protocol import (
     MicroDescriptor,
 )
 from workers.engine import EngineError, EngineInfo, EngineLoad, Handoff, StepOutput, validate_descriptor
-from workers.engines.vllm_config import VllmEngineConfig
+from workers.engines.vllm_config import VllmEngineConfig, parse_cpu_list
 from workers.local_scheduler import LocalScheduler
 
 log = logging.getLogger("dynaserve.vllm")
@@ -47,6 +57,8 @@ log = logging.getLogger("dynaserve.vllm")
 _FINISH = {"length": FINISH_LENGTH, "stop": FINISH_STOP, "abort": FINISH_ABORT}
 
 RECOMPUTE_SUFFIX = "#recompute"
+
+_T = TypeVar("_T")
 
 # request states
 WAIT_KV, RUNNING, HELD = "wait_kv", "running", "held"
@@ -57,7 +69,6 @@ class _Req:
     desc: MicroDescriptor
     state: str = RUNNING
     a_tokens: list[int] = field(default_factory=list)  # role A: tokens emitted so far
-    drop_first: int | None = None  # role B after a decode handoff: A's last token, re-emitted by vLLM
     b_prompt: list[int] = field(default_factory=list)  # role B: the true token sequence it continues from
     b_max_tokens: int = 0
     b_deadline: float = 0.0  # role B: recompute locally if A's KV has not arrived by then
@@ -71,8 +82,23 @@ def _prepare_env(cfg: VllmEngineConfig) -> None:
     os.environ["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(cfg.side_channel_port)
     for key, val in loopback_kv_env().items():
         os.environ.setdefault(key, val)
-    if cfg.cpu_bind:
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cfg.cpu_bind
+
+
+def _bind_engine_thread(cfg: VllmEngineConfig) -> None:
+    """On the engine thread, before its first OpenMP region: restrict it to ``cfg.cpu_bind`` (if set) with
+    one compute thread per core. The OpenMP team this thread opens later inherits the affinity. (vLLM's own
+    VLLM_CPU_OMP_THREADS_BIND applies only to the worker processes of its multiprocess executor, not to an
+    in-process engine.)"""
+    if not cfg.cpu_bind or cfg.device != "cpu":
+        return
+    import torch
+
+    cpus = parse_cpu_list(cfg.cpu_bind) & os.sched_getaffinity(0)
+    if not cpus:
+        raise ValueError(f"cpu_bind {cfg.cpu_bind!r} names no CPU this process may use")
+    os.sched_setaffinity(0, cpus)  # 0 = the calling thread
+    # torch.set_num_threads as torch defines it (vLLM's CPU worker replaces the public name with a no-op)
+    torch._C.set_num_threads(len(cpus))
 
 
 def scramble_token(token: int, vocab: int) -> int:
@@ -85,12 +111,34 @@ class VllmEngine:
 
     def __init__(self, cfg: VllmEngineConfig, local: LocalScheduler) -> None:
         _prepare_env(cfg)
+        self.cfg = cfg
+        self.local = local
+        self.reqs: dict[str, _Req] = {}
+        self._ops: list[tuple[str, Any]] = []
+        self._held_blocks: dict[str, tuple[str, int]] = {}  # request -> (vLLM internal id, blocks held)
+        self.last_step_ms = 0.0
+        self.transfer_failures = 0
+        self._exec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-step")
+        try:
+            self.run_on_engine_thread(self._start)
+        except BaseException:
+            self._exec.shutdown(wait=False)
+            raise
+
+    def run_on_engine_thread(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """Run ``fn(*args)`` on the engine thread and return its result (blocking). Code that drives
+        ``self.llm`` directly (step-time measurements) should go through this, so its steps run where the
+        engine's do."""
+        return self._exec.submit(fn, *args).result()
+
+    def _start(self) -> None:
+        """On the engine thread: bind it, build the engine, warm it up."""
+        cfg = self.cfg
+        _bind_engine_thread(cfg)
         from vllm import EngineArgs
         from vllm.config import KVTransferConfig
         from vllm.v1.engine.llm_engine import LLMEngine
 
-        self.cfg = cfg
-        self.local = local
         kv_cfg = KVTransferConfig(
             kv_connector="DynaServeConnector",
             kv_connector_module_path="workers.engines.vllm_connector",
@@ -112,7 +160,7 @@ class VllmEngine:
         self.llm = LLMEngine.from_engine_args(args)
         core = self.llm.engine_core.engine_core  # the in-process EngineCore
         self.sched = core.scheduler
-        self.sched.local = local
+        self.sched.local = self.local
         self.connector = self.sched.connector
         vcfg = core.vllm_config
         mcfg = vcfg.model_config
@@ -128,13 +176,6 @@ class VllmEngine:
             kv_bytes_per_token=kv_bytes, vocab_size=mcfg.get_vocab_size(),
             eos_token_id=int(tok.eos_token_id) if tok.eos_token_id is not None else -1,
         )
-        self.reqs: dict[str, _Req] = {}
-        self._ops: list[tuple[str, Any]] = []
-        self._held_blocks: dict[str, tuple[str, int]] = {}  # request -> (vLLM internal id, blocks held)
-        self._exec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-step")
-        self.last_step_ms = 0.0
-        self.handoff_mismatches = 0
-        self.transfer_failures = 0
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -190,21 +231,17 @@ class VllmEngine:
         params = dict(kv)
         params["dynaserve_role"] = "B"
         if s >= p:
-            prompt = desc.prompt + tokens[:-1]
-            req.drop_first = tokens[-1]
-            max_tokens = desc.emit_tokens + 1
+            prompt = desc.prompt + tokens  # the connector claims the first s positions (what A computed)
         else:
             prompt = list(desc.prompt)
             params["do_remote_prefill"] = False
             params["do_remote_decode"] = True
-            max_tokens = desc.emit_tokens
+        max_tokens = desc.emit_tokens
         req.b_prompt, req.b_max_tokens = list(prompt), max_tokens
         req.b_deadline = time.monotonic() + self.cfg.kv_pull_timeout_s
         if self.cfg.fault_injection == "scramble_prefix":
-            # B's tokens for the pulled positions no longer matter if B really continues from A's KV; vLLM
-            # recomputes position s - 1 after a decode handoff, so that one stays
-            keep = s - 1 if s >= p else s
-            prompt = [scramble_token(t, self.info.vocab_size) for t in prompt[:keep]] + prompt[keep:]
+            # B's tokens for the pulled positions no longer matter if B really continues from A's KV
+            prompt = [scramble_token(t, self.info.vocab_size) for t in prompt[:s]] + prompt[s:]
         req.state = RUNNING
         self._ops.append(("add", (req_id, prompt, self._params(desc, max_tokens, params))))
 
@@ -326,12 +363,6 @@ class VllmEngine:
                 del self.reqs[rid]
                 self._ops.append(("expire", req.internal_id))
             return
-        if req.drop_first is not None and new:
-            first = new.pop(0)
-            if first != req.drop_first:
-                self.handoff_mismatches += 1
-                log.error("request %s: B re-emitted %d where A emitted %d", rid, first, req.drop_first)
-            req.drop_first = None
         if new or finish is not None:
             out.entries.append([rid, new, finish])
         if finish is not None:
@@ -359,8 +390,8 @@ class VllmEngine:
         return ld
 
     def close(self) -> None:
-        self._exec.shutdown(wait=True)
         try:
-            self.llm.engine_core.shutdown()
+            self.run_on_engine_thread(self.llm.engine_core.shutdown)
         except Exception:  # noqa: BLE001 - best effort at exit
             log.debug("engine shutdown failed", exc_info=True)
+        self._exec.shutdown(wait=True)
