@@ -56,12 +56,15 @@ async def replay(
     vocab: int = 32000,
     timeout_s: float = 600.0,
     progress: bool = True,
+    curve_dir: str = "",
+    curve_name: str = "client",
 ) -> list[RequestRecord]:
-    """Replay ``reqs`` open-loop; returns one record per request (errors recorded, never raised)."""
+    """Replay ``reqs`` open-loop; returns one record per request (errors recorded, never raised).
+    ``curve_dir``: CURVE keys of a secured broker (client certificate ``clients/<curve_name>``)."""
     records: list[RequestRecord] = []
     bar = tqdm(total=len(reqs), desc="replay", unit="req", disable=not progress, file=sys.stderr)
 
-    async with DynaServeClient(addr) as client:
+    async with DynaServeClient(addr, curve_dir=curve_dir, curve_name=curve_name) as client:
         status = await client.status()  # fail fast when no broker answers
         vocab = int(status.stats.get("vocab_size", vocab))
         max_len = int(status.stats.get("max_model_len", 0))
@@ -133,13 +136,14 @@ def add_replay_args(p: argparse.ArgumentParser, slo_flags: bool = True) -> None:
     g.add_argument("--label", default="run", help="label of this run in the report")
 
 
-def run_replay(addr: str, ns: argparse.Namespace) -> Summary:
+def run_replay(addr: str, ns: argparse.Namespace, curve_dir: str = "", curve_name: str = "client") -> Summary:
     """Replay per the flags, write records + report into ``ns.out``, return the summary."""
     reqs = build_requests(ns)
     if not reqs:
         raise SystemExit("the selected trace window holds no request")
     print(f"replaying {len(reqs)} requests at {mean_rate(reqs):.2f} req/s against {addr}", file=sys.stderr)
-    records = run_event_loop(replay(addr, reqs, ttft_slo_ms=ns.ttft_slo_ms, tbt_slo_ms=ns.tbt_slo_ms, seed=ns.seed))
+    records = run_event_loop(replay(addr, reqs, ttft_slo_ms=ns.ttft_slo_ms, tbt_slo_ms=ns.tbt_slo_ms, seed=ns.seed,
+                                    curve_dir=curve_dir, curve_name=curve_name))
     out = Path(ns.out)
     out.mkdir(parents=True, exist_ok=True)
     write_records(out / "records.jsonl", records)
@@ -151,9 +155,11 @@ def run_replay(addr: str, ns: argparse.Namespace) -> Summary:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="dynaserve-replay", description=__doc__.split("\n\n")[0])
     p.add_argument("--addr", default="tcp://127.0.0.1:5555", help="broker client address")
+    p.add_argument("--curve-dir", default="", help="CURVE key directory of a secured broker (default: off)")
+    p.add_argument("--curve-name", default="client", help="client certificate name in the key directory")
     add_replay_args(p)
     ns = p.parse_args(argv)
-    run_replay(ns.addr, ns)
+    run_replay(ns.addr, ns, curve_dir=ns.curve_dir, curve_name=ns.curve_name)
     return 0
 
 

@@ -10,6 +10,7 @@ import signal
 from broker.server import Broker, BrokerConfig
 from dynaserve import config as C
 from dynaserve.aio import run_event_loop
+from dynaserve.calibration import load_step_model
 from dynaserve.env import log_level
 
 
@@ -20,6 +21,8 @@ def main(argv: list[str] | None = None) -> None:
     ns = parser.parse_args(argv)
     try:
         cfg = C.build(BrokerConfig, C.load_toml(ns.config).get("broker"), ns)
+        if cfg.step_model:
+            load_step_model(cfg.step_model)  # a bad file fails here, with its reason
     except ValueError as exc:
         parser.error(str(exc))
     logging.basicConfig(level=log_level(), format="%(asctime)s %(name)s %(levelname)s %(message)s")

@@ -6,7 +6,9 @@ Lifecycle:
     An instance lost mid-request (dead or restarted worker) re-plans the request: a new entry continues
     from the prompt plus the tokens already relayed, so the client's stream goes on without a gap.
 The broker keeps the client's id, the plan and how many tokens it relayed; workers know requests by the
-broker-assigned internal id, so two clients may use the same request id.
+broker-assigned internal id, so two clients may use the same request id. With CURVE on, every request
+records the client key that submitted it (``owner``), and the table knows which key owns each client
+socket identity's running requests.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class BrokerRequest:
     tbt_slo_ms: float
     predicted_output: int
     force_split: int | None = None
+    owner: str = ""  # User-Id (client certificate name) of the key that submitted it; "" with CURVE off
     generated: list[int] = field(default_factory=list)  # tokens relayed to the client so far
     handed_off: bool = False
     replans: int = 0  # times this request was re-planned after losing an instance
@@ -51,11 +54,12 @@ class BrokerRequest:
 
 
 class RequestTable:
-    """Internal id -> request, plus (client, client id) -> internal id."""
+    """Internal id -> request, plus (client, client id) -> internal id, plus client -> owning key."""
 
     def __init__(self) -> None:
         self.by_iid: dict[str, BrokerRequest] = {}
         self.by_client: dict[tuple[bytes, str], str] = {}
+        self._owners: dict[bytes, tuple[str, int]] = {}  # client identity -> (owner, requests in the table)
         self._ids = itertools.count(1)
 
     def new_iid(self) -> str:
@@ -65,6 +69,10 @@ class RequestTable:
         return len(self.by_iid)
 
     def add(self, req: BrokerRequest) -> None:
+        """Enter ``req`` (again when it leaves the queue: a second add of the same request changes nothing)."""
+        if req.iid not in self.by_iid:
+            owner, n = self._owners.get(req.client, (req.owner, 0))
+            self._owners[req.client] = (owner, n + 1)
         self.by_iid[req.iid] = req
         self.by_client[(req.client, req.client_req_id)] = req.iid
 
@@ -79,7 +87,17 @@ class RequestTable:
         req = self.by_iid.pop(iid, None)
         if req is not None:
             self.by_client.pop((req.client, req.client_req_id), None)
+            owner, n = self._owners[req.client]
+            if n > 1:
+                self._owners[req.client] = (owner, n - 1)
+            else:
+                del self._owners[req.client]
         return req
+
+    def owner(self, client: bytes) -> str | None:
+        """The key that owns the running requests of socket identity ``client`` (None when it has none)."""
+        entry = self._owners.get(client)
+        return None if entry is None else entry[0]
 
     def on_instance(self, instance_id: str) -> list[BrokerRequest]:
         return [r for r in self.by_iid.values() if instance_id in r.instances()]

@@ -25,7 +25,7 @@ from broker.requests import BrokerRequest, RequestTable
 from broker.scheduler import commit, forced_plan, make_policy
 from dynaserve import protocol as P
 from dynaserve import security
-from dynaserve.costmodel import preset_step_model
+from dynaserve.calibration import choose_step_model
 from dynaserve.predictor import make_predictor
 from dynaserve.sockets import Channel, make_socket
 from dynaserve.split import tokens_emitted_by_a
@@ -40,12 +40,13 @@ class BrokerConfig:
 
     client_addr: str = "tcp://127.0.0.1:5555"  # ZeroMQ address clients connect to
     worker_addr: str = "tcp://127.0.0.1:5556"  # ZeroMQ address workers connect to
-    policy: str = "dynaserve"  # global scheduling policy: colocate, disagg or dynaserve
+    policy: str = "dynaserve"  # global scheduling policy: colocate, disagg, dynaserve or balance
     prefill_instances: int = 1  # disagg policy: number of instances in the prefill pool
     predictor: str = "max_tokens"  # output-length predictor: max_tokens or history
     ttft_slo_ms: float = 2000.0  # TTFT SLO of the default SLO class
     tbt_slo_ms: float = 100.0  # TBT SLO (P99) of the default SLO class
     model: str = "llama3-8b"  # model the scheduler prices work for: a cost-model preset or an HF model directory
+    step_model: str = ""  # step-model file (python -m workers.calibrate) to price work with instead of model/gpu/tp
     gpu: str = "a100"  # GPU of the cost tables: a100 or h100
     tp: int = 1  # tensor-parallel degree of each instance
     transfer_gbps: float = 25.0  # KV link bandwidth the scheduler assumes, GB/s
@@ -94,7 +95,8 @@ class Broker:
         self.ctx = zmq.Context()
         self.cluster = ClusterState()
         self.pricing = Pricing(
-            preset_step_model(config.model, config.gpu, config.tp)[0], transfer_gbps=config.transfer_gbps
+            choose_step_model(config.step_model, config.model, config.gpu, config.tp)[0],
+            transfer_gbps=config.transfer_gbps,
         )
         opts = {"prefill_instances": config.prefill_instances} if config.policy == "disagg" else {}
         self.policy = make_policy(config.policy, self.pricing, **opts)
@@ -125,7 +127,7 @@ class Broker:
             curve_c = security.server_options(self.cfg.curve_dir, security.CLIENTS)
             curve_w = security.server_options(self.cfg.curve_dir, security.WORKERS)
         self.clients = Channel(make_socket(self.ctx, zmq.ROUTER, bind=self.cfg.client_addr, curve=curve_c),
-                               self._on_client_frames, "clients")
+                               self._on_client_frames, "clients", user_ids=bool(self.cfg.curve_dir))
         self.workers = Channel(make_socket(self.ctx, zmq.ROUTER, bind=self.cfg.worker_addr, curve=curve_w),
                                self._on_worker_frames, "workers", user_ids=bool(self.cfg.curve_dir))
         self.clients.attach()
@@ -195,8 +197,13 @@ class Broker:
             self.stats.bad_frames += 1
             self._client_error(client, exc.code, str(exc), exc.req_id)
             return
+        owner = ""
+        if self.cfg.curve_dir and self.clients is not None:
+            owner = self.clients.last_user_id or ""
+            if not self._client_key_matches(client, owner, msg):
+                return
         if isinstance(msg, P.SubmitRequest):
-            self._on_submit(client, msg, time.monotonic())
+            self._on_submit(client, msg, time.monotonic(), owner)
         elif isinstance(msg, P.StatusRequest):
             self._send_client(client, P.StatusReply(
                 msg.nonce, [i.id for i in self.cluster.alive()], self.cfg.policy,
@@ -209,6 +216,26 @@ class Broker:
                 self._send_client(client, P.TokenStream([[req.client_req_id, [], P.FINISH_ABORT]]))
                 self._finish(req, abort_workers=True)
                 self.stats.aborted += 1
+
+    def _client_key_matches(self, client: bytes, key: str, msg: P.Message) -> bool:
+        """CURVE on: a socket identity's running requests belong to the client key that submitted them.
+
+        ZeroMQ lets one connection at a time hold an identity, so a message under it from another key means
+        the owner is gone and another key took the identity over: the owner's requests end (their tokens
+        would reach the new holder) and the message is refused with ``forbidden``."""
+        owner = self.table.owner(client)
+        if owner is None or owner == key:
+            return True
+        ended = self.table.of_client(client)
+        for req in ended:
+            self._finish(req, abort_workers=True)
+            self.stats.aborted += 1
+        self.stats.bad_frames += 1
+        log.warning("client key %r used the socket identity %s of key %r: refused; %d requests of %r ended",
+                    key, client.hex(), owner, len(ended), owner)
+        self._client_error(client, "forbidden", "this client identity belongs to another key's requests; "
+                           "they were ended (use a distinct identity per client)", getattr(msg, "req_id", None))
+        return False
 
     def _status_stats(self) -> dict:
         stats: dict = dataclasses.asdict(self.stats)
@@ -232,7 +259,7 @@ class Broker:
         lens = [i.max_model_len for i in self.cluster.instances.values() if i.alive]
         return min(lens) if lens else 0
 
-    def _on_submit(self, client: bytes, msg: P.SubmitRequest, now: float) -> None:
+    def _on_submit(self, client: bytes, msg: P.SubmitRequest, now: float, owner: str = "") -> None:
         rid = msg.req_id
         err = None
         prompt = msg.prompt
@@ -283,7 +310,7 @@ class Broker:
         req = BrokerRequest(
             iid=self.table.new_iid(), client=client, client_req_id=rid, prompt=prompt, sampling=sp,
             plan=None, arrival=now, ttft_slo_ms=ttft, tbt_slo_ms=tbt, predicted_output=predicted,
-            force_split=msg.force_split,
+            force_split=msg.force_split, owner=owner,
         )
         if not self._admit(req, now):
             self.stats.rejected += 1
@@ -296,8 +323,7 @@ class Broker:
             if len(self.queue) >= self.cfg.max_queued:
                 return False
             self.queue.append(req)
-            self.table.by_client[(req.client, req.client_req_id)] = req.iid  # visible to aborts while queued
-            self.table.by_iid[req.iid] = req
+            self.table.add(req)  # visible to aborts while queued
         return True
 
     def _declare_dead(self, inst_id: str, why: str, now: float) -> None:
@@ -334,7 +360,7 @@ class Broker:
             iid=self.table.new_iid(), client=req.client, client_req_id=req.client_req_id,
             prompt=req.prompt + req.generated, sampling=dataclasses.replace(req.sampling, max_tokens=remaining),
             plan=None, arrival=req.arrival, ttft_slo_ms=req.ttft_slo_ms, tbt_slo_ms=req.tbt_slo_ms,
-            predicted_output=min(req.predicted_output, remaining), replans=req.replans + 1,
+            predicted_output=min(req.predicted_output, remaining), replans=req.replans + 1, owner=req.owner,
         )
         if not self._admit(new, now):
             self.stats.failed += 1

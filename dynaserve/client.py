@@ -316,14 +316,32 @@ class DynaServeClient:
 
 
 class SyncClient:
-    """Blocking wrapper: runs a DynaServeClient on a private event loop thread."""
+    """Blocking wrapper: runs a DynaServeClient on a private event loop thread.
 
-    def __init__(self, address: str = "tcp://127.0.0.1:5555") -> None:
+    The options are DynaServeClient's (``curve_dir``/``curve_name`` or ``curve`` for a CURVE-secured broker).
+    """
+
+    def __init__(
+        self,
+        address: str = "tcp://127.0.0.1:5555",
+        *,
+        identity: bytes | None = None,
+        curve_dir: str = "",
+        curve_name: str = "client",
+        curve: CurveOptions | None = None,
+        liveness_s: float = 5.0,
+    ) -> None:
+        # keys are read before the loop thread starts: a missing key file raises here, leaving nothing behind
+        self._client = DynaServeClient(address, identity=identity, curve_dir=curve_dir, curve_name=curve_name,
+                                       curve=curve, liveness_s=liveness_s)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="dynaserve-client")
         self._thread.start()
-        self._client = DynaServeClient(address)
         self._call(self._client.connect())
+
+    def status(self, timeout: float = 5.0) -> P.StatusReply:
+        """The broker's view of the cluster; raises BrokerUnavailableError if it does not answer."""
+        return self._call(self._client.status(timeout))
 
     def _call(self, coro: Any, timeout: float | None = None) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)

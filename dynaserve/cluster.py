@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import logging
 import os
 import signal
 import subprocess
@@ -20,9 +21,15 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dynaserve import security
 from dynaserve.client import DynaServeClient
 from dynaserve.errors import BrokerUnavailableError
 from dynaserve.tinymodel import DEFAULT_OUT as DEFAULT_MODEL_DIR
+
+log = logging.getLogger("dynaserve.cluster")
+
+CLIENT_KEY = "client"  # certificate (clients/NAME) of the SDK clients: readiness checks, status, replay
+FRONTEND_KEY = "frontend"  # certificate of the HTTP front end's broker connection
 
 
 @dataclass(frozen=True)
@@ -40,6 +47,7 @@ class ClusterConfig:
     prefill_instances: int = 1  # disagg policy: prefill pool size
     model: str = "llama3-8b"  # cost-model preset of the simulated engine and the scheduler
     gpu: str = "a100"  # GPU whose cost tables price steps
+    step_model: str = ""  # step-model file (python -m workers.calibrate) for the broker and every worker; empty = cost tables
     engine_time_scale: float = 1.0  # simulated engine: real seconds per modeled second
     kv_capacity_tokens: int = 131072  # KV cache per instance, tokens
     ttft_slo_ms: float = 2000.0  # TTFT SLO of the default class
@@ -47,6 +55,7 @@ class ClusterConfig:
     ready_timeout_s: float = 60.0  # how long to wait for every worker to register
     http_port: int = 8000  # OpenAI-compatible HTTP front end on 127.0.0.1:PORT; 0 = no front end
     metrics_base_port: int = 0  # Prometheus: broker on this port, worker i on port + 1 + i; 0 = off
+    curve_dir: str = ""  # CURVE key directory of every process and client (missing keys are generated); empty = off
 
     def __post_init__(self) -> None:
         if self.engine not in ("auto", "sim", "vllm"):
@@ -69,7 +78,7 @@ class LocalCluster:
     worker_args: list[str] = field(default_factory=list)
     frontend_args: list[str] = field(default_factory=list)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
-    client_curve_dir: str = ""  # CURVE keys wait_ready connects with (when the broker runs with --curve-dir)
+    client_curve_dir: str = ""  # CURVE keys wait_ready connects with (default: config.curve_dir)
 
     def __post_init__(self) -> None:
         if self.run_dir is None:
@@ -82,6 +91,25 @@ class LocalCluster:
         else:
             self.client_addr = f"tcp://127.0.0.1:{cfg.client_port}"
             self.worker_addr = f"tcp://127.0.0.1:{cfg.worker_port}"
+        # absolute: the processes run in the repository root, the path may be relative to the caller's cwd
+        self.curve_dir = str(Path(cfg.curve_dir).resolve()) if cfg.curve_dir else ""
+        if not self.client_curve_dir:
+            self.client_curve_dir = self.curve_dir
+
+    def curve_flags(self, name: str = "") -> list[str]:
+        """``--curve-dir`` (and ``--curve-name NAME`` for a client process) when CURVE is on."""
+        if not self.curve_dir:
+            return []
+        return ["--curve-dir", self.curve_dir, *(["--curve-name", name] if name else [])]
+
+    def ensure_keys(self) -> list[str]:
+        """Generate the key pairs ``curve_dir`` lacks (broker, clients, every worker); returns what was made."""
+        if not self.curve_dir:
+            return []
+        made = security.ensure_keys(self.curve_dir, [CLIENT_KEY, FRONTEND_KEY], self.instance_ids)
+        if made:
+            log.warning("generated CURVE keys in %s: %s", self.curve_dir, ", ".join(made))
+        return made
 
     @property
     def instance_ids(self) -> list[str]:
@@ -104,7 +132,7 @@ class LocalCluster:
             "-m", "broker", "--client-addr", self.client_addr, "--worker-addr", self.worker_addr,
             "--policy", cfg.policy, "--prefill-instances", str(cfg.prefill_instances), "--model", self.cost_model,
             "--gpu", cfg.gpu, "--ttft-slo-ms", str(cfg.ttft_slo_ms), "--tbt-slo-ms", str(cfg.tbt_slo_ms),
-            *self.metrics_flag(0), *self.broker_args,
+            *self.metrics_flag(0), *self.step_model_flags(), *self.curve_flags(), *self.broker_args,
         ])
 
     @property
@@ -127,12 +155,16 @@ class LocalCluster:
         return ["--engine", "sim", "--sim-model", cfg.model, "--sim-gpu", cfg.gpu,
                 "--sim-time-scale", str(cfg.engine_time_scale), "--sim-kv-capacity-tokens", str(cfg.kv_capacity_tokens)]
 
+    def step_model_flags(self) -> list[str]:
+        """``--step-model FILE`` (absolute: the processes run in the repository root) when one is set."""
+        return ["--step-model", str(Path(self.config.step_model).resolve())] if self.config.step_model else []
+
     def start_worker(self, instance_id: str) -> None:
         cfg = self.config
         self._spawn(instance_id, [
             "-m", "workers", "--broker-addr", self.worker_addr, "--instance-id", instance_id,
             "--tbt-slo-ms", str(cfg.tbt_slo_ms), *self._engine_args(self.instance_ids.index(instance_id)),
-            *self.metrics_flag(1 + self.instance_ids.index(instance_id)), *self.worker_args,
+            *self.metrics_flag(1 + self.instance_ids.index(instance_id)), *self.step_model_flags(), *self.curve_flags(), *self.worker_args,
         ])
 
     def metrics_flag(self, offset: int) -> list[str]:
@@ -150,7 +182,7 @@ class LocalCluster:
         self._spawn("frontend", [
             "-m", "dynaserve.frontend", "--broker", self.client_addr, "--host", "127.0.0.1",
             "--port", str(cfg.http_port), "--model", self.model_dir if self.engine == "vllm" else cfg.model,
-            *self.frontend_args,
+            *self.curve_flags(FRONTEND_KEY), *self.frontend_args,
         ])
 
     @property
@@ -163,6 +195,7 @@ class LocalCluster:
             from dynaserve.tinymodel import build
 
             build(DEFAULT_MODEL_DIR)
+        self.ensure_keys()
         self.start_broker()
         for iid in self.instance_ids:
             self.start_worker(iid)
@@ -190,7 +223,7 @@ class LocalCluster:
         the instance ids. Raises on timeout or if a process died."""
         deadline = time.monotonic() + (timeout or self.config.ready_timeout_s)
         want = set(self.instance_ids)
-        async with DynaServeClient(self.client_addr, curve_dir=self.client_curve_dir) as client:
+        async with DynaServeClient(self.client_addr, curve_dir=self.client_curve_dir, curve_name=CLIENT_KEY) as client:
             while True:
                 self.check_alive()
                 try:

@@ -10,9 +10,11 @@ Key directory layout (``python -m dynaserve.keys DIR`` or ``scripts/keygen.py DI
     DIR/workers/ID.key_secret     that worker's key pair (copy to that worker only)
 
 The broker's ZAP authenticator accepts on the client socket only public keys in ``clients/`` and on the
-worker socket only public keys in ``workers/``. A worker key's User-Id is the instance id its certificate
-file is named after, and the broker accepts a worker message only when that User-Id equals the socket
-identity (the instance id) it came with: a worker cannot register or speak as another instance.
+worker socket only public keys in ``workers/``; a key may not be in both. Every key's User-Id is the name
+of its certificate file. The broker accepts a worker message only when that User-Id equals the socket
+identity (the instance id) it came with: a worker cannot register or speak as another instance. A client's
+running requests belong to the key that submitted them: a message under the same socket identity from
+another client key is refused (see broker/server.py).
 """
 
 from __future__ import annotations
@@ -100,9 +102,11 @@ class KeyAuthenticator(ThreadAuthenticator):
         super().__init__(ctx, log=logging.getLogger("dynaserve.zap"))
         self.allowed = allowed
         self._names: dict[bytes, str] = {}
-        # Worker names win: a worker socket's User-Id must be its instance id (client User-Ids are unused).
         for domain in (CLIENTS, WORKERS):
-            self._names.update(allowed.get(domain, {}))
+            for key, name in allowed.get(domain, {}).items():
+                if key in self._names:  # one User-Id per key: a key is a client's or a worker's, never both
+                    raise CurveKeyError(f"{domain}/{name}.key: the same public key is also {self._names[key]!r}")
+                self._names[key] = name
 
     def start(self) -> None:
         for domain, keys in self.allowed.items():
@@ -134,10 +138,32 @@ def _create(directory: Path, name: str, metadata: dict[str, str] | None = None) 
     os.chmod(public, 0o644)
 
 
-def generate(curve_dir: str | os.PathLike[str], clients: list[str], workers: list[str], force: bool = False) -> Path:
-    """Write a broker key pair and one key pair per client name and per worker instance id."""
+def ensure_keys(curve_dir: str | os.PathLike[str], clients: list[str], workers: list[str]) -> list[str]:
+    """Create the key pairs of ``curve_dir`` that are missing (the broker's, and one per client name and per
+    worker instance id); existing ones are kept. Returns the created certificates (``clients/NAME`` etc.).
+    A public key without its secret file is an error: this host could not use it."""
     root = Path(curve_dir)
-    names = [(root, BROKER, None)]
+    missing = []
+    for d, name, label in [(root, BROKER, BROKER), *[(root / CLIENTS, c, f"{CLIENTS}/{c}") for c in clients],
+                           *[(root / WORKERS, w, f"{WORKERS}/{w}") for w in workers]]:
+        if (d / f"{name}.key_secret").is_file():
+            continue
+        if (d / f"{name}.key").exists():
+            raise CurveKeyError(f"{d / name}.key has no {name}.key_secret next to it; copy the secret file there "
+                                "or remove the public key to have a new pair generated")
+        missing.append((d, name, label))
+    if missing:
+        generate(root, [n for d, n, _ in missing if d == root / CLIENTS],
+                 [n for d, n, _ in missing if d == root / WORKERS], broker=any(d == root for d, _, _ in missing))
+    return [label for _, _, label in missing]
+
+
+def generate(curve_dir: str | os.PathLike[str], clients: list[str], workers: list[str], force: bool = False,
+             broker: bool = True) -> Path:
+    """Write a broker key pair (unless ``broker`` is False) and one key pair per client name and per worker
+    instance id."""
+    root = Path(curve_dir)
+    names: list[tuple[Path, str, dict[str, str] | None]] = [(root, BROKER, None)] if broker else []
     names += [(root / CLIENTS, c, None) for c in clients]
     names += [(root / WORKERS, w, {"instance_id": w}) for w in workers]
     for d, name, _ in names:

@@ -11,6 +11,8 @@
 
 Settings come from flags over an optional TOML file (sections [cluster], [broker], [worker], [sim],
 [frontend]). The OpenAI-compatible HTTP front end listens on 127.0.0.1:8000 (--http-port, 0 = off).
+With --curve-dir DIR every process authenticates and encrypts with CURVE keys from DIR (the keys DIR lacks
+are generated); status and --replay use DIR's client key.
 Every process runs in its own process group; stop signals whole groups, so nothing is orphaned.
 """
 
@@ -31,7 +33,8 @@ sys.path.insert(0, str(ROOT))
 from bench.replay import add_replay_args, run_replay  # noqa: E402
 from dynaserve import config as C  # noqa: E402
 from dynaserve.client import DynaServeClient  # noqa: E402
-from dynaserve.cluster import ClusterConfig, LocalCluster  # noqa: E402
+from dynaserve.cluster import CLIENT_KEY, ClusterConfig, LocalCluster  # noqa: E402
+from dynaserve.errors import BrokerUnavailableError  # noqa: E402
 
 STATE = ROOT / ".dynaserve" / "cluster.json"
 
@@ -56,7 +59,9 @@ def cmd_start(ns: argparse.Namespace) -> int:
     run_dir = ROOT / ".dynaserve" / time.strftime("run-%Y%m%d-%H%M%S")
     cluster = LocalCluster(cfg, run_dir=run_dir, broker_args=broker_args, worker_args=worker_args,
                            frontend_args=frontend_args)
-    print(f"starting broker and {cfg.workers} {cfg.engine} workers (policy {cfg.policy}); logs in {run_dir}",
+    cluster.ensure_keys()  # logs what it generates
+    print(f"starting broker and {cfg.workers} {cfg.engine} workers (policy {cfg.policy}"
+          + (f", CURVE keys {cluster.curve_dir}" if cluster.curve_dir else "") + f"); logs in {run_dir}",
           file=sys.stderr)
     cluster.start()
     stopping = False
@@ -80,7 +85,7 @@ def cmd_start(ns: argparse.Namespace) -> int:
         return 1
     STATE.parent.mkdir(exist_ok=True)
     STATE.write_text(json.dumps({
-        "client_addr": cluster.client_addr, "run_dir": str(run_dir),
+        "client_addr": cluster.client_addr, "run_dir": str(run_dir), "curve_dir": cluster.curve_dir,
         "pids": {name: p.pid for name, p in cluster.procs.items()},
     }))
     print(f"ready: {len(ids)} instances {ids}; clients connect to {cluster.client_addr}"
@@ -89,7 +94,8 @@ def cmd_start(ns: argparse.Namespace) -> int:
         ns.trace = ns.replay
         ns.ttft_slo_ms, ns.tbt_slo_ms = cfg.ttft_slo_ms, cfg.tbt_slo_ms
         try:
-            run_replay(cluster.client_addr, ns)  # prints the summary table
+            # prints the summary table
+            run_replay(cluster.client_addr, ns, curve_dir=cluster.curve_dir, curve_name=CLIENT_KEY)
         finally:
             cluster.stop()
             STATE.unlink(missing_ok=True)
@@ -136,18 +142,25 @@ def cmd_stop(ns: argparse.Namespace) -> int:
 
 
 def cmd_status(ns: argparse.Namespace) -> int:
-    addr = ns.addr
-    if addr is None and STATE.exists():
-        addr = json.loads(STATE.read_text())["client_addr"]
+    addr, curve_dir = ns.addr, ns.curve_dir
+    if STATE.exists():
+        state = json.loads(STATE.read_text())
+        addr = addr or state["client_addr"]
+        curve_dir = state.get("curve_dir", "") if curve_dir is None else curve_dir
     addr = addr or "tcp://127.0.0.1:5555"
 
     async def _status() -> None:
-        async with DynaServeClient(addr) as c:
+        async with DynaServeClient(addr, curve_dir=curve_dir or "", curve_name=ns.curve_name) as c:
             st = await c.status(timeout=3.0)
             print(json.dumps({"instances": st.instances, "policy": st.policy, "active": st.active,
                               "queued": st.queued, "stats": st.stats}, indent=2))
 
-    asyncio.run(_status())
+    try:
+        asyncio.run(_status())
+    except BrokerUnavailableError as exc:
+        hint = "" if curve_dir else " (a CURVE-secured broker answers only clients with keys: --curve-dir DIR)"
+        print(f"{exc}{hint}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -166,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("stop", help="stop a detached cluster")
     pst = sub.add_parser("status", help="print the broker's view of the cluster")
     pst.add_argument("--addr", help="broker client address (default: the running cluster's)")
+    pst.add_argument("--curve-dir", help="CURVE key directory (default: the running cluster's; '' = off)")
+    pst.add_argument("--curve-name", default=CLIENT_KEY, help=f"client certificate name (default {CLIENT_KEY})")
     ns = p.parse_args(argv)
     try:
         return {"start": cmd_start, "stop": cmd_stop, "status": cmd_status}[ns.cmd](ns)

@@ -9,6 +9,7 @@ import signal
 
 from dynaserve import config as C
 from dynaserve.aio import run_event_loop
+from dynaserve.calibration import load_step_model
 from dynaserve.env import apply_loopback_kv_env, log_level
 from workers.engines import make_sim_engine, make_vllm_engine
 from workers.engines.sim import SimEngineConfig
@@ -35,14 +36,19 @@ def main(argv: list[str] | None = None) -> None:
     apply_loopback_kv_env()
     sched_cfg = LocalSchedulerConfig(
         tbt_slo_ms=wcfg.tbt_slo_ms, margin=wcfg.margin, max_batched_tokens=wcfg.max_batched_tokens,
-        max_num_seqs=wcfg.max_num_seqs,
+        max_num_seqs=wcfg.max_num_seqs, prefill_order=wcfg.prefill_order,
     )
-    if wcfg.engine == "sim":
-        engine = make_sim_engine(scfg, sched_cfg, wcfg.instance_id, wcfg.kv_transport)
-    elif wcfg.engine == "vllm":
-        engine = make_vllm_engine(vcfg, sched_cfg)
-    else:
+    if wcfg.engine not in ("sim", "vllm"):
         parser.error(f"unknown engine {wcfg.engine!r} (choose sim or vllm)")
+    if wcfg.step_model:
+        try:
+            load_step_model(wcfg.step_model)  # a bad file fails here, before an engine starts
+        except ValueError as exc:
+            parser.error(str(exc))
+    if wcfg.engine == "sim":
+        engine = make_sim_engine(scfg, sched_cfg, wcfg.instance_id, wcfg.kv_transport, wcfg.step_model)
+    else:
+        engine = make_vllm_engine(vcfg, sched_cfg, wcfg.step_model)
 
     async def _run() -> None:
         worker = Worker(wcfg, engine)

@@ -78,3 +78,18 @@ def test_slo_infeasible_requests_are_rejected_with_a_typed_reason() -> None:
     b.cluster.instances["w0"].queued_prefill_tokens = 0  # an idle instance meets the SLO: admitted
     b._on_submit(b"c", P.SubmitRequest("r2", [5] * 100, P.SamplingParams(max_tokens=4)), 0.0)
     assert isinstance(P.decode(b.clients.sent[-1][1]), P.Admitted)  # type: ignore[attr-defined]
+
+
+def test_table_knows_the_key_owning_each_client_identity() -> None:
+    b = make_broker()  # requests were added without an owner (CURVE off): owner ""
+    assert b.table.owner(b"c1") == "" and b.table.owner(b"nobody") is None
+    req = BrokerRequest(iid="9", client=b"c3", client_req_id="z", prompt=[5], sampling=P.SamplingParams(max_tokens=4),
+                        plan=None, arrival=0.0, ttft_slo_ms=2000, tbt_slo_ms=100, predicted_output=4, owner="alice")
+    b.table.add(req)  # queued
+    b.table.add(req)  # dispatched later: the same request again
+    assert b.table.owner(b"c3") == "alice"
+    b.table.pop("9")
+    assert b.table.owner(b"c3") is None  # no running request: the identity is free
+    b.table.pop("1")
+    b.table.pop("2")
+    assert b.table.owner(b"c1") is None and b.table.owner(b"c2") == ""

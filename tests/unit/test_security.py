@@ -66,3 +66,25 @@ def test_authenticator_allow_list_and_user_id(tmp_path: Path) -> None:
     finally:
         auth.stop()
         ctx.term()
+
+
+def test_ensure_keys_creates_only_what_is_missing(tmp_path: Path) -> None:
+    root = tmp_path / "k"
+    assert security.ensure_keys(root, ["client"], ["w0"]) == ["broker", "clients/client", "workers/w0"]
+    broker_pub = security.broker_public_key(root)
+    w0 = (root / "workers" / "w0.key").read_bytes()
+    assert security.ensure_keys(root, ["client", "frontend"], ["w0", "w1"]) == ["clients/frontend", "workers/w1"]
+    assert security.broker_public_key(root) == broker_pub and (root / "workers" / "w0.key").read_bytes() == w0
+    assert stat.S_IMODE((root / "workers" / "w1.key_secret").stat().st_mode) == 0o600
+    assert security.ensure_keys(root, ["client", "frontend"], ["w0", "w1"]) == []
+    # a public key whose secret lives elsewhere is not replaced behind the operator's back
+    (root / "workers" / "w1.key_secret").unlink()
+    with pytest.raises(security.CurveKeyError, match="no w1.key_secret"):
+        security.ensure_keys(root, [], ["w1"])
+
+
+def test_a_key_is_a_client_or_a_worker_never_both(tmp_path: Path) -> None:
+    security.generate(tmp_path, ["c"], ["w0"])
+    (tmp_path / "clients" / "w0.key").write_bytes((tmp_path / "workers" / "w0.key").read_bytes())
+    with pytest.raises(security.CurveKeyError, match="same public key"):
+        security.start_authenticator(zmq.Context.instance(), tmp_path)

@@ -1,0 +1,287 @@
+"""Sim-to-real check: one scaled-down trace on a live two-worker cluster and in the simulator, same cost model.
+
+    python -m bench.sim2real --engine sim --policy dynaserve                     # simulated engine, A100 tables
+    python -m bench.sim2real --engine vllm --step-model docs/sim2real/tiny-llama-cpu.json   # vLLM on CPU
+
+Both sides get the same requests (lengths already fitted to the cluster's context, so the live replay clips
+nothing), the same step model (a calibration file from ``python -m workers.calibrate``, or the cost tables of
+``--model``/``--gpu``), the same instance count, local-scheduler limits, SLOs, KV capacity and the broker's
+own pricing and policy. The live side is :class:`dynaserve.cluster.LocalCluster` driven by
+:func:`bench.replay.replay`; the simulated side is :class:`bench.sim.simulator.Simulator`. Output: a table of
+P50/P99 TTFT and TBT (live, sim, sim/live) and completion counts, ``<engine>_<policy>.json`` and two CDF plots
+in ``--out``. Without ``--rate`` the arrival rate is chosen in the simulator so the instances are busy a
+``--utilization`` share of the trace span.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from bench.replay import fit_to_context, replay
+from bench.report import plot_tbt_cdf, plot_ttft_cdf, write_records
+from bench.sim.config import SimConfig
+from bench.sim.simulator import Simulator
+from bench.traces import TraceRequest, load_trace, mean_rate, scale
+from broker.cluster_state import Pricing
+from broker.scheduler import make_policy
+from dynaserve.aio import run_event_loop
+from dynaserve.calibration import choose_step_model
+from dynaserve.cluster import ClusterConfig, LocalCluster
+from dynaserve.costmodel import StepLatencyModel
+from dynaserve.metrics import RequestRecord, Summary, summarize
+
+DEFAULT_VLLM_STEP_MODEL = "docs/sim2real/tiny-llama-cpu.json"
+METRICS = ("ttft_p50_ms", "ttft_p99_ms", "tbt_p50_ms", "tbt_p99_ms")
+
+
+@dataclass(frozen=True)
+class Sim2RealConfig:
+    """One comparison: engine, policy, trace window and the settings both sides share."""
+
+    engine: str = "sim"  # live worker engine: sim (sleeps modelled step times) or vllm (CPU build, tiny model)
+    policy: str = "dynaserve"  # global policy: colocate, disagg or dynaserve
+    trace: str = "azure_conv"  # trace name or file (bench.traces)
+    limit: int = 120  # first N requests of the trace
+    rate: float = 0.0  # mean arrival rate, req/s; 0 = chosen in the simulator for ``utilization``
+    utilization: float = 0.6  # target busy share of the instances when the rate is chosen
+    token_scale: float = 1.0  # multiply prompt and output lengths
+    max_input: int = 4096  # clip prompt lengths
+    max_output: int = 512  # clip output lengths
+    max_model_len: int = 0  # fit prompt + output into this context (0: the engine's: 32768 sim, 2048 vllm)
+    step_model: str = ""  # step-model file for both sides; empty = cost tables of model/gpu (sim engine only)
+    model: str = "llama3-8b"  # sim engine: cost-model preset
+    gpu: str = "a100"  # sim engine: GPU of the cost tables
+    ttft_slo_ms: float = 2000.0  # TTFT SLO of every request
+    tbt_slo_ms: float = 100.0  # TBT SLO the local schedulers batch for
+    kv_capacity_tokens: int = 131072  # KV cache per instance (vllm: 256 MiB of 2 KiB tokens)
+    transfer_latency_ms: float = 2.0  # simulator: fixed cost of one KV handoff (the live NIXL pull + messages)
+    link_gbps: float = 25.0  # simulator: KV link bandwidth (the broker prices handoffs with 25 GB/s too)
+    step_overhead_ms: float = 0.0  # simulator: added to every step's duration (not to the schedulers' model)
+    seed: int = 0  # prompt seed
+
+    def __post_init__(self) -> None:
+        if self.engine not in ("sim", "vllm"):
+            raise ValueError("engine must be sim or vllm")
+        if self.policy not in ("colocate", "disagg", "dynaserve"):
+            raise ValueError("policy must be colocate, disagg or dynaserve")
+        if self.limit < 2 or not 0 < self.utilization < 1 or self.rate < 0:
+            raise ValueError("need limit >= 2, 0 < utilization < 1 and rate >= 0")
+
+    @property
+    def context(self) -> int:
+        return self.max_model_len or (2048 if self.engine == "vllm" else 32768)
+
+    @property
+    def step_model_file(self) -> str:
+        return self.step_model or (DEFAULT_VLLM_STEP_MODEL if self.engine == "vllm" else "")
+
+    @property
+    def worker_limits(self) -> tuple[int, int, int]:
+        """(tokens per step, sequences per step, KV block size) the live engine enforces."""
+        if self.engine == "vllm":  # VllmEngineConfig defaults; vLLM's CPU block size
+            return 2048, 64, 128
+        return 8192, 256, 16  # WorkerConfig and SimEngineConfig defaults
+
+
+def step_model(cfg: Sim2RealConfig) -> tuple[StepLatencyModel, int]:
+    return choose_step_model(cfg.step_model_file, cfg.model, cfg.gpu)
+
+
+# ------------------------------------------------------------------ the simulated side
+
+
+@dataclass(frozen=True)
+class FittedSimConfig(SimConfig):
+    """SimConfig whose step model, KV size and capacity are given rather than derived from a GPU preset."""
+
+    fixed_model: StepLatencyModel = StepLatencyModel()
+    fixed_kv_bytes: int = 2048
+    fixed_kv_tokens: int = 131072
+
+    @property  # type: ignore[override]
+    def step_model(self) -> StepLatencyModel:
+        return self.fixed_model
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return self.fixed_kv_bytes
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.fixed_kv_tokens // self.block_size * self.block_size
+
+
+def sim_config(cfg: Sim2RealConfig) -> FittedSimConfig:
+    """The simulated twin of the live cluster :func:`cluster_config` describes."""
+    model, kv_bytes = step_model(cfg)
+    tokens, seqs, block = cfg.worker_limits
+    return FittedSimConfig(
+        model="tiny-llama" if cfg.engine == "vllm" else cfg.model, gpu=cfg.gpu, instances=2,
+        tbt_slo_ms=cfg.tbt_slo_ms, margin=0.1, max_batched_tokens=tokens, max_num_seqs=seqs, min_chunk_tokens=16,
+        report_interval_ms=20.0, link_gbps=cfg.link_gbps, transfer_latency_ms=cfg.transfer_latency_ms,
+        eager_pull=False, prefill_order="deadline", block_size=block, ground_truth="linear", max_sim_s=3600.0,
+        fixed_model=model, fixed_kv_bytes=kv_bytes, fixed_kv_tokens=cfg.kv_capacity_tokens,
+    )
+
+
+def run_sim(cfg: Sim2RealConfig, reqs: Sequence[TraceRequest]) -> tuple[list[RequestRecord], dict[str, Any]]:
+    """Replay ``reqs`` in the simulator with the live broker's pricing and policy."""
+    scfg = sim_config(cfg)
+    pricing = Pricing(scfg.step_model, transfer_gbps=25.0)  # as broker.server.Broker builds it
+    opts: dict[str, object] = {"prefill_instances": 1} if cfg.policy == "disagg" else {}
+    sim = Simulator(scfg, make_policy(cfg.policy, pricing, **opts))
+    if cfg.step_overhead_ms:
+        for inst in sim.instances:
+            inst.truth = _with_overhead(inst.truth, cfg.step_overhead_ms)
+    res = sim.run(reqs, cfg.ttft_slo_ms, cfg.tbt_slo_ms)
+    span = max(res.span_s, 1e-9)
+    stats = {"busy_share": {k: v / span for k, v in res.stats["busy_s"].items()},
+             "transfers": res.stats["transfers"], "steps": res.stats["steps"]}
+    return res.records, stats
+
+
+def _with_overhead(truth: Callable[..., float], extra_ms: float) -> Callable[..., float]:
+    def step(chunks: list[tuple[int, int]], n: int, dctx: int, attn: float) -> float:
+        return truth(chunks, n, dctx, attn) + extra_ms
+
+    return step
+
+
+def choose_rate(cfg: Sim2RealConfig, base: Sequence[TraceRequest]) -> float:
+    """Arrival rate at which the simulated instances are busy about ``cfg.utilization`` of the span."""
+    lo, hi = 0.01, 1000.0
+    for _ in range(30):
+        mid = (lo * hi) ** 0.5
+        _, stats = run_sim(cfg, scale(base, rate=mid))
+        busy = sum(stats["busy_share"].values()) / len(stats["busy_share"])
+        lo, hi = (mid, hi) if busy < cfg.utilization else (lo, mid)
+        if hi / lo < 1.05:
+            break
+    return round((lo * hi) ** 0.5, 3)
+
+
+def build_trace(cfg: Sim2RealConfig) -> list[TraceRequest]:
+    """The trace window, lengths scaled, clipped and fitted to the context, at ``cfg.rate`` (or the chosen one)."""
+    base = load_trace(cfg.trace, limit=cfg.limit)
+    base = scale(base, token_scale=cfg.token_scale, max_input=cfg.max_input, max_output=cfg.max_output)
+    base = fit_to_context(base, cfg.context)
+    rate = cfg.rate or choose_rate(cfg, base)
+    return scale(base, rate=rate)
+
+
+# ------------------------------------------------------------------ the live side
+
+
+def cluster_config(cfg: Sim2RealConfig) -> ClusterConfig:
+    return ClusterConfig(
+        workers=2, policy=cfg.policy, engine=cfg.engine, transport="ipc", http_port=0, model=cfg.model,
+        gpu=cfg.gpu, step_model=cfg.step_model_file, kv_capacity_tokens=cfg.kv_capacity_tokens,
+        ttft_slo_ms=cfg.ttft_slo_ms, tbt_slo_ms=cfg.tbt_slo_ms, side_channel_base_port=5800,
+        ready_timeout_s=240.0,
+    )
+
+
+def run_live(cfg: Sim2RealConfig, reqs: Sequence[TraceRequest], progress: bool = True) -> list[RequestRecord]:
+    """Start a two-worker cluster, replay ``reqs`` through the client SDK, stop the cluster."""
+    cluster = LocalCluster(cluster_config(cfg))
+    cluster.start()
+    try:
+        async def go() -> list[RequestRecord]:
+            await cluster.wait_ready()
+            return await replay(cluster.client_addr, reqs, ttft_slo_ms=cfg.ttft_slo_ms, tbt_slo_ms=cfg.tbt_slo_ms,
+                                seed=cfg.seed, timeout_s=300.0, progress=progress)
+
+        return run_event_loop(go())
+    finally:
+        cluster.stop()
+
+
+# ------------------------------------------------------------------ comparison
+
+
+def compare(live: Summary, sim: Summary) -> dict[str, dict[str, float | None]]:
+    """Per metric: live, sim and sim/live."""
+    out: dict[str, dict[str, float | None]] = {}
+    for m in METRICS:
+        a, b = getattr(live, m), getattr(sim, m)
+        out[m] = {"live": a, "sim": b, "ratio": b / a if a and a == a and b == b else None}
+    return out
+
+
+def table(result: dict[str, Any]) -> str:
+    rows = ["| metric | live | sim | sim/live |", "|---|---|---|---|"]
+    for m, v in result["compare"].items():
+        ratio = f"{v['ratio']:.2f}" if v["ratio"] is not None else "-"
+        rows.append(f"| {m.removesuffix('_ms').replace('_', ' ')} (ms) | {v['live']:.1f} | {v['sim']:.1f} | {ratio} |")
+    lv, sm = result["live"], result["sim"]
+    rows.append(f"| completed | {lv['completed']}/{lv['n']} | {sm['completed']}/{sm['n']} | |")
+    return "\n".join(rows)
+
+
+def run(cfg: Sim2RealConfig, out: Path | None, progress: bool = True, records_dir: Path | None = None) -> dict[str, Any]:
+    """Build the trace, run both sides, summarize; write JSON and plots into ``out`` when given, and the raw
+    per-token records of both sides into ``records_dir`` when given."""
+    reqs = build_trace(cfg)
+    rate = mean_rate(reqs)
+    print(f"{len(reqs)} requests at {rate:.2f} req/s; engine {cfg.engine}, policy {cfg.policy}", file=sys.stderr)
+    sim_records, sim_stats = run_sim(cfg, reqs)
+    load_before = os.getloadavg()
+    t0 = time.monotonic()
+    live_records = run_live(cfg, reqs, progress)
+    live_wall = time.monotonic() - t0
+    load_after = os.getloadavg()
+    live, sim = summarize(live_records), summarize(sim_records)
+    if records_dir is not None:
+        records_dir.mkdir(parents=True, exist_ok=True)
+        write_records(records_dir / f"{cfg.engine}_{cfg.policy}_live.jsonl", live_records)
+        write_records(records_dir / f"{cfg.engine}_{cfg.policy}_sim.jsonl", sim_records)
+    model, kv_bytes = step_model(cfg)
+    result: dict[str, Any] = {
+        "config": asdict(replace(cfg, rate=round(rate, 3))),
+        "step_model": {**asdict(model), "kv_bytes_per_token": kv_bytes, "file": cfg.step_model_file},
+        "requests": len(reqs), "rate_rps": rate,
+        "mean_input": sum(r.input_tokens for r in reqs) / len(reqs),
+        "mean_output": sum(r.output_tokens for r in reqs) / len(reqs),
+        "loadavg_before": load_before, "loadavg_after": load_after, "live_wall_s": live_wall,
+        "sim_stats": sim_stats, "live": live.to_dict(), "sim": sim.to_dict(), "compare": compare(live, sim),
+    }
+    if out is not None:
+        import json
+
+        out.mkdir(parents=True, exist_ok=True)
+        stem = f"{cfg.engine}_{cfg.policy}"
+        (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+        runs = {"live": live_records, "sim": sim_records}
+        plot_ttft_cdf(runs, out / f"{stem}_ttft_cdf.png")
+        plot_tbt_cdf(runs, out / f"{stem}_tbt_cdf.png")
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from dynaserve import config as C
+
+    p = argparse.ArgumentParser(prog="sim2real", description=__doc__.split("\n\n")[0])
+    C.add_args(p, Sim2RealConfig)
+    p.add_argument("--out", default="docs/sim2real", help="folder for <engine>_<policy>.json and the CDF plots")
+    p.add_argument("--records", default="", help="folder for the raw records of both sides (default: not written)")
+    ns = p.parse_args(argv)
+    try:
+        cfg = C.build(Sim2RealConfig, None, ns)
+    except ValueError as exc:
+        p.error(str(exc))
+    result = run(cfg, Path(ns.out), records_dir=Path(ns.records) if ns.records else None)
+    print(table(result))
+    print(f"load average before/after the live run: {result['loadavg_before'][0]:.2f} / "
+          f"{result['loadavg_after'][0]:.2f}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,188 @@
+"""Calibrated step models: fitting measured engine steps and the JSON file every process loads.
+
+A calibration run (``python -m workers.calibrate``) measures engine steps of known batch composition,
+fits :class:`~dynaserve.costmodel.StepLatencyModel` to them and writes a :class:`StepModelFile`. The
+worker (``--step-model``), the broker (``--step-model``) and the local cluster (``ClusterConfig.step_model``)
+load that file instead of pricing steps from the GPU cost tables.
+
+File format (JSON object, version 1)::
+
+    {"version": 1, "a": ms, "b": ms, "c": ms, "d": ms, "e": ms, "kv_bytes_per_token": int,
+     "model": str, "device": str, "engine": str, "samples": int,
+     "fit_error": {"median": float, "p90": float, "holdout": int}, "note": str}
+
+Pure (numpy for the fit); no engine is imported here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dynaserve.costmodel import StepLatencyModel
+
+FORMAT_VERSION = 1
+
+Sample = tuple[int, int, int, float, float]
+"""One measured step: (prefill_tokens, decode_seqs, decode_ctx_tokens, prefill_attn, measured_ms)."""
+
+
+class StepModelFileError(ValueError):
+    """A step-model file that cannot be read or does not hold a valid model."""
+
+
+@dataclass(frozen=True)
+class FitError:
+    """Relative error |predicted - measured| / measured of a fit on samples it was not fitted on."""
+
+    median: float = 0.0
+    p90: float = 0.0
+    holdout: int = 0  # number of held-out samples the error is measured on
+
+
+@dataclass(frozen=True)
+class StepModelFile:
+    """A step model with what it was measured on; ``save``/``load`` read and write the JSON file."""
+
+    model: StepLatencyModel
+    kv_bytes_per_token: int  # KV bytes of one token of the model (all layers, K and V)
+    model_name: str = ""  # the model the steps ran (directory name or preset)
+    device: str = ""  # what ran them (e.g. "cpu: 2 cores, <cpu model>")
+    engine: str = ""  # engine measured: vllm, or tables (written from the cost tables, not measured)
+    samples: int = 0  # measured steps the coefficients were fitted to
+    fit_error: FitError = field(default_factory=FitError)
+    note: str = ""  # free text: settings of the run
+
+    def to_json(self) -> dict[str, Any]:
+        m = self.model
+        return {
+            "version": FORMAT_VERSION, "a": m.a, "b": m.b, "c": m.c, "d": m.d, "e": m.e,
+            "kv_bytes_per_token": self.kv_bytes_per_token, "model": self.model_name, "device": self.device,
+            "engine": self.engine, "samples": self.samples, "fit_error": asdict(self.fit_error), "note": self.note,
+        }
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+
+    @classmethod
+    def from_json(cls, obj: object, source: str = "step model") -> StepModelFile:
+        """Validate a parsed file; every problem raises :class:`StepModelFileError` naming ``source``."""
+        if not isinstance(obj, dict):
+            raise StepModelFileError(f"{source}: expected a JSON object, got {type(obj).__name__}")
+        if obj.get("version") != FORMAT_VERSION:
+            raise StepModelFileError(f"{source}: unsupported version {obj.get('version')!r} (expected {FORMAT_VERSION})")
+        missing = [k for k in ("a", "b", "c", "d", "e", "kv_bytes_per_token") if k not in obj]
+        if missing:
+            raise StepModelFileError(f"{source}: missing field(s) {', '.join(missing)}")
+        coef = []
+        for k in ("a", "b", "c", "d", "e"):
+            v = obj[k]
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise StepModelFileError(f"{source}: {k} must be a number, got {v!r}")
+            coef.append(float(v))
+        try:
+            model = StepLatencyModel(*coef)
+        except ValueError as exc:
+            raise StepModelFileError(f"{source}: {exc}") from None
+        kvb = obj["kv_bytes_per_token"]
+        if isinstance(kvb, bool) or not isinstance(kvb, int) or kvb <= 0:
+            raise StepModelFileError(f"{source}: kv_bytes_per_token must be an integer > 0, got {kvb!r}")
+        fe = obj.get("fit_error") or {}
+        if not isinstance(fe, dict):
+            raise StepModelFileError(f"{source}: fit_error must be an object")
+        try:
+            fit_error = FitError(float(fe.get("median", 0.0)), float(fe.get("p90", 0.0)), int(fe.get("holdout", 0)))
+        except (TypeError, ValueError):
+            raise StepModelFileError(f"{source}: bad fit_error {fe!r}") from None
+        return cls(
+            model=model, kv_bytes_per_token=kvb, model_name=str(obj.get("model", "")),
+            device=str(obj.get("device", "")), engine=str(obj.get("engine", "")),
+            samples=int(obj.get("samples", 0)), fit_error=fit_error, note=str(obj.get("note", "")),
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> StepModelFile:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise StepModelFileError(f"cannot read step model file {path}: {exc.strerror or exc}") from None
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise StepModelFileError(f"step model file {path} is not JSON: {exc}") from None
+        return cls.from_json(obj, f"step model file {path}")
+
+
+def load_step_model(path: str | Path) -> tuple[StepLatencyModel, int]:
+    """The step model and KV bytes per token of a step-model file (shape of ``preset_step_model``)."""
+    f = StepModelFile.load(path)
+    return f.model, f.kv_bytes_per_token
+
+
+def choose_step_model(step_model_file: str, model: str, gpu: str = "a100", tp: int = 1) -> tuple[StepLatencyModel, int]:
+    """The file's model when ``step_model_file`` is set, else the cost-table model of ``model`` on ``gpu``."""
+    if step_model_file:
+        return load_step_model(step_model_file)
+    from dynaserve.costmodel import preset_step_model
+
+    return preset_step_model(model, gpu, tp)
+
+
+# ------------------------------------------------------------------ fitting
+
+
+def fit(samples: Sequence[Sample]) -> StepLatencyModel:
+    """Non-negative least squares on relative error (the cost tables' fit), so 3 ms and 100 ms steps
+    weigh alike. Needs at least 5 samples with positive times."""
+    import numpy as np
+
+    from dynaserve.costtables import _nnls_relative
+
+    good = [s for s in samples if s[4] > 0 and math.isfinite(s[4])]
+    if len(good) < 5:
+        raise ValueError(f"need at least 5 step samples with a positive time to fit, got {len(good)}")
+    arr = np.asarray(good, dtype=float)
+    x = np.column_stack([np.ones(len(arr)), arr[:, 0], arr[:, 1], arr[:, 2], arr[:, 3]])
+    coef = _nnls_relative(x, arr[:, 4])
+    coef[1] = max(coef[1], 1e-6)
+    return StepLatencyModel(*(float(v) for v in coef))
+
+
+def relative_errors(model: StepLatencyModel, samples: Sequence[Sample]) -> list[float]:
+    """|predicted - measured| / measured of each sample."""
+    return [abs(model.step_ms(p, n, ctx, attn) - ms) / ms for p, n, ctx, attn, ms in samples if ms > 0]
+
+
+def quantile(xs: Sequence[float], q: float) -> float:
+    """Linear-interpolated quantile (``q`` in [0, 1]) of a non-empty sequence."""
+    s = sorted(xs)
+    if not s:
+        raise ValueError("quantile of an empty sequence")
+    pos = q * (len(s) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def fit_with_holdout(
+    samples: Sequence[Sample], holdout: float = 0.25, seed: int = 0
+) -> tuple[StepLatencyModel, FitError]:
+    """Hold out a seeded random share of the samples, measure the error of a fit on the rest on them,
+    then fit the returned model on every sample."""
+    if not 0 < holdout < 1:
+        raise ValueError("holdout must be in (0, 1)")
+    idx = list(range(len(samples)))
+    random.Random(seed).shuffle(idx)
+    k = max(1, int(len(idx) * holdout))
+    test = [samples[i] for i in idx[:k]]
+    train = [samples[i] for i in idx[k:]]
+    errs = relative_errors(fit(train), test)
+    err = FitError(median=quantile(errs, 0.5), p90=quantile(errs, 0.9), holdout=len(errs))
+    return fit(samples), err
