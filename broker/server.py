@@ -44,6 +44,8 @@ class BrokerConfig:
     prefill_instances: int = 1  # disagg policy: number of instances in the prefill pool
     predictor: str = "max_tokens"  # output-length predictor: max_tokens or history
     ttft_slo_ms: float = 2000.0  # TTFT SLO of the default SLO class
+    ttft_prefill_factor: float = 0.0  # TTFT SLO = ttft_slo_ms + this x the prompt's prefill time alone on an
+    # idle instance (priced with the step model); 0 = the same TTFT SLO for every prompt length
     tbt_slo_ms: float = 100.0  # TBT SLO (P99) of the default SLO class
     model: str = "llama3-8b"  # model the scheduler prices work for: a cost-model preset or an HF model directory
     step_model: str = ""  # step-model file (python -m workers.calibrate) to price work with instead of model/gpu/tp
@@ -72,6 +74,8 @@ class BrokerConfig:
                     raise ValueError(f"refusing to bind {addr} off loopback without --allow-remote-bind")
         if self.heartbeat_ms <= 0 or self.worker_timeout_ms <= self.heartbeat_ms:
             raise ValueError("need 0 < heartbeat_ms < worker_timeout_ms")
+        if self.ttft_slo_ms <= 0 or self.ttft_prefill_factor < 0:
+            raise ValueError("need ttft_slo_ms > 0 and ttft_prefill_factor >= 0")
 
 
 @dataclass
@@ -253,6 +257,14 @@ class Broker:
             return self.cfg.ttft_slo_ms, self.cfg.tbt_slo_ms
         return None
 
+    def _ttft_slo_ms(self, slo_class: str, prompt_len: int) -> float:
+        """The request's TTFT SLO: its class's, plus ``ttft_prefill_factor`` x its prefill time alone."""
+        base = self._slo(slo_class)[0]  # type: ignore[index]
+        if self.cfg.ttft_prefill_factor > 0:
+            base += self.cfg.ttft_prefill_factor * self.pricing.model.prefill_alone_ms(
+                prompt_len, self.pricing.max_batched_tokens)
+        return base
+
     def _max_prompt(self) -> int:
         if self.cfg.max_prompt_tokens > 0:
             return self.cfg.max_prompt_tokens
@@ -296,7 +308,7 @@ class Broker:
                 err = ("queue_full", f"{len(self.table)} requests in flight (limit {self.cfg.max_active})")
             elif self.cfg.slo_reject_factor > 0:
                 ttft = self._best_ttft_ms(len(prompt), self._slo(msg.slo_class))
-                limit = self.cfg.slo_reject_factor * self._slo(msg.slo_class)[0]  # type: ignore[index]
+                limit = self.cfg.slo_reject_factor * self._ttft_slo_ms(msg.slo_class, len(prompt))
                 if ttft > limit:
                     err = ("slo_infeasible", f"predicted time to first token {ttft:.0f} ms exceeds {limit:.0f} ms "
                                              f"({self.cfg.slo_reject_factor} x the TTFT SLO) on every instance")
@@ -305,7 +317,8 @@ class Broker:
             self.metrics.on_reject(err[0])
             self._client_error(client, err[0], err[1], rid)
             return
-        ttft, tbt = self._slo(msg.slo_class)  # type: ignore[misc]
+        tbt = self._slo(msg.slo_class)[1]  # type: ignore[index]
+        ttft = self._ttft_slo_ms(msg.slo_class, len(prompt))
         predicted = self.predictor.predict(len(prompt), sp.max_tokens)
         req = BrokerRequest(
             iid=self.table.new_iid(), client=client, client_req_id=rid, prompt=prompt, sampling=sp,

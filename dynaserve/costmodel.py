@@ -61,6 +61,15 @@ class StepLatencyModel:
         """Marginal time of prefilling ``tokens`` after ``ctx_before`` tokens (no fixed step cost)."""
         return self.b * tokens + self.e * self.chunk_attn(tokens, ctx_before)
 
+    def prefill_alone_ms(self, prompt: int, chunk: int = 8192) -> float:
+        """Time to prefill ``prompt`` tokens alone on an idle instance, in chunks of ``chunk`` tokens."""
+        t, done = 0.0, 0
+        while done < prompt:
+            n = min(chunk, prompt - done)
+            t += self.step_ms(n, 0, 0, self.chunk_attn(n, done))
+            done += n
+        return t
+
     def decode_token_ms(self, ctx: int) -> float:
         """Marginal time one decode sequence with ``ctx`` context tokens adds to a step."""
         return self.c + self.d * ctx

@@ -88,13 +88,8 @@ def base_trace(name: str, limit: int | None = None) -> tuple[TraceRequest, ...]:
 
 
 def prefill_alone_ms(model: StepLatencyModel, prompt: int, chunk: int = 8192) -> float:
-    """Time to prefill ``prompt`` tokens alone on an idle instance, in chunks of ``chunk`` tokens."""
-    t, done = 0.0, 0
-    while done < prompt:
-        c = min(chunk, prompt - done)
-        t += model.step_ms(c, 0, 0, StepLatencyModel.chunk_attn(c, done))
-        done += c
-    return t
+    """Time to prefill ``prompt`` tokens alone on an idle instance (:meth:`StepLatencyModel.prefill_alone_ms`)."""
+    return model.prefill_alone_ms(prompt, chunk)
 
 
 def ttft_slo(model: StepLatencyModel) -> Callable[[TraceRequest], float]:

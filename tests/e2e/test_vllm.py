@@ -126,3 +126,44 @@ def test_failed_transfer_recomputes_and_completes() -> None:
         asyncio.run(main())
     finally:
         cluster.stop()
+
+
+LONG_P = 64 * 23 + 50  # its last 64-token chunk leaves 14 tokens: a 20-token prompt cannot finish beside it
+
+
+@pytest.mark.parametrize("order", ["deadline", "fcfs"])
+def test_prefill_order_follows_ttft_deadlines(order: str, tmp_path: pytest.TempPathFactory) -> None:
+    """One worker, 64 prefill tokens per step. A 1,522-token prompt arrives, then a 20-token one. The broker's
+    TTFT SLO grows with the prompt (250 ms + 4 x its prefill time alone), so the short prompt's deadline is
+    about 160 ms earlier: by deadline its first token comes first although it arrived second; by arrival
+    (the control) the long prompt's first token comes first. Both streams stay exact."""
+    from dynaserve.calibration import StepModelFile
+    from dynaserve.costmodel import StepLatencyModel
+
+    step_file = tmp_path / "cpu.json"  # type: ignore[operator]
+    StepModelFile(StepLatencyModel(3.0, 0.0164, 0.099, 1.46e-4, 1.3e-5), 2048, "tiny-llama").save(step_file)
+    cluster = start_cluster(
+        "colocate", workers=1, engine="vllm", ready_timeout_s=240.0, side_channel_base_port=5800,
+        broker_args=["--ttft-slo-ms", "250", "--ttft-prefill-factor", "4", "--step-model", str(step_file)],
+        worker_args=["--max-batched-tokens", "64", "--prefill-order", order],
+    )
+    try:
+        async def main() -> None:
+            long_p, short_p = prompt(1, LONG_P), prompt(2, 20)
+            async with DynaServeClient(cluster.client_addr) as c:
+                long_s = c.generate(long_p, max_tokens=4, ignore_eos=True)
+                await asyncio.sleep(0)
+                short_s = c.generate(short_p, max_tokens=4, ignore_eos=True)
+                long_t, short_t = await asyncio.wait_for(asyncio.gather(long_s.collect(), short_s.collect()), 120)
+                ref_long = await asyncio.wait_for(c.generate(long_p, max_tokens=4, ignore_eos=True).collect(), 120)
+                ref_short = await asyncio.wait_for(c.generate(short_p, max_tokens=4, ignore_eos=True).collect(), 120)
+            assert (long_t, short_t) == (ref_long, ref_short)
+            if order == "deadline":
+                assert short_s.token_ts[0] < long_s.token_ts[0]
+            else:
+                assert long_s.token_ts[0] < short_s.token_ts[0]
+            await wait_idle(cluster, 30)
+
+        asyncio.run(main())
+    finally:
+        cluster.stop()

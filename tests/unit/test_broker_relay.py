@@ -93,3 +93,22 @@ def test_table_knows_the_key_owning_each_client_identity() -> None:
     b.table.pop("1")
     b.table.pop("2")
     assert b.table.owner(b"c1") is None and b.table.owner(b"c2") == ""
+
+
+def test_ttft_slo_grows_with_the_prompt_when_asked() -> None:
+    def admitted_slo(factor: float, prompt_len: int) -> float:
+        b = Broker(BrokerConfig(client_addr="ipc:///tmp/dynaserve-unit-c", worker_addr="ipc:///tmp/dynaserve-unit-w",
+                                ttft_slo_ms=250.0, ttft_prefill_factor=factor))
+        b.clients, b.workers = RecordingChannel(), RecordingChannel()  # type: ignore[assignment]
+        b.cluster.add(InstanceState(id="w0", kv_capacity_tokens=1 << 20, max_model_len=1 << 20))
+        b._on_submit(b"c", P.SubmitRequest("r", [5] * prompt_len, P.SamplingParams(max_tokens=4)), 0.0)
+        (req,) = b.table.by_iid.values()
+        return req.ttft_slo_ms
+
+    model = make_broker().pricing.model
+    assert admitted_slo(0.0, 100) == admitted_slo(0.0, 20_000) == 250.0
+    for p in (100, 20_000):  # 8192-token chunks: 20k tokens take three steps alone
+        assert admitted_slo(4.0, p) == 250.0 + 4.0 * model.prefill_alone_ms(p, 8192)
+    assert admitted_slo(4.0, 20_000) > admitted_slo(4.0, 100) > 250.0
+    assert model.prefill_alone_ms(20_000) == sum(
+        model.step_ms(n, 0, 0, model.chunk_attn(n, done)) for n, done in ((8192, 0), (8192, 8192), (3616, 16384)))

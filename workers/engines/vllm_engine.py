@@ -269,6 +269,8 @@ class VllmEngine:
                 if req is not None:
                     req.vllm_id = rid if not req.vllm_id else rid + RECOMPUTE_SUFFIX
                     req.internal_id = self.llm.add_request(req.vllm_id, {"prompt_token_ids": prompt}, params)
+                    self.sched.ranks[req.internal_id] = self.local.prefill_rank(req.desc.arrival,
+                                                                                req.desc.ttft_slo_ms)
             elif kind == "abort":
                 self.llm.abort_request([arg])
             elif kind == "expire":

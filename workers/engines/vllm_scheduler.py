@@ -4,16 +4,26 @@ vLLM builds it from ``EngineArgs(scheduler_cls="workers.engines.vllm_scheduler.D
 worker's engine attaches its LocalScheduler as ``scheduler.local``; before each step the budget is set to
 the decodes in the batch plus the prefill tokens the SLO allows, and a summary of what was scheduled is
 kept in ``last_step`` so the engine can feed the measured step time back (``LocalScheduler.observe``).
+
+Prefill order: vLLM fills a step's budget from its running list in order, then from its waiting queue in
+order. With the local scheduler's ``prefill_order="deadline"``, both are re-sorted before each step: decodes
+first (one token each), then sequences with prompt left by ``ranks`` (the engine sets each request's rank
+from ``LocalScheduler.prefill_rank``: its TTFT deadline), so the budget goes to the earliest deadline, as in
+the simulated engine. The order also makes vLLM preempt the latest deadline first when KV runs out.
 Only workers/engines/vllm* imports vllm.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any
 
 from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.request import RequestStatus
 
 from workers.local_scheduler import LocalScheduler, StepPlan
+
+_READY = (RequestStatus.WAITING, RequestStatus.PREEMPTED)
 
 
 class DynaServeScheduler(Scheduler):
@@ -22,8 +32,49 @@ class DynaServeScheduler(Scheduler):
     local: LocalScheduler | None = None
     last_step: StepPlan | None = None
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.ranks: dict[str, float] = {}  # internal request id -> prefill rank (smaller first)
+
+    def _rank(self, req: Any) -> tuple[int, float]:
+        if req.num_computed_tokens >= req.num_prompt_tokens:
+            return (0, 0.0)  # decoding
+        return (1, self.ranks.get(req.request_id, float("inf")))
+
+    def _order_by_deadline(self) -> list[Any]:
+        """Sort running and waiting by rank; returns the running prefills to sit out this step (see below)."""
+        ranks = self.ranks
+        if len(ranks) > 2 * len(self.requests) + 64:
+            self.ranks = {k: v for k, v in ranks.items() if k in self.requests}
+        if len(self.running) > 1:
+            self.running.sort(key=self._rank)  # stable: arrival order among equals
+        waiting = self.waiting
+        if not waiting or not isinstance(waiting, deque):
+            return []
+        if len(waiting) > 1:
+            items = sorted(waiting, key=self._rank)
+            waiting.clear()
+            waiting.extend(items)
+        # vLLM serves running requests before waiting ones. A running prefill whose deadline is later than
+        # a waiting request's sits out this step, so the budget reaches the earlier deadline first (next
+        # step both are running and sorted). Only while every request fits the running cap: hidden
+        # requests must not let vLLM admit more than max_num_running_reqs.
+        if len(self.running) + len(waiting) > self.max_num_running_reqs:
+            return []
+        ready = [r for r in waiting if r.status in _READY]  # not those waiting for KV from A
+        if not ready:
+            return []
+        first = self._rank(ready[0])
+        late = [r for r in self.running if self._rank(r) > first]
+        if late:
+            self.running = [r for r in self.running if self._rank(r) <= first]
+        return late
+
     def schedule(self, *args: Any, **kwargs: Any) -> Any:
         local = self.local
+        late: list[Any] = []
+        if local is not None and local.config.prefill_order == "deadline":
+            late = self._order_by_deadline()
         if local is not None:
             decodes = 0
             ctx = 0
@@ -33,7 +84,11 @@ class DynaServeScheduler(Scheduler):
                     ctx += req.num_computed_tokens
             budget = local.token_budget(decodes, ctx) + decodes
             self.max_num_scheduled_tokens = max(1, min(budget, self.scheduler_config.max_num_batched_tokens))
-        out = super().schedule(*args, **kwargs)
+        try:
+            out = super().schedule(*args, **kwargs)
+        finally:
+            if late:
+                self.running.extend(late)
         if local is not None:
             plan = StepPlan(token_budget=self.max_num_scheduled_tokens)
             for rid, n in out.num_scheduled_tokens.items():
