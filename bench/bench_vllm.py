@@ -680,13 +680,14 @@ def handoff_tables(res: dict, sizes: list[int]) -> str:
 
 
 # =========================================================================== phase 2: overhead
-def _bare_main(conn: Any, model: str, mode: str, log_path: str) -> None:
+def _bare_main(conn: Any, model: str, mode: str, log_path: str, cores: str = "") -> None:
     """Bare vLLM: in-process LLMEngine with VllmEngine's EngineArgs minus the connector and scheduler_cls.
 
     mode "main": built and stepped in the main thread (a plain loop); mode "thread": built in the main
     thread, each step() in one worker thread (ThreadPoolExecutor(max_workers=1)); mode "engine_thread":
     built and stepped in that one worker thread, the way VllmEngine runs it. Nothing else of DynaServe.
-    vLLM's log goes to ``log_path``.
+    vLLM's log goes to ``log_path``. ``cores`` (if set) binds every thread that runs vLLM to those cores
+    with one compute thread per core, exactly as VllmEngine binds its engine thread (``--vllm-cpu-bind``).
     """
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
@@ -700,14 +701,18 @@ def _bare_main(conn: Any, model: str, mode: str, log_path: str) -> None:
     from vllm.v1.engine.llm_engine import LLMEngine
 
     from workers.engines.vllm_config import VllmEngineConfig
+    from workers.engines.vllm_engine import _bind_engine_thread
 
-    cfg = VllmEngineConfig(model=model)
+    cfg = VllmEngineConfig(model=model, cpu_bind=cores)
     args = EngineArgs(
         model=cfg.model, dtype=cfg.dtype, enforce_eager=cfg.enforce_eager, max_model_len=cfg.max_model_len,
         seed=cfg.seed, kv_cache_memory_bytes=cfg.kv_cache_bytes, enable_prefix_caching=False,
         max_num_batched_tokens=cfg.max_num_batched_tokens, max_num_seqs=cfg.max_num_seqs,
     )
     ex = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-step")
+    ex.submit(_bind_engine_thread, cfg).result()
+    if mode != "engine_thread":
+        _bind_engine_thread(cfg)
     if mode == "engine_thread":
         llm = ex.submit(LLMEngine.from_engine_args, args).result()
     else:
@@ -769,10 +774,11 @@ async def phase_overhead(args: argparse.Namespace, bar: Any, mem: dict) -> dict:
     model = str(build(DEFAULT_OUT))
     ctx = mp.get_context("spawn")
     bares: dict[str, tuple[Any, Any]] = {}
-    # the worker gets every core, like the bare engines (LocalCluster binds worker i to core i by default)
+    # the DynaServe worker and the bare engines compute on the same cores (--engine-cores; default all)
+    cores = args.engine_cores or f"0-{(os.cpu_count() or 1) - 1}"
     cluster = make_cluster(False, engine="vllm", workers=1, policy="colocate",
                            side_channel_base_port=SIDE_PORT_TINY, ready_timeout_s=300.0,
-                           worker_args=["--vllm-cpu-bind", f"0-{(os.cpu_count() or 1) - 1}"])
+                           worker_args=["--vllm-cpu-bind", cores])
     res: dict[str, Any] = {name: {} for name, _ in SYSTEMS}
     res["rounds"] = []
     res["log_dir"] = log_dir = tempfile.mkdtemp(prefix="bench-vllm-bare-")
@@ -781,7 +787,8 @@ async def phase_overhead(args: argparse.Namespace, bar: Any, mem: dict) -> dict:
         bar.set_postfix_str(f"starting {len(BARE_MODES)} bare vLLM engines + 1-worker cluster (tiny model)")
         for name, mode in BARE_MODES.items():
             conn, child = ctx.Pipe()
-            proc = ctx.Process(target=_bare_main, args=(child, model, mode, f"{log_dir}/{name}.log"), daemon=True)
+            proc = ctx.Process(target=_bare_main, args=(child, model, mode, f"{log_dir}/{name}.log", cores),
+                               daemon=True)
             proc.start()
             child.close()
             bares[name] = (proc, conn)
@@ -1013,7 +1020,8 @@ async def amain(args: argparse.Namespace) -> None:
     load1 = os.getloadavg()
     print("\n\n".join(out))
     print(f"\n{os.cpu_count()} CPUs, {platform.python_implementation()} {platform.python_version()}, {versions()}; "
-          f"load average {load0[0]:.1f} at start, {load1[0]:.1f} at end; total {time.monotonic() - t0:.0f} s.")
+          f"load average {load0[0]:.1f} at start, {load1[0]:.1f} at end; total {time.monotonic() - t0:.0f} s; "
+          f"engine cores (overhead phase): {args.engine_cores or 'all'}.")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -1029,6 +1037,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of the overhead phase")
     parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[8, 32],
                         help="concurrent requests of the overhead phase")
+    parser.add_argument("--engine-cores", default="",
+                        help="overhead phase: cores every engine computes on (bare engines and the DynaServe "
+                             "worker alike), e.g. 0; default all cores. The broker and client are not bound")
     parser.add_argument("--phases", type=lambda s: s.split(","), default=["handoff", "overhead", "memory"])
     args = parser.parse_args(argv)
 
