@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The main job: set up (if needed), start a local cluster (broker + simulated-GPU workers, KV handoffs over
+# The main job: set up (if needed), start a local cluster (broker + vLLM workers on the tiny local model, or
+# simulated-GPU workers without the vLLM stack; KV handoffs over
 # NIXL), replay real Azure conversation traffic through the client SDK, print the report, write the raw
 # records and plots to results/demo/, and stop the cluster. Extra arguments go to scripts/cluster.py start,
 # e.g. scripts/run.sh --workers 4 --policy colocate --limit 500 --rate 6
