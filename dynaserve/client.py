@@ -120,6 +120,7 @@ class RequestStream:
 
 
 _PING = "liveness"  # nonce of the client's own liveness pings
+_CONNECTION_ERRORS = ("protocol_version", "forbidden")  # error codes without a request id that end everything
 
 
 class DynaServeClient:
@@ -306,7 +307,7 @@ class DynaServeClient:
                 stream = self._streams.get(msg.req_id)
                 if stream is not None:
                     stream._push(err)  # type: ignore[arg-type]
-            elif msg.code == "protocol_version":
+            elif msg.code in _CONNECTION_ERRORS:  # the broker refuses this connection, not one request
                 self.connection_error = err
                 for stream in list(self._streams.values()):
                     stream._push(err)  # type: ignore[arg-type]
