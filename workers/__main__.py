@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     sched_cfg = LocalSchedulerConfig(
         tbt_slo_ms=wcfg.tbt_slo_ms, margin=wcfg.margin, max_batched_tokens=wcfg.max_batched_tokens,
         max_num_seqs=wcfg.max_num_seqs, prefill_order=wcfg.prefill_order,
+        demote_late=wcfg.demote_late,
     )
     if wcfg.engine not in ("sim", "vllm"):
         parser.error(f"unknown engine {wcfg.engine!r} (choose sim or vllm)")

@@ -5,7 +5,9 @@ Pure: sequences in, a StepPlan out; measured step times go back in through ``obs
 token budget whose predicted step time stays under ``(1 - margin) * TBT SLO``. Prefill chunks are taken in
 the engine's priority order, which ``prefill_rank`` defines: by TTFT deadline (``prefill_order="deadline"``,
 the default: a short prompt with a tight deadline does not wait behind a long one that has time) or by
-arrival (``"fcfs"``, what a stock engine does). The prediction is the
+arrival (``"fcfs"``, what a stock engine does). In deadline order, prefills whose deadline has already
+passed go behind those that can still meet theirs (``demote_late``): the late ones have missed their TTFT
+SLO whatever happens, and serving them first would make the others miss theirs too. The prediction is the
 step-latency model times a correction factor learned from measured steps (fast to rise after a latency
 spike, slow to fall), so the budget adapts when the model is off.
 
@@ -36,6 +38,7 @@ class LocalSchedulerConfig:
     alpha_down: float = 0.05  # EWMA weight when steps run faster than predicted
     max_correction: float = 10.0
     prefill_order: str = "deadline"  # "deadline" (earliest TTFT deadline first) or "fcfs" (arrival order)
+    demote_late: bool = True  # deadline order: prefills past their TTFT deadline go behind the others
 
     def __post_init__(self) -> None:
         if self.tbt_slo_ms <= 0:
@@ -101,6 +104,13 @@ class LocalScheduler:
     def prefill_rank(self, arrival: float, ttft_slo_ms: float) -> float:
         """:func:`prefill_rank` under this scheduler's ``prefill_order``."""
         return prefill_rank(self.config.prefill_order, arrival, ttft_slo_ms)
+
+    def is_late(self, rank: float, now: float) -> bool:
+        """True when a prefill of this rank goes behind the others at ``now``: deadline order with
+        ``demote_late``, and its deadline (the rank) has passed. Engines sort prefills by
+        ``(is_late(rank, now), rank)``."""
+        cfg = self.config
+        return cfg.demote_late and cfg.prefill_order == "deadline" and rank < now
 
     def token_budget(self, decode_seqs: int, decode_ctx_tokens: int, first_prefill_ctx: int = 0) -> int:
         """Prefill tokens the next step may carry next to these decodes."""

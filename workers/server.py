@@ -40,6 +40,7 @@ class WorkerConfig:
     max_batched_tokens: int = 8192  # tokens per step at most
     max_num_seqs: int = 256  # decode sequences per step at most
     prefill_order: str = "deadline"  # prefill chunks by TTFT deadline, or "fcfs" (arrival order)
+    demote_late: bool = True  # deadline order: prefills past their TTFT deadline go behind the others
     step_model: str = ""  # step-model file (python -m workers.calibrate); empty: cost tables (sim), CPU default (vllm)
     idle_poll_ms: float = 1.0  # poll period for transfers and confirmations while idle
     metrics_port: int = 0  # Prometheus metrics on http://127.0.0.1:PORT/metrics; 0 = off

@@ -34,6 +34,7 @@ class SimConfig:
     # for its next step boundary, as the default here)
     prefill_order: str = "deadline"  # order of prefill chunks in a step (workers.local_scheduler.prefill_rank):
     # "deadline" (earliest TTFT deadline first, the live worker's default) or "fcfs" (arrival, a stock engine)
+    demote_late: bool = True  # deadline order: prefills past their TTFT deadline go behind the others
     gpu_memory_gb: float = 80.0  # memory of one GPU
     kv_memory_fraction: float = 0.9  # share of GPU memory the engine may use (weights + KV)
     block_size: int = 16  # KV block size in tokens (reservations round up to blocks)
@@ -88,6 +89,7 @@ class SimConfig:
             max_num_seqs=self.max_num_seqs,
             min_chunk_tokens=self.min_chunk_tokens,
             prefill_order=self.prefill_order,
+            demote_late=self.demote_late,
         )
 
     def pricing(self) -> Pricing:

@@ -102,8 +102,9 @@ class SimInstance:
         self.max_seqs = sched.config.max_num_seqs
         self.eager_pull = sim.cfg.eager_pull
         rank = sched.prefill_rank
-        self.prefill_key: Callable[[MicroSeq], tuple[float, int]] = lambda s: (
-            rank(s.req.arrival, s.req.ttft_slo_ms), s.req.idx)
+        self._rank: Callable[[MicroSeq], float] = lambda s: rank(s.req.arrival, s.req.ttft_slo_ms)
+        self.prefill_key: Callable[[MicroSeq], tuple[float, int]] = lambda s: (self._rank(s), s.req.idx)
+        self.demote_late = sched.config.demote_late and sched.config.prefill_order == "deadline"
         self.waiting: list[MicroSeq] = []  # QUEUED, by arrival
         self.prefilling: list[MicroSeq] = []  # PREFILL, by arrival
         self.decoding: dict[MicroSeq, None] = {}  # DECODE, insertion-ordered
@@ -219,11 +220,17 @@ class SimInstance:
             ms = self.truth([], n, self.dctx, 0.0)
         else:
             j = len(self.step_ends)
+            pref = self.prefilling  # sorted by rank
+            if self.demote_late and len(pref) > 1 and self._rank(pref[0]) < now:
+                # deadline order: prefills past their TTFT deadline go behind the others, for this step
+                ok = [s for s in pref if self._rank(s) >= now]
+                if ok:
+                    pref = ok + [s for s in pref if self._rank(s) < now]
             decodes = [DecodeItem(s.req.req_id, s.ctx0 + j - s.i0) for s in self.decoding]
-            prefills = [PrefillItem(s.req.req_id, s.prefill_end - s.computed, s.computed) for s in self.prefilling]
+            prefills = [PrefillItem(s.req.req_id, s.prefill_end - s.computed, s.computed) for s in pref]
             plan = self.sched.schedule(decodes, prefills)
-            chunks = [(c, s.computed) for s, (_, c) in zip(self.prefilling, plan.prefills, strict=False)]
-            self.cur_prefills = [(s, c) for s, (_, c) in zip(self.prefilling, plan.prefills, strict=False)]
+            chunks = [(c, s.computed) for s, (_, c) in zip(pref, plan.prefills, strict=False)]
+            self.cur_prefills = [(s, c) for s, (_, c) in zip(pref, plan.prefills, strict=False)]
             self.cur_plan = plan
             ms = self.truth(chunks, n, plan.decode_ctx_tokens, plan.prefill_attn)
             if len(plan.decodes) != n:

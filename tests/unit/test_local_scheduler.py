@@ -250,6 +250,12 @@ def test_prefill_rank() -> None:
         sched(prefill_order="lifo")
 
 
+def test_is_late_only_in_deadline_order_with_demotion() -> None:
+    assert sched().is_late(5.0, now=6.0) and not sched().is_late(5.0, now=5.0)
+    assert not sched(demote_late=False).is_late(5.0, now=6.0)
+    assert not sched(prefill_order="fcfs").is_late(5.0, now=6.0)  # an arrival time is no deadline
+
+
 def test_config_defaults_are_valid_and_frozen() -> None:
     cfg = LocalSchedulerConfig()
     assert (cfg.tbt_slo_ms, cfg.margin, cfg.max_batched_tokens) == (100.0, 0.1, 8192)

@@ -161,6 +161,25 @@ def test_prefill_order(order: str) -> None:
     assert eng.pool.num_used == 0
 
 
+@pytest.mark.parametrize("demote", [True, False])
+def test_prefills_past_their_deadline_go_last(demote: bool) -> None:
+    """The long prompt's TTFT deadline has passed before the engine starts (it arrived 10 s before, with a
+    1 s SLO); the short one can still meet its own. With demotion the short one gets its first token
+    first although its deadline is later; without, the earlier deadline goes first."""
+    cfg = SimEngineConfig(time_scale=1e-4, kv_capacity_tokens=4096, block_size=BLOCK)
+    local = LocalScheduler(StepLatencyModel(), LocalSchedulerConfig(max_batched_tokens=64, demote_late=demote))
+    eng = SimEngine(cfg, local, None)
+    long_p, short_p = prompt_of(600, seed=3), prompt_of(50, seed=4)
+    long_d = replace(desc("long", long_p, 3, arrival=-10.0), ttft_slo_ms=1_000.0)  # deadline -9 s
+    short_d = replace(desc("short", short_p, 3, arrival=0.0), ttft_slo_ms=1_000.0)  # deadline 1 s
+    run = run_full(eng, long_d, short_d)
+    assert run.tokens == {"long": reference_tokens(long_p, 3), "short": reference_tokens(short_p, 3)}
+    if demote:
+        assert run.first_step["short"] < run.first_step["long"]
+    else:
+        assert run.first_step["long"] < run.first_step["short"]
+
+
 def _stop_at(ref: list[int], k: int) -> int:
     assert ref[k] not in ref[:k], "pick another prompt: the stop token appears earlier"
     return ref[k]

@@ -301,9 +301,10 @@ class SimEngine:
                 decodes.append(DecodeItem(seq.desc.req_id, seq.computed))
             elif pend > 0:
                 rank = self.sched.prefill_rank(seq.desc.arrival, seq.desc.ttft_slo_ms)
-                prefills.append((rank, seq.desc.arrival, PrefillItem(seq.desc.req_id, pend, seq.computed)))
-        prefills.sort(key=lambda t: (t[0], t[1]))
-        plan = self.sched.schedule(decodes, [p for _, _, p in prefills])
+                key = (self.sched.is_late(rank, now), rank, seq.desc.arrival)
+                prefills.append((key, PrefillItem(seq.desc.req_id, pend, seq.computed)))
+        prefills.sort(key=lambda t: t[0])
+        plan = self.sched.schedule(decodes, [p for _, p in prefills])
         if plan.empty:
             return out
         t0 = time.perf_counter()

@@ -8,13 +8,15 @@ kept in ``last_step`` so the engine can feed the measured step time back (``Loca
 Prefill order: vLLM fills a step's budget from its running list in order, then from its waiting queue in
 order. With the local scheduler's ``prefill_order="deadline"``, both are re-sorted before each step: decodes
 first (one token each), then sequences with prompt left by ``ranks`` (the engine sets each request's rank
-from ``LocalScheduler.prefill_rank``: its TTFT deadline), so the budget goes to the earliest deadline, as in
-the simulated engine. The order also makes vLLM preempt the latest deadline first when KV runs out.
+from ``LocalScheduler.prefill_rank``: its TTFT deadline; those already past it after the others,
+``LocalScheduler.is_late``), so the budget goes to the earliest deadline that can still be met, as in the
+simulated engine. The order also makes vLLM preempt the latest deadline first when KV runs out.
 Only workers/engines/vllm* imports vllm.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from typing import Any
 
@@ -35,14 +37,18 @@ class DynaServeScheduler(Scheduler):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.ranks: dict[str, float] = {}  # internal request id -> prefill rank (smaller first)
+        self._now = 0.0
 
-    def _rank(self, req: Any) -> tuple[int, float]:
+    def _rank(self, req: Any) -> tuple[int, bool, float]:
         if req.num_computed_tokens >= req.num_prompt_tokens:
-            return (0, 0.0)  # decoding
-        return (1, self.ranks.get(req.request_id, float("inf")))
+            return (0, False, 0.0)  # decoding
+        rank = self.ranks.get(req.request_id, float("inf"))
+        local = self.local
+        return (1, local is not None and local.is_late(rank, self._now), rank)
 
     def _order_by_deadline(self) -> list[Any]:
         """Sort running and waiting by rank; returns the running prefills to sit out this step (see below)."""
+        self._now = time.monotonic()  # the broker's clock too when they share a host (descriptor arrivals)
         ranks = self.ranks
         if len(ranks) > 2 * len(self.requests) + 64:
             self.ranks = {k: v for k, v in ranks.items() if k in self.requests}
