@@ -20,7 +20,7 @@ from __future__ import annotations
 from bisect import insort
 from dataclasses import dataclass, field
 from operator import itemgetter
-from typing import Protocol
+from typing import Any, Protocol
 
 from broker.cluster_state import ClusterState, InstanceState, Pricing, RequestInfo
 from dynaserve.split import Plan, normalize_split, tokens_emitted_by_a
@@ -133,6 +133,27 @@ def _push_best(top: list[tuple[float, _Row]], key: float, row: _Row, k: int) -> 
 
 
 @dataclass
+class _PriceCache:
+    """Per-instance prices that depend only on ``(running_seqs, decode_ctx_tokens)``, the TBT SLO and the
+    pricing: slo -> instance id -> a tuple whose first two fields are the inputs it was priced at. Load
+    reports change those inputs a few times per second, while every plan reads every instance, so a
+    policy recomputes an entry only when its inputs changed. Bounded: a new pricing or more than 8 SLOs
+    clear it, and a table with far more ids than live instances starts over."""
+
+    tables: dict[float, dict[str, tuple]] = field(default_factory=dict)
+    of: Pricing | None = None
+
+    def table(self, pricing: Pricing, slo: float, n_instances: int) -> dict[str, Any]:
+        if self.of is not pricing or len(self.tables) > 8:
+            self.tables.clear()
+            self.of = pricing
+        t = self.tables.get(slo)
+        if t is None or len(t) > 2 * n_instances + 64:
+            t = self.tables[slo] = {}
+        return t
+
+
+@dataclass
 class BalancePolicy:
     """Adaptive split: balance the projected work of A and B (the design's starting formulation)."""
 
@@ -140,14 +161,9 @@ class BalancePolicy:
     candidates: int = 2  # best-k instances considered for each role
     min_gain_frac: float = 0.05  # split only if it saves this share of the request's cost, beyond the handoff
     name: str = "balance"
-    # Prices that depend only on (running_seqs, decode_ctx_tokens, TBT SLO) and the pricing, per TBT SLO
-    # and instance: slo -> id -> (running_seqs, decode_ctx_tokens, prefill ms/token, decode ms/token at
-    # the average context, average context). Load reports change their inputs a few times per second;
-    # every plan reads them for every instance, so they are recomputed only when their inputs change.
-    _prices: dict[float, dict[str, tuple[int, int, float, float, int]]] = field(
-        default_factory=dict, init=False, repr=False, compare=False
-    )
-    _prices_of: Pricing | None = field(default=None, init=False, repr=False, compare=False)
+    # id -> (running_seqs, decode_ctx_tokens, prefill ms/token, decode ms/token at the average context,
+    # average context)
+    _prices: _PriceCache = field(default_factory=_PriceCache, init=False, repr=False, compare=False)
 
     def plan(self, req: RequestInfo, cluster: ClusterState, now: float) -> Plan | None:
         p, o_plan = req.prompt_len, req.max_tokens
@@ -155,12 +171,7 @@ class BalancePolicy:
         pr = self.pricing
         slo = req.tbt_slo_ms
         k = self.candidates
-        if self._prices_of is not pr or len(self._prices) > 8:
-            self._prices.clear()
-            self._prices_of = pr
-        prices = self._prices.get(slo)
-        if prices is None or len(prices) > 2 * len(cluster.instances) + 64:
-            prices = self._prices[slo] = {}
+        prices = self._prices.table(pr, slo, len(cluster.instances))
         decode_ms = pr.decode_ms_fn()  # decode_ms(ctx) == pr.decode_ms_per_token(inst, ctx)
         need = p + o
         half_o = o // 2
@@ -317,28 +328,15 @@ class DynaServePolicy:
     max_decode_seqs: int = 224  # B must run fewer decodes than this (admission cap headroom)
     min_output: int = 102  # split only outputs predicted to have this many tokens or more
     name: str = "dynaserve"
-    # prefill ms/token per TBT SLO and instance, with the (running_seqs, decode_ctx_tokens) it was priced
-    # at: it changes only when a load report or a commit changes those inputs
-    _rates: dict[float, dict[str, tuple[int, int, float]]] = field(
-        default_factory=dict, init=False, repr=False, compare=False
-    )
-    _rates_of: Pricing | None = field(default=None, init=False, repr=False, compare=False)
-
-    def _rate_table(self, slo: float, n_instances: int) -> dict[str, tuple[int, int, float]]:
-        if self._rates_of is not self.pricing or len(self._rates) > 8:
-            self._rates.clear()
-            self._rates_of = self.pricing
-        rates = self._rates.get(slo)
-        if rates is None or len(rates) > 2 * n_instances + 64:
-            rates = self._rates[slo] = {}
-        return rates
+    # id -> (running_seqs, decode_ctx_tokens, prefill ms/token)
+    _rates: _PriceCache = field(default_factory=_PriceCache, init=False, repr=False, compare=False)
 
     def plan(self, req: RequestInfo, cluster: ClusterState, now: float) -> Plan | None:
         p, mt = req.prompt_len, req.max_tokens
         o = max(1, min(req.predicted_output, mt))
         pr = self.pricing
         slo = req.tbt_slo_ms
-        rates = self._rate_table(slo, len(cluster.instances))
+        rates = self._rates.table(pr, slo, len(cluster.instances))
         need = p + mt
         a: InstanceState | None = None
         best_t = _INF

@@ -24,7 +24,7 @@ from dynaserve.cluster import CLIENT_KEY, FRONTEND_KEY, ClusterConfig, LocalClus
 from dynaserve.errors import BrokerUnavailableError
 from dynaserve.sockets import CurveOptions, make_socket
 from dynaserve.tokenizer import ByteTokenizer
-from tests.conftest import make_prompt
+from tests.conftest import make_prompt, start_cluster
 from workers.engines.sim import reference_tokens
 
 pytestmark = pytest.mark.integration
@@ -166,12 +166,9 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     """A cluster started only with ``curve_dir`` (an empty directory: every key is generated), front end on."""
-    cfg = ClusterConfig(workers=2, policy="dynaserve", transport="ipc", engine="sim", http_port=_free_port(),
-                        curve_dir=str(tmp_path_factory.mktemp("generated") / "keys"))
-    lc = LocalCluster(cfg)
-    lc.start()
+    lc = start_cluster("dynaserve", workers=2, http_port=_free_port(),
+                       curve_dir=str(tmp_path_factory.mktemp("generated") / "keys"))
     try:
-        asyncio.run(lc.wait_ready())
         yield lc
     finally:
         lc.stop()

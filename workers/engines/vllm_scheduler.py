@@ -71,9 +71,12 @@ class DynaServeScheduler(Scheduler):
         if not ready:
             return []
         first = self._rank(ready[0])
-        late = [r for r in self.running if self._rank(r) > first]
+        keep: list[Any] = []
+        late: list[Any] = []
+        for r in self.running:
+            (late if self._rank(r) > first else keep).append(r)
         if late:
-            self.running = [r for r in self.running if self._rank(r) <= first]
+            self.running = keep
         return late
 
     def schedule(self, *args: Any, **kwargs: Any) -> Any:
