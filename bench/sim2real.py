@@ -126,7 +126,8 @@ def sim_config(cfg: Sim2RealConfig) -> FittedSimConfig:
         model="tiny-llama" if cfg.engine == "vllm" else cfg.model, gpu=cfg.gpu, instances=2,
         tbt_slo_ms=cfg.tbt_slo_ms, margin=0.1, max_batched_tokens=tokens, max_num_seqs=seqs, min_chunk_tokens=16,
         report_interval_ms=20.0, link_gbps=cfg.link_gbps, transfer_latency_ms=cfg.transfer_latency_ms,
-        eager_pull=False, prefill_order="deadline", block_size=block, ground_truth="linear", max_sim_s=3600.0,
+        eager_pull=False, prefill_order="deadline", block_size=block,
+        kv_alloc="on_demand" if cfg.engine == "vllm" else "reserve", ground_truth="linear", max_sim_s=3600.0,
         fixed_model=model, fixed_kv_bytes=kv_bytes, fixed_kv_tokens=cfg.kv_capacity_tokens,
     )
 

@@ -11,6 +11,7 @@ from dynaserve.costtables import MODEL_PRESETS, ModelShape, build_step_model
 from workers.local_scheduler import LocalSchedulerConfig
 
 GROUND_TRUTHS = ("linear", "detailed")
+KV_ALLOCS = ("on_demand", "reserve")
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,9 @@ class SimConfig:
     demote_late: bool = True  # deadline order: prefills past their TTFT deadline go behind the others
     gpu_memory_gb: float = 80.0  # memory of one GPU
     kv_memory_fraction: float = 0.9  # share of GPU memory the engine may use (weights + KV)
-    block_size: int = 16  # KV block size in tokens (reservations round up to blocks)
+    block_size: int = 16  # KV block size in tokens (allocations round up to blocks)
+    kv_alloc: str = "on_demand"  # "on_demand": blocks as tokens are written, preemption when out (vLLM);
+    # "reserve": prompt + max_tokens at admission (the live simulated engine)
     ground_truth: str = "linear"  # step durations: "linear" (the schedulers' own model) or "detailed"
     handoff_ms: float = 2.0  # the global policies' fixed price of a handoff (Pricing.handoff_ms)
     max_sim_s: float = 7200.0  # stop the simulation at this virtual time (unfinished requests fail)
@@ -51,6 +54,8 @@ class SimConfig:
             raise ValueError("report_interval_ms must be > 0")
         if self.link_gbps <= 0 or self.transfer_latency_ms < 0:
             raise ValueError("link_gbps must be > 0 and transfer_latency_ms >= 0")
+        if self.kv_alloc not in KV_ALLOCS:
+            raise ValueError(f"kv_alloc must be one of {KV_ALLOCS}, got {self.kv_alloc!r}")
         if self.ground_truth not in GROUND_TRUTHS:
             raise ValueError(f"ground_truth must be one of {GROUND_TRUTHS}, got {self.ground_truth!r}")
         if self.kv_capacity_tokens < self.block_size:

@@ -2,9 +2,15 @@
 
 Lifecycle of a micro-request (a :class:`MicroSeq`) on an instance::
 
-    WAIT_KV (role B, until A hands off) -> QUEUED -> admitted (KV blocks reserved, FCFS by arrival,
+    WAIT_KV (role B, until A hands off) -> QUEUED -> admitted (KV blocks allocated, FCFS by arrival,
     at most ``max_num_seqs`` running) -> [XFER (role B pulls A's KV)] -> PREFILL (chunks) -> DECODE
     (one token per step) -> DONE | HELD (role A: blocks kept until B's pull completes) -> DONE
+
+KV blocks (``SimConfig.kv_alloc``): "on_demand" allocates like vLLM: the prompt's blocks at admission,
+one more block whenever a decode crosses a block boundary; when none is free, the running sequence
+ranked last (prefills by latest deadline, then the newest decode) is preempted: its blocks are freed and
+it goes back to the queue to recompute everything it had (PREFILL/DECODE -> QUEUED). "reserve" takes
+the prompt plus ``max_tokens`` at admission (what the live simulated engine does) and never preempts.
 
 Decode-phase sequences are not touched on every step. A sequence that enters the decode phase at step
 index ``i0`` with ``n`` tokens to emit emits one token at the end of every step ``i0 .. i0+n-1`` (every
@@ -68,10 +74,12 @@ class MicroSeq:
     computed: int  # positions computed (B starts at the split point once the pull is done)
     emit_plan: int  # tokens the descriptor asks for (what the instance reports as pending)
     emit_true: int  # tokens it really emits (fewer when the true output ends first)
-    kv_tokens: int  # positions reserved at admission
+    kv_tokens: int  # positions reserved at admission (kv_alloc="reserve")
     state: int
     split: int = 0
     blocks: int = 0
+    pulled: bool = False  # role B: A's KV arrived (a preempted B recomputes instead of pulling again)
+    entry: int = 0  # tie of its live finish/grow heap entries (stale entries are skipped)
     i0: int = 0  # first decode step index
     ctx0: int = 0  # context at the first decode step
     dsteps: int = 0  # decode steps (tokens emitted in the decode phase)
@@ -101,6 +109,7 @@ class SimInstance:
         self.truth = truth
         self.max_seqs = sched.config.max_num_seqs
         self.eager_pull = sim.cfg.eager_pull
+        self.on_demand = sim.cfg.kv_alloc == "on_demand"
         rank = sched.prefill_rank
         self._rank: Callable[[MicroSeq], float] = lambda s: rank(s.req.arrival, s.req.ttft_slo_ms)
         self.prefill_key: Callable[[MicroSeq], tuple[float, int]] = lambda s: (self._rank(s), s.req.idx)
@@ -110,6 +119,8 @@ class SimInstance:
         self.decoding: dict[MicroSeq, None] = {}  # DECODE, insertion-ordered
         self.n_xfer = 0
         self.finish_heap: list[tuple[int, int, MicroSeq]] = []
+        self.grow_heap: list[tuple[int, int, MicroSeq]] = []  # (step that needs one more block, tie, seq)
+        self.preemptions = 0
         self.step_ends: list[float] = []
         self.busy = False
         self.cur_n = 0
@@ -179,7 +190,7 @@ class SimInstance:
         running = len(self.prefilling) + len(self.decoding) + self.n_xfer
         while k < len(waiting) and running < self.max_seqs:
             seq = waiting[k]
-            need = -(-seq.kv_tokens // bs)
+            need = -(-(seq.prefill_end if self.on_demand else seq.kv_tokens) // bs)
             if need > self.free_blocks:
                 break
             self.free_blocks -= need
@@ -188,7 +199,7 @@ class SimInstance:
             seq.blocks = need
             running += 1
             k += 1
-            if seq.role == ROLE_B:
+            if seq.role == ROLE_B and not seq.pulled:
                 seq.state = XFER
                 self.n_xfer += 1
                 self.sim.start_transfer(seq, now)
@@ -208,7 +219,9 @@ class SimInstance:
 
     def start_step(self, now: float) -> None:
         """Form the next step with the local scheduler and schedule its end; idle when there is no work."""
-        if self.waiting:
+        grow = self.grow_heap
+        preempted = bool(grow) and grow[0][0] <= len(self.step_ends) and self._grow(len(self.step_ends), now)
+        if self.waiting and not preempted:  # as in vLLM: no admissions in a step that preempted
             self._admit(now)
         n = len(self.decoding)
         if not self.prefilling:
@@ -253,8 +266,9 @@ class SimInstance:
             self.sched.observe(self.cur_plan, self.last_step_ms)
         heap = self.finish_heap
         while heap and heap[0][0] <= j:
-            seq = heapq.heappop(heap)[2]
-            self._end_decode(seq, j, now)
+            _, tie, seq = heapq.heappop(heap)
+            if seq.entry == tie and seq.state == DECODE:  # else stale: the sequence was preempted
+                self._end_decode(seq, j, now)
         for seq, c in self.cur_prefills:
             seq.computed += c
             self.qp -= c
@@ -265,6 +279,55 @@ class SimInstance:
         self.busy = False
         self.start_step(now)
 
+    def _grow(self, j: int, now: float) -> bool:
+        """KV blocks for the decodes of step ``j`` (on demand); preempt when none is free. True if it did."""
+        grow = self.grow_heap
+        bs = self.block_size
+        preempted = False
+        while grow and grow[0][0] <= j:
+            at, tie, seq = heapq.heappop(grow)
+            if seq.entry != tie or seq.state != DECODE:
+                continue  # stale: the sequence ended or was preempted
+            while self.free_blocks == 0 and seq.state == DECODE:
+                self._preempt(j, now)
+                preempted = True
+            if seq.state != DECODE:
+                continue  # it was the victim itself
+            self.free_blocks -= 1
+            seq.blocks += 1
+            if self.free_blocks < self.min_free_blocks:
+                self.min_free_blocks = self.free_blocks
+            heapq.heappush(grow, (at + bs, tie, seq))
+        return preempted
+
+    def _preempt(self, j: int, now: float) -> None:
+        """Free the blocks of the running sequence ranked last and queue it to recompute (vLLM's policy)."""
+        if self.prefilling:
+            seq = self.prefilling.pop()
+            self.qp += seq.computed
+        else:
+            seq = next(reversed(self.decoding))
+            del self.decoding[seq]
+            done = j - seq.i0  # decode tokens already emitted (steps i0 .. j-1 have ended)
+            req = seq.req
+            req.token_ts.extend(self.step_ends[seq.i0 : j])
+            req.emitted += done
+            ctx = seq.ctx0 + done
+            self.dctx -= ctx
+            # recompute everything it has, emit its next token at the end of that prefill, then decode
+            seq.emit_plan -= seq.emit_true - (seq.dsteps - done)
+            seq.emit_true = seq.dsteps - done
+            seq.prefill_end = ctx
+            seq.emits_at_prefill = True
+            self.qp += ctx
+        seq.computed = 0
+        seq.pulled = True  # what it had is recomputed here, never pulled again
+        seq.entry = 0
+        seq.state = QUEUED
+        self.free(seq)
+        self.preemptions += 1
+        insort(self.waiting, seq, key=_arrival_key)
+
     def _enter_decode(self, seq: MicroSeq, i0: int, tokens: int) -> None:
         seq.state = DECODE
         seq.i0 = i0
@@ -273,7 +336,10 @@ class SimInstance:
         self.decoding[seq] = None
         self.dctx += seq.computed
         self._tie += 1
+        seq.entry = self._tie
         heapq.heappush(self.finish_heap, (i0 + tokens - 1, self._tie, seq))
+        if self.on_demand:  # the step that writes position blocks * block_size needs one more block
+            heapq.heappush(self.grow_heap, (i0 + seq.blocks * self.block_size - seq.ctx0, self._tie, seq))
 
     def _end_prefill(self, seq: MicroSeq, j: int, now: float) -> None:
         if not seq.emits_at_prefill:
@@ -314,6 +380,7 @@ class SimInstance:
         """Role B: A's KV arrived; continue with the rest of the prompt or with decoding."""
         self.n_xfer -= 1
         seq.computed = seq.split
+        seq.pulled = True
         self.dirty = True
         if seq.prefill_end > seq.computed:
             seq.state = PREFILL

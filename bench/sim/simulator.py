@@ -299,6 +299,7 @@ class Simulator:
         for inst in self.instances:
             self.stats["steps"] += len(inst.step_ends)
         self.stats["events"] = events
+        self.stats["preemptions"] = sum(i.preemptions for i in self.instances)
         self.stats["min_free_kv_tokens"] = min(i.min_free_blocks for i in self.instances) * self.cfg.block_size
         self.stats["busy_s"] = {i.id: i.busy_ms / 1000.0 for i in self.instances}
         span = (trace[-1].arrival_s - trace[0].arrival_s) if len(trace) > 1 else 0.0

@@ -137,6 +137,26 @@ def test_kv_capacity_never_exceeded() -> None:
         assert res.records[-1].error == "no_capacity"
 
 
+@pytest.mark.parametrize("offset", [None, -100, 0, 40])
+def test_on_demand_kv_preempts_and_recomputes(offset: int | None) -> None:
+    """Outputs outgrow the KV: the newest sequences are preempted, recompute, and still emit every token."""
+    cfg = SimConfig(instances=2, gpu_memory_gb=18.6)  # ~6k KV tokens per instance
+    reqs = [TraceRequest(0.001 * i, 300, 400) for i in range(30)]  # 30 x 700 tokens > 2 x ~6k
+    policy = build_policy("colocate", cfg.pricing()) if offset is None else ForcedSplit(offset)
+    sim, res = run(cfg, policy, reqs, max_tokens=2048)
+    assert res.stats["preemptions"] > 0
+    assert res.stats["min_free_kv_tokens"] >= 0
+    for rec, req in zip(res.records, sim.requests, strict=True):
+        assert is_completed(rec) and req.emitted == 400 and len(req.token_ts) == 400
+        assert req.token_ts == sorted(req.token_ts)
+    for inst in sim.instances:
+        assert inst.free_blocks == inst.total_blocks and inst.qp == 0 and inst.pd == 0 and inst.dctx == 0
+    # reserving prompt + max_tokens never preempts: the same requests wait for admission instead
+    sim2, res2 = run(SimConfig(instances=2, gpu_memory_gb=18.6, kv_alloc="reserve"), policy, reqs, max_tokens=2048)
+    assert res2.stats["preemptions"] == 0
+    assert all(is_completed(r) for r in res2.records)
+
+
 def test_loads_reported_to_the_broker() -> None:
     cfg = SimConfig(instances=2, report_interval_ms=20.0)
     sim = Simulator(cfg, build_policy("colocate", cfg.pricing()))
