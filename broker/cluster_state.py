@@ -23,6 +23,7 @@ class InstanceState:
     max_model_len: int = 1 << 20
     kv_bytes_per_token: int = 0
     pool: str = "any"  # "prefill" / "decode" / "any" (only the disagg policy reads it)
+    max_num_seqs: int = 0  # the engine's cap of running sequences (0: none known)
     alive: bool = True
     queued_prefill_tokens: int = 0
     running_seqs: int = 0

@@ -312,21 +312,28 @@ class DynaServePolicy:
       queue ahead of it at its TBT-limited prefill rate, ``(queued_prefill + p) * ms_per_token``. Pending
       decode work does not delay a prefill (decodes and prefill chunks share every step); it only lowers
       the prefill rate, which the rate already reflects. Ties go to the instance with fewer running
-      sequences.
+      sequences. An instance whose running decodes are within ``full_headroom`` of its engine's cap of
+      running sequences (``InstanceState.max_num_seqs``) is A only when every instance is: a new prompt
+      there waits for a decode to finish before its prefill can start.
     * Split at s = p when A has prefill queued and another instance B has none (B lost the placement
-      because its decodes slow its prefill rate), has room for the request's KV and fewer than
-      ``max_decode_seqs`` running, and the handoff gap (transfer + the wait for B's step boundary + B's
-      step) stays under ``gap_frac`` of the TBT SLO; among such instances B runs the shortest decode
-      step. The request's decode then runs where it delays no prefill, instead of taking step time from
-      A's prefill queue: the prefill:decode split of the cluster follows the load.
+      because its decodes slow its prefill rate, or because it is full), has room for the request's KV,
+      and the handoff gap (transfer + the wait for B's step boundary + B's step) stays under ``gap_frac``
+      of the TBT SLO; among such instances B runs the shortest decode step. The request's decode then
+      runs where it delays no prefill, instead of taking step time from A's prefill queue: the
+      prefill:decode split of the cluster follows the load. A full B is allowed: the request waits there
+      for a free slot, which keeps B's batch at its cap, where each decode token costs the least.
     * Only outputs predicted at ``min_output`` tokens or more are split: with 101 or more gaps, the
-      one handoff gap does not move the request's P99 TBT even if B's steps run long.
+      one handoff gap (which includes the wait for a slot on a full B) does not move the request's P99
+      TBT. A prediction is only a guess, and a short output handed to a full B fails its TBT SLO on that
+      one gap; so when B is full, A first decodes up to ``full_b_tokens`` tokens (a decode handoff,
+      s = p + d), no more than A has free slots, and outputs that end by then never move.
     """
 
     pricing: Pricing
     gap_frac: float = 0.8  # handoff gap allowed, as a share of the TBT SLO
-    max_decode_seqs: int = 224  # B must run fewer decodes than this (admission cap headroom)
+    full_headroom: int = 6  # an instance running max_num_seqs - full_headroom decodes or more is full
     min_output: int = 102  # split only outputs predicted to have this many tokens or more
+    full_b_tokens: int = 50  # to a full B, A first decodes up to this many tokens
     name: str = "dynaserve"
     # id -> (running_seqs, decode_ctx_tokens, prefill ms/token)
     _rates: _PriceCache = field(default_factory=_PriceCache, init=False, repr=False, compare=False)
@@ -338,8 +345,10 @@ class DynaServePolicy:
         slo = req.tbt_slo_ms
         rates = self._rates.table(pr, slo, len(cluster.instances))
         need = p + mt
+        headroom = self.full_headroom
         a: InstanceState | None = None
         best_t = _INF
+        a_full = True
         idle: list[InstanceState] = []  # B candidates: no prefill queued
         for inst in cluster.instances.values():
             if not inst.alive or inst.kv_capacity_tokens - inst.kv_used_tokens < need or need > inst.max_model_len:
@@ -348,12 +357,15 @@ class DynaServePolicy:
             if qp <= 0:
                 idle.append(inst)
             running, ctx = inst.running_seqs, inst.decode_ctx_tokens
+            full = 0 < inst.max_num_seqs <= running + headroom
+            if full and not a_full:
+                continue
             cached = rates.get(inst.id)
             if cached is None or cached[0] != running or cached[1] != ctx:
                 cached = rates[inst.id] = (running, ctx, pr.prefill_ms_per_token(inst, slo))
             t = (qp + p) * cached[2]
-            if t < best_t or (t == best_t and a is not None and running < a.running_seqs):
-                a, best_t = inst, t
+            if (a_full and not full) or t < best_t or (t == best_t and a is not None and running < a.running_seqs):
+                a, best_t, a_full = inst, t, full
         if a is None:
             return None
         if o < self.min_output or mt <= 1 or a.queued_prefill_tokens <= 0 or not idle:
@@ -362,7 +374,7 @@ class DynaServePolicy:
         b: InstanceState | None = None
         b_step = _INF
         for inst in idle:
-            if inst is a or inst.running_seqs >= self.max_decode_seqs:
+            if inst is a:
                 continue
             step = model.step_ms(0, inst.running_seqs + 1, inst.decode_ctx_tokens + p)
             if step < b_step:
@@ -372,6 +384,13 @@ class DynaServePolicy:
         gap = pr.handoff_ms + p * pr.transfer_ms_per_token(b) + 2.0 * max(b_step, b.step_ms)
         if gap > self.gap_frac * slo:
             return Plan.whole(a.id, p, mt)
+        if 0 < b.max_num_seqs <= b.running_seqs + headroom and a.max_num_seqs:
+            # B is full: the request will wait there for a slot, a gap that only a long output absorbs.
+            # A first emits up to full_b_tokens more tokens (so that short outputs end on A), as many as
+            # A has free slots, so that A itself does not fill up holding them.
+            d = min(self.full_b_tokens, a.max_num_seqs - headroom - a.running_seqs)
+            if d > 0:
+                return Plan.make(a.id, b.id, p, mt, min(p + d, p + mt - 1))
         return Plan.make(a.id, b.id, p, mt, p)
 
 

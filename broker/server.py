@@ -247,7 +247,8 @@ class Broker:
         stats["vocab_size"] = self._vocab()
         stats["max_model_len"] = self._max_prompt()
         stats["instances"] = {
-            iid: {k: v for k, v in dataclasses.asdict(r).items() if k not in ("instance_id", "seq")}
+            iid: {**{k: v for k, v in dataclasses.asdict(r).items() if k not in ("instance_id", "seq")},
+                  "max_num_seqs": self.cluster.instances[iid].max_num_seqs}
             for iid, r in self.reports.items() if iid in self.cluster.instances
         }
         return stats
@@ -526,7 +527,7 @@ class Broker:
             self._lose_instance(inst_id, "restarted", now)
         self.cluster.add(InstanceState(
             id=inst_id, kv_capacity_tokens=msg.kv_capacity_tokens, max_model_len=msg.max_model_len,
-            kv_bytes_per_token=msg.kv_bytes_per_token, pool=msg.pool, last_report=now,
+            kv_bytes_per_token=msg.kv_bytes_per_token, pool=msg.pool, max_num_seqs=msg.max_num_seqs, last_report=now,
         ))
         self.vocabs[inst_id] = msg.vocab_size
         self.last_seen[inst_id] = now

@@ -325,6 +325,7 @@ class RegisterWorker(Message):
     eos_token_id: int
     kv_bytes_per_token: int = 0
     pool: str = "any"
+    max_num_seqs: int = 0  # the engine's cap of running sequences (0: none known)
 
 
 @dataclass(slots=True)

@@ -96,6 +96,7 @@ class EngineInfo:
     kv_bytes_per_token: int
     vocab_size: int
     eos_token_id: int
+    max_num_seqs: int = 0  # cap of running sequences the engine admits (0: none)
 
 
 class Engine(Protocol):

@@ -87,7 +87,7 @@ class Worker:
         self._send(P.RegisterWorker(
             self.cfg.instance_id, info.kind, info.model, info.kv_capacity_tokens, info.block_size,
             info.max_model_len, self.cfg.kv_transport, info.vocab_size, info.eos_token_id,
-            info.kv_bytes_per_token, self.cfg.pool,
+            info.kv_bytes_per_token, self.cfg.pool, info.max_num_seqs,
         ))
 
     async def run(self) -> None:

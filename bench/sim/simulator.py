@@ -116,7 +116,8 @@ class Simulator:
             iid = f"i{i}"
             sched = LocalScheduler(config.step_model, config.local_config())
             self.instances.append(SimInstance(iid, self, sched, cap, config.block_size, truth))
-            self.cluster.add(InstanceState(id=iid, kv_capacity_tokens=cap, kv_bytes_per_token=config.kv_bytes_per_token))
+            self.cluster.add(InstanceState(id=iid, kv_capacity_tokens=cap, kv_bytes_per_token=config.kv_bytes_per_token,
+                                           max_num_seqs=config.max_num_seqs))
         self.by_id = {inst.id: inst for inst in self.instances}
         self._heap: list[tuple[float, int, int, Any]] = []
         self._tie = 0

@@ -16,6 +16,7 @@ import pytest
 from dynaserve.client import DynaServeClient
 from dynaserve.cluster import LocalCluster
 from tests.conftest import start_cluster, wait_idle
+from workers.engines.vllm_config import VllmEngineConfig
 
 pytestmark = [
     pytest.mark.vllm,
@@ -107,6 +108,7 @@ def test_aborts_leave_no_held_blocks(control_cluster: LocalCluster) -> None:
         loads = await wait_idle(control_cluster, 60)
         for inst, ld in loads.items():
             assert ld["active_requests"] == 0 and ld["held_blocks"] == 0 and ld["kv_used_tokens"] == 0, (inst, ld)
+            assert ld["max_num_seqs"] == VllmEngineConfig().max_num_seqs  # registered for the policy
 
     asyncio.run(main())
 

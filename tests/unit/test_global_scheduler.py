@@ -218,9 +218,8 @@ def test_dynaserve_no_handoff_when_a_has_no_queue_or_b_is_unfit() -> None:
     # A without queued prefill starts at once: nothing to gain
     c = cluster(inst("w0"), inst("w1"))
     assert pol.plan(req(1000, 200), c, 0.0) == Plan("w0", None, 1200, KIND_NONE)
-    # B near its decode cap, B without room for the request
-    for b in ({"running_seqs": 224}, {"kv": 1199}):
-        assert pol.plan(req(1000, 200), _offload_cluster(**b), 0.0) == Plan("w0", None, 1200, KIND_NONE), b
+    # B without room for the request
+    assert pol.plan(req(1000, 200), _offload_cluster(kv=1199), 0.0) == Plan("w0", None, 1200, KIND_NONE)
 
 
 def test_dynaserve_no_handoff_when_the_gap_breaks_the_tbt_slo() -> None:
@@ -233,6 +232,40 @@ def test_dynaserve_no_handoff_when_the_gap_breaks_the_tbt_slo() -> None:
     # B's last measured step counts: 2 + 2 * 40 = 82 ms
     plan = pol.plan(req(1000, 200), _offload_cluster(step_ms=40.0), 0.0)
     assert plan == Plan("w0", None, 1200, KIND_NONE)
+
+
+def test_dynaserve_avoids_instances_at_their_running_cap_for_prefill() -> None:
+    pol = DynaServePolicy(PRICING)
+    # w1 would be A (w0: 20,500 x 0.254 ms; w1: 500 x 4.19 ms) but runs max_num_seqs - 6 decodes: a new
+    # prompt there waits for a free slot
+    c = cluster(inst("w0", queued_prefill_tokens=20000, max_num_seqs=64),
+                inst("w1", running_seqs=58, max_num_seqs=64))
+    assert pol.plan(req(500, 10), c, 0.0) == Plan("w0", None, 510, KIND_NONE)
+    c.instances["w1"].running_seqs = 57
+    assert pol.plan(req(500, 10), c, 0.0) == Plan("w1", None, 510, KIND_NONE)
+    # when every instance is full, the TTFT-first choice among them; an unknown cap (0) is never full
+    c.instances["w1"].running_seqs = 64
+    c.instances["w0"].running_seqs = 60
+    assert pol.plan(req(500, 10), c, 0.0).a == "w1"
+    c.instances["w0"].running_seqs = 0
+    assert pol.plan(req(500, 10), c, 0.0).a == "w0"
+    c.instances["w1"].max_num_seqs = 0
+    assert pol.plan(req(500, 10), c, 0.0).a == "w1"
+
+
+def test_dynaserve_full_b_gets_a_decode_handoff_after_a_few_tokens() -> None:
+    pol = DynaServePolicy(PRICING)
+    # B = w2 is full (8 running, cap 8 + 6): the request would wait there for a slot; A (w0, cap 256, idle)
+    # first decodes 50 tokens, so outputs of 51 tokens or fewer never leave A
+    c = _offload_cluster(max_num_seqs=14)
+    c.instances["w0"].max_num_seqs = 256
+    assert pol.plan(req(1000, 200), c, 0.0) == Plan("w0", "w2", 1050, KIND_DECODE)
+    # no more tokens than A has free slots (256 - 6 - 230 = 20), so that A does not fill up holding them
+    c.instances["w0"].running_seqs = 230
+    c.instances["w1"].queued_prefill_tokens = 1 << 20  # w0 stays A although 230 decodes slow its prefill
+    assert pol.plan(req(1000, 200), c, 0.0) == Plan("w0", "w2", 1020, KIND_DECODE)
+    # a B with free slots gets the plain PD handoff
+    assert pol.plan(req(1000, 200), _offload_cluster(max_num_seqs=15), 0.0) == Plan("w0", "w2", 1000, KIND_PD)
 
 
 def test_dynaserve_skips_dead_and_full_instances() -> None:

@@ -175,6 +175,7 @@ class VllmEngine:
             max_model_len=mcfg.max_model_len, kv_capacity_tokens=num_blocks * self.block_size,
             kv_bytes_per_token=kv_bytes, vocab_size=mcfg.get_vocab_size(),
             eos_token_id=int(tok.eos_token_id) if tok.eos_token_id is not None else -1,
+            max_num_seqs=cfg.max_num_seqs,
         )
         self._warm_up()
 
