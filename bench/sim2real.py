@@ -19,7 +19,7 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -63,7 +63,11 @@ class Sim2RealConfig:
     kv_capacity_tokens: int = 131072  # KV cache per instance (vllm: 256 MiB of 2 KiB tokens)
     transfer_latency_ms: float = 2.0  # simulator: fixed cost of one KV handoff (the live NIXL pull + messages)
     link_gbps: float = 25.0  # simulator: KV link bandwidth (the broker prices handoffs with 25 GB/s too)
-    step_overhead_ms: float = 0.0  # simulator: added to every step's duration (not to the schedulers' model)
+    probe: bool = True  # measure the per-step overhead and the message path on the live cluster before the
+    # replay and give both to the simulator (off: step_overhead_ms and path_latency_ms as given)
+    step_overhead_ms: float = 0.0  # simulator, without probe: added to every step's duration
+    path_latency_ms: float = 0.0  # simulator, without probe: added to every token's arrival at the client
+    step_noise: bool = True  # simulator: replay the step-time noise of the calibration file (ratio_quantiles)
     seed: int = 0  # prompt seed
 
     def __post_init__(self) -> None:
@@ -118,9 +122,30 @@ class FittedSimConfig(SimConfig):
         return self.fixed_kv_tokens // self.block_size * self.block_size
 
 
-def sim_config(cfg: Sim2RealConfig) -> FittedSimConfig:
-    """The simulated twin of the live cluster :func:`cluster_config` describes."""
+@dataclass(frozen=True)
+class LiveExtras:
+    """What the live cluster adds to the step model, measured by :func:`probe_live` (ms)."""
+
+    step_overhead_ms: float = 0.0  # median gap of a lone decode minus its modelled step
+    path_latency_ms: float = 0.0  # median TTFT of a 1-token prompt minus its modelled step and the overhead
+    gaps: int = 0  # decode gaps measured
+    ttfts: int = 0  # first tokens measured
+
+
+def step_noise(cfg: Sim2RealConfig) -> tuple[float, ...]:
+    """The calibration file's measured/modelled step-time quantiles (empty without a file or when off)."""
+    if not cfg.step_noise or not cfg.step_model_file:
+        return ()
+    from dynaserve.calibration import StepModelFile
+
+    return StepModelFile.load(cfg.step_model_file).fit_error.ratio_quantiles
+
+
+def sim_config(cfg: Sim2RealConfig, extras: LiveExtras | None = None) -> FittedSimConfig:
+    """The simulated twin of the live cluster :func:`cluster_config` describes (with what the live cluster
+    adds when ``extras`` is given: its measured per-step overhead and message path, and the step noise)."""
     model, kv_bytes = step_model(cfg)
+    ex = extras or LiveExtras()
     tokens, seqs, block = cfg.worker_limits
     return FittedSimConfig(
         model="tiny-llama" if cfg.engine == "vllm" else cfg.model, gpu=cfg.gpu, instances=2,
@@ -129,30 +154,23 @@ def sim_config(cfg: Sim2RealConfig) -> FittedSimConfig:
         eager_pull=False, prefill_order="deadline", block_size=block,
         kv_alloc="on_demand" if cfg.engine == "vllm" else "reserve", ground_truth="linear", max_sim_s=3600.0,
         fixed_model=model, fixed_kv_bytes=kv_bytes, fixed_kv_tokens=cfg.kv_capacity_tokens,
+        step_overhead_ms=ex.step_overhead_ms, path_latency_ms=ex.path_latency_ms,
+        step_noise=step_noise(cfg) if extras is not None else (),
     )
 
 
-def run_sim(cfg: Sim2RealConfig, reqs: Sequence[TraceRequest]) -> tuple[list[RequestRecord], dict[str, Any]]:
+def run_sim(cfg: Sim2RealConfig, reqs: Sequence[TraceRequest],
+            extras: LiveExtras | None = None) -> tuple[list[RequestRecord], dict[str, Any]]:
     """Replay ``reqs`` in the simulator with the live broker's pricing and policy."""
-    scfg = sim_config(cfg)
+    scfg = sim_config(cfg, extras)
     pricing = Pricing(scfg.step_model, transfer_gbps=25.0)  # as broker.server.Broker builds it
     opts: dict[str, object] = {"prefill_instances": 1} if cfg.policy == "disagg" else {}
     sim = Simulator(scfg, make_policy(cfg.policy, pricing, **opts))
-    if cfg.step_overhead_ms:
-        for inst in sim.instances:
-            inst.truth = _with_overhead(inst.truth, cfg.step_overhead_ms)
     res = sim.run(reqs, cfg.ttft_slo_ms, cfg.tbt_slo_ms)
     span = max(res.span_s, 1e-9)
     stats = {"busy_share": {k: v / span for k, v in res.stats["busy_s"].items()},
              "transfers": res.stats["transfers"], "steps": res.stats["steps"]}
     return res.records, stats
-
-
-def _with_overhead(truth: Callable[..., float], extra_ms: float) -> Callable[..., float]:
-    def step(chunks: list[tuple[int, int]], n: int, dctx: int, attn: float) -> float:
-        return truth(chunks, n, dctx, attn) + extra_ms
-
-    return step
 
 
 def choose_rate(cfg: Sim2RealConfig, base: Sequence[TraceRequest]) -> float:
@@ -189,15 +207,47 @@ def cluster_config(cfg: Sim2RealConfig) -> ClusterConfig:
     )
 
 
-def run_live(cfg: Sim2RealConfig, reqs: Sequence[TraceRequest], progress: bool = True) -> list[RequestRecord]:
-    """Start a two-worker cluster, replay ``reqs`` through the client SDK, stop the cluster."""
+PROBE_FIRST_TOKENS = 20  # 1-token prompts, one at a time
+PROBE_DECODE = (16, 129)  # one lone request: prompt and output tokens (128 gaps)
+
+
+async def probe_live(addr: str, model: StepLatencyModel) -> LiveExtras:
+    """Measure on the idle cluster what it adds to the step model: the per-step overhead (median gap of one
+    lone decoding request minus the modelled step of that batch) and the message path (median TTFT of
+    1-token prompts, one at a time, minus their modelled step and the overhead)."""
+    from statistics import median
+
+    from dynaserve.client import DynaServeClient
+
+    async with DynaServeClient(addr) as c:
+        p, o = PROBE_DECODE
+        stream = c.generate(list(range(1, p + 1)), max_tokens=o, ignore_eos=True)
+        await stream.collect()
+        ts = stream.token_ts
+        extra = [(b - a) * 1000.0 - model.step_ms(0, 1, p + k) for k, (a, b) in enumerate(zip(ts, ts[1:], strict=False), 1)]
+        overhead = max(0.0, median(extra))
+        first = []
+        for i in range(PROBE_FIRST_TOKENS):
+            s = c.generate([100 + i], max_tokens=1, ignore_eos=True)
+            await s.collect()
+            first.append((s.token_ts[0] - s.submit_ts) * 1000.0)
+        path = max(0.0, median(first) - model.step_ms(1, 0, 0) - overhead)
+    return LiveExtras(round(overhead, 3), round(path, 3), len(extra), len(first))
+
+
+def run_live(cfg: Sim2RealConfig, reqs: Sequence[TraceRequest],
+             progress: bool = True) -> tuple[list[RequestRecord], LiveExtras]:
+    """Start a two-worker cluster, probe it (``cfg.probe``), replay ``reqs`` through the client SDK, stop it."""
     cluster = LocalCluster(cluster_config(cfg))
     cluster.start()
     try:
-        async def go() -> list[RequestRecord]:
+        async def go() -> tuple[list[RequestRecord], LiveExtras]:
             await cluster.wait_ready()
-            return await replay(cluster.client_addr, reqs, ttft_slo_ms=cfg.ttft_slo_ms, tbt_slo_ms=cfg.tbt_slo_ms,
+            extras = (await probe_live(cluster.client_addr, step_model(cfg)[0]) if cfg.probe
+                      else LiveExtras(cfg.step_overhead_ms, cfg.path_latency_ms))
+            recs = await replay(cluster.client_addr, reqs, ttft_slo_ms=cfg.ttft_slo_ms, tbt_slo_ms=cfg.tbt_slo_ms,
                                 seed=cfg.seed, timeout_s=300.0, progress=progress)
+            return recs, extras
 
         return run_event_loop(go())
     finally:
@@ -232,12 +282,12 @@ def run(cfg: Sim2RealConfig, out: Path | None, progress: bool = True, records_di
     reqs = build_trace(cfg)
     rate = mean_rate(reqs)
     print(f"{len(reqs)} requests at {rate:.2f} req/s; engine {cfg.engine}, policy {cfg.policy}", file=sys.stderr)
-    sim_records, sim_stats = run_sim(cfg, reqs)
     load_before = os.getloadavg()
     t0 = time.monotonic()
-    live_records = run_live(cfg, reqs, progress)
+    live_records, extras = run_live(cfg, reqs, progress)
     live_wall = time.monotonic() - t0
     load_after = os.getloadavg()
+    sim_records, sim_stats = run_sim(cfg, reqs, extras)
     live, sim = summarize(live_records), summarize(sim_records)
     if records_dir is not None:
         records_dir.mkdir(parents=True, exist_ok=True)
@@ -251,6 +301,7 @@ def run(cfg: Sim2RealConfig, out: Path | None, progress: bool = True, records_di
         "mean_input": sum(r.input_tokens for r in reqs) / len(reqs),
         "mean_output": sum(r.output_tokens for r in reqs) / len(reqs),
         "loadavg_before": load_before, "loadavg_after": load_after, "live_wall_s": live_wall,
+        "live_extras": asdict(extras), "step_noise": list(step_noise(cfg)),
         "sim_stats": sim_stats, "live": live.to_dict(), "sim": sim.to_dict(), "compare": compare(live, sim),
     }
     if out is not None:

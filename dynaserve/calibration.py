@@ -9,7 +9,11 @@ File format (JSON object, version 1)::
 
     {"version": 1, "a": ms, "b": ms, "c": ms, "d": ms, "e": ms, "kv_bytes_per_token": int,
      "model": str, "device": str, "engine": str, "samples": int,
-     "fit_error": {"median": float, "p90": float, "holdout": int}, "note": str}
+     "fit_error": {"median": float, "p90": float, "holdout": int, "ratio_quantiles": [float, ...]},
+     "note": str}
+
+``ratio_quantiles`` (optional): measured / predicted step time of the held-out steps at the quantiles
+0, 0.05, ..., 1, the step-time noise the simulator can replay (``SimConfig.step_noise``).
 
 Pure (numpy for the fit); no engine is imported here.
 """
@@ -43,6 +47,7 @@ class FitError:
     median: float = 0.0
     p90: float = 0.0
     holdout: int = 0  # number of held-out samples the error is measured on
+    ratio_quantiles: tuple[float, ...] = ()  # measured / predicted at quantiles 0, 1/20, ..., 1 (held out)
 
 
 @dataclass(frozen=True)
@@ -98,9 +103,13 @@ class StepModelFile:
         if not isinstance(fe, dict):
             raise StepModelFileError(f"{source}: fit_error must be an object")
         try:
-            fit_error = FitError(float(fe.get("median", 0.0)), float(fe.get("p90", 0.0)), int(fe.get("holdout", 0)))
+            rq = tuple(float(x) for x in fe.get("ratio_quantiles", ()))
+            fit_error = FitError(float(fe.get("median", 0.0)), float(fe.get("p90", 0.0)), int(fe.get("holdout", 0)),
+                                 rq)
         except (TypeError, ValueError):
             raise StepModelFileError(f"{source}: bad fit_error {fe!r}") from None
+        if rq and (len(rq) < 2 or rq[0] <= 0 or any(b < a for a, b in zip(rq, rq[1:], strict=False))):
+            raise StepModelFileError(f"{source}: ratio_quantiles must be >= 2 positive, non-decreasing numbers")
         return cls(
             model=model, kv_bytes_per_token=kvb, model_name=str(obj.get("model", "")),
             device=str(obj.get("device", "")), engine=str(obj.get("engine", "")),
@@ -183,6 +192,9 @@ def fit_with_holdout(
     k = max(1, int(len(idx) * holdout))
     test = [samples[i] for i in idx[:k]]
     train = [samples[i] for i in idx[k:]]
-    errs = relative_errors(fit(train), test)
-    err = FitError(median=quantile(errs, 0.5), p90=quantile(errs, 0.9), holdout=len(errs))
+    trained = fit(train)
+    errs = relative_errors(trained, test)
+    ratios = [ms / trained.step_ms(p, n, ctx, attn) for p, n, ctx, attn, ms in test if ms > 0]
+    err = FitError(median=quantile(errs, 0.5), p90=quantile(errs, 0.9), holdout=len(errs),
+                   ratio_quantiles=tuple(round(quantile(ratios, i / 20), 4) for i in range(21)))
     return fit(samples), err

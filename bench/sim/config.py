@@ -43,6 +43,13 @@ class SimConfig:
     # "reserve": prompt + max_tokens at admission (the live simulated engine)
     ground_truth: str = "linear"  # step durations: "linear" (the schedulers' own model) or "detailed"
     handoff_ms: float = 2.0  # the global policies' fixed price of a handoff (Pricing.handoff_ms)
+    # what a live engine adds to the model (not seen by the schedulers' model; measured, e.g. by bench.sim2real)
+    step_overhead_ms: float = 0.0  # host-side work per step, added to every step's duration
+    step_noise: tuple[float, ...] = ()  # measured / modelled step time at evenly spaced quantiles (0 .. 1), as
+    # a calibration file's fit_error.ratio_quantiles; every step's modelled time is multiplied by a draw
+    noise_seed: int = 0
+    path_latency_ms: float = 0.0  # client -> broker -> worker plus worker -> broker -> client, added to
+    # every token's arrival at the client
     max_sim_s: float = 7200.0  # stop the simulation at this virtual time (unfinished requests fail)
 
     def __post_init__(self) -> None:
@@ -54,6 +61,11 @@ class SimConfig:
             raise ValueError("report_interval_ms must be > 0")
         if self.link_gbps <= 0 or self.transfer_latency_ms < 0:
             raise ValueError("link_gbps must be > 0 and transfer_latency_ms >= 0")
+        if self.step_overhead_ms < 0 or self.path_latency_ms < 0:
+            raise ValueError("step_overhead_ms and path_latency_ms must be >= 0")
+        sn = self.step_noise
+        if sn and (len(sn) < 2 or sn[0] <= 0 or any(b < a for a, b in zip(sn, sn[1:], strict=False))):
+            raise ValueError("step_noise must be >= 2 positive, non-decreasing quantiles")
         if self.kv_alloc not in KV_ALLOCS:
             raise ValueError(f"kv_alloc must be one of {KV_ALLOCS}, got {self.kv_alloc!r}")
         if self.ground_truth not in GROUND_TRUTHS:

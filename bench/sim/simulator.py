@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import random
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -93,6 +94,26 @@ def detailed_truth(cfg: SimConfig) -> StepTime:
     return step
 
 
+def live_truth(truth: StepTime, cfg: SimConfig, seed: int) -> StepTime:
+    """``truth`` with what a live engine adds: each step's time times a draw from ``cfg.step_noise`` (linear
+    between its quantiles), plus ``cfg.step_overhead_ms``. ``truth`` itself without either."""
+    noise, extra = cfg.step_noise, cfg.step_overhead_ms
+    if not noise and not extra:
+        return truth
+    rng = random.Random(seed)
+    top = len(noise) - 1
+
+    def step(chunks: list[tuple[int, int]], n: int, dctx: int, attn: float) -> float:
+        ms = truth(chunks, n, dctx, attn)
+        if top > 0:
+            pos = rng.random() * top
+            i = int(pos)
+            ms *= noise[i] + (noise[i + 1] - noise[i]) * (pos - i)
+        return ms + extra
+
+    return step
+
+
 class Simulator:
     """A cluster of :class:`SimInstance` behind the simulated broker; ``run`` replays one trace."""
 
@@ -105,6 +126,7 @@ class Simulator:
         sample_interval_s: float | None = None,
     ) -> None:
         self.cfg = config
+        self.path_s = config.path_latency_ms / 1000.0
         self.policy = policy
         self.predictor = predictor if predictor is not None else MaxTokensPredictor()
         self.sample_interval_s = sample_interval_s
@@ -115,7 +137,8 @@ class Simulator:
         for i in range(config.instances):
             iid = f"i{i}"
             sched = LocalScheduler(config.step_model, config.local_config())
-            self.instances.append(SimInstance(iid, self, sched, cap, config.block_size, truth))
+            inst_truth = live_truth(truth, config, config.noise_seed * 1000 + i)
+            self.instances.append(SimInstance(iid, self, sched, cap, config.block_size, inst_truth))
             self.cluster.add(InstanceState(id=iid, kv_capacity_tokens=cap, kv_bytes_per_token=config.kv_bytes_per_token,
                                            max_num_seqs=config.max_num_seqs))
         self.by_id = {inst.id: inst for inst in self.instances}
@@ -314,7 +337,7 @@ class Simulator:
             submit_ts=req.arrival,
             prompt_tokens=req.prompt,
             max_tokens=req.max_tokens,
-            token_ts=req.token_ts,
+            token_ts=[t + self.path_s for t in req.token_ts] if self.path_s else req.token_ts,
             finish_reason=req.finish,
             error=req.error if req.error or req.finish else "unfinished",
             ttft_slo_ms=req.ttft_slo_ms,

@@ -6,8 +6,19 @@ from pathlib import Path
 
 import pytest
 
-from bench.sim2real import METRICS, Sim2RealConfig, build_trace, run, sim_config, table
-from dynaserve.costmodel import preset_step_model
+from bench.sim2real import (
+    METRICS,
+    PROBE_DECODE,
+    PROBE_FIRST_TOKENS,
+    LiveExtras,
+    Sim2RealConfig,
+    build_trace,
+    run,
+    sim_config,
+    table,
+)
+from dynaserve.calibration import FitError, StepModelFile
+from dynaserve.costmodel import StepLatencyModel, preset_step_model
 
 pytestmark = pytest.mark.integration
 
@@ -20,6 +31,18 @@ def test_sim_config_mirrors_the_live_cluster() -> None:
     assert scfg.kv_bytes_per_token == 2048
     assert scfg.step_model != preset_step_model("tiny-llama")[0]  # the calibrated file, not the tables
     assert sim_config(Sim2RealConfig()).step_model == preset_step_model("llama3-8b", "a100")[0]
+
+
+def test_sim_config_takes_the_measured_extras_and_the_files_noise(tmp_path: Path) -> None:
+    path = tmp_path / "m.json"
+    StepModelFile(StepLatencyModel(a=2.0, b=0.02), 2048, fit_error=FitError(0.1, 0.2, 10, (0.8, 1.0, 1.6))).save(path)
+    cfg = Sim2RealConfig(engine="vllm", step_model=str(path))
+    scfg = sim_config(cfg, LiveExtras(1.25, 4.5))
+    assert (scfg.step_overhead_ms, scfg.path_latency_ms, scfg.step_noise) == (1.25, 4.5, (0.8, 1.0, 1.6))
+    assert sim_config(Sim2RealConfig(engine="vllm", step_model=str(path), step_noise=False),
+                      LiveExtras()).step_noise == ()
+    plain = sim_config(cfg)  # the twin without the live extras (used to choose the rate)
+    assert (plain.step_overhead_ms, plain.path_latency_ms, plain.step_noise) == (0.0, 0.0, ())
 
 
 def test_trace_fits_the_context_and_keeps_the_rate() -> None:
@@ -41,3 +64,6 @@ def test_tiny_trace_end_to_end(tmp_path: Path) -> None:
     assert (tmp_path / "sim_dynaserve_ttft_cdf.png").stat().st_size > 0
     assert (tmp_path / "sim_dynaserve_tbt_cdf.png").stat().st_size > 0
     assert "| completed | 8/8 | 8/8 |" in table(result)
+    ex = result["live_extras"]  # measured on the live cluster before the replay
+    assert ex["gaps"] == PROBE_DECODE[1] - 1 and ex["ttfts"] == PROBE_FIRST_TOKENS
+    assert ex["step_overhead_ms"] >= 0 and ex["path_latency_ms"] >= 0

@@ -41,7 +41,8 @@ def synthetic(n: int, noise: float, seed: int = 1) -> list[tuple[int, int, int, 
 
 
 def test_file_round_trip(tmp_path: Path) -> None:
-    f = StepModelFile(TRUE, 2048, "tiny-llama", "cpu: 2 cores", "vllm", 400, FitError(0.04, 0.12, 100), "x")
+    f = StepModelFile(TRUE, 2048, "tiny-llama", "cpu: 2 cores", "vllm", 400,
+                      FitError(0.04, 0.12, 100, (0.8, 1.0, 1.5)), "x")
     path = tmp_path / "sub" / "m.json"
     f.save(path)
     assert StepModelFile.load(path) == f
@@ -66,6 +67,8 @@ def test_choose_step_model_prefers_the_file(tmp_path: Path) -> None:
         ('{"version": 1, "a": "x", "b": 0.1, "c": 0, "d": 0, "e": 0, "kv_bytes_per_token": 8}', "a must be a number"),
         ('{"version": 1, "a": -1, "b": 0.1, "c": 0, "d": 0, "e": 0, "kv_bytes_per_token": 8}', "finite number >= 0"),
         ('{"version": 1, "a": 1, "b": 0.1, "c": 0, "d": 0, "e": 0, "kv_bytes_per_token": 0}', "kv_bytes_per_token"),
+        ('{"version": 1, "a": 1, "b": 0.1, "c": 0, "d": 0, "e": 0, "kv_bytes_per_token": 8, '
+         '"fit_error": {"ratio_quantiles": [1.2, 0.9]}}', "non-decreasing"),
     ],
 )
 def test_bad_file_is_a_clear_error(tmp_path: Path, content: str, message: str) -> None:
@@ -94,8 +97,12 @@ def test_fit_with_holdout_reports_error_of_the_noise() -> None:
     assert 0.02 < err.median < 0.08
     assert err.median < err.p90 < 0.12
     assert m.b == pytest.approx(TRUE.b, rel=0.15)
+    # measured / predicted spans the noise: about 0.9 at the bottom, 1 in the middle, 1.1 at the top
+    rq = err.ratio_quantiles
+    assert len(rq) == 21 and list(rq) == sorted(rq)
+    assert 0.85 < rq[0] < 0.95 and 0.95 < rq[10] < 1.05 and 1.05 < rq[20] < 1.15
     _, exact = fit_with_holdout(synthetic(100, noise=0.0))
-    assert exact.p90 < 1e-6
+    assert exact.p90 < 1e-6 and exact.ratio_quantiles[0] == exact.ratio_quantiles[20] == pytest.approx(1.0)
 
 
 def test_fit_needs_enough_samples() -> None:

@@ -165,3 +165,29 @@ def test_loads_reported_to_the_broker() -> None:
     for inst in sim.cluster.instances.values():  # the last report shows idle instances
         assert inst.queued_prefill_tokens == 0 and inst.running_seqs == 0 and inst.kv_used_tokens == 0
         assert inst.last_report > 0
+
+
+def test_live_truth_adds_overhead_and_replays_noise_quantiles() -> None:
+    from bench.sim.simulator import linear_truth, live_truth
+
+    base = linear_truth(SimConfig())
+    assert live_truth(base, SimConfig(), 0) is base
+    plain = base([(100, 0)], 4, 400, 0.0)
+    over = live_truth(base, SimConfig(step_overhead_ms=1.5), 0)
+    assert over([(100, 0)], 4, 400, 0.0) == pytest.approx(plain + 1.5)
+    noisy = live_truth(base, SimConfig(step_noise=(0.5, 1.0, 2.0)), 7)
+    draws = [noisy([(100, 0)], 4, 400, 0.0) / plain for _ in range(4000)]
+    assert 0.5 <= min(draws) < 0.55 and 1.95 < max(draws) <= 2.0
+    assert sorted(draws)[2000] == pytest.approx(1.0, abs=0.05)  # the middle quantile
+    again = live_truth(base, SimConfig(step_noise=(0.5, 1.0, 2.0)), 7)
+    assert [again([(100, 0)], 4, 400, 0.0) / plain for _ in range(4000)] == draws  # seeded
+    with pytest.raises(ValueError, match="non-decreasing"):
+        SimConfig(step_noise=(1.2, 0.9))
+
+
+def test_path_latency_delays_every_token_at_the_client() -> None:
+    reqs = trace(50, rate=5.0)
+    _, base = run(SimConfig(instances=2), build_policy("colocate", SimConfig().pricing()), reqs)
+    _, late = run(SimConfig(instances=2, path_latency_ms=3.0), build_policy("colocate", SimConfig().pricing()), reqs)
+    for a, b in zip(base.records, late.records, strict=True):
+        assert b.token_ts == pytest.approx([t + 0.003 for t in a.token_ts])
