@@ -126,7 +126,8 @@ class FittedSimConfig(SimConfig):
 class LiveExtras:
     """What the live cluster adds to the step model, measured by :func:`probe_live` (ms)."""
 
-    step_overhead_ms: float = 0.0  # median gap of a lone decode minus its modelled step
+    step_overhead_ms: float = 0.0  # fixed part of the per-step overhead (see probe_live)
+    step_overhead_per_seq_ms: float = 0.0  # per sequence in the step
     path_latency_ms: float = 0.0  # median TTFT of a 1-token prompt minus its modelled step and the overhead
     gaps: int = 0  # decode gaps measured
     ttfts: int = 0  # first tokens measured
@@ -154,7 +155,8 @@ def sim_config(cfg: Sim2RealConfig, extras: LiveExtras | None = None) -> FittedS
         eager_pull=False, prefill_order="deadline", block_size=block,
         kv_alloc="on_demand" if cfg.engine == "vllm" else "reserve", ground_truth="linear", max_sim_s=3600.0,
         fixed_model=model, fixed_kv_bytes=kv_bytes, fixed_kv_tokens=cfg.kv_capacity_tokens,
-        step_overhead_ms=ex.step_overhead_ms, path_latency_ms=ex.path_latency_ms,
+        step_overhead_ms=ex.step_overhead_ms, step_overhead_per_seq_ms=ex.step_overhead_per_seq_ms,
+        path_latency_ms=ex.path_latency_ms,
         step_noise=step_noise(cfg) if extras is not None else (),
     )
 
@@ -208,31 +210,45 @@ def cluster_config(cfg: Sim2RealConfig) -> ClusterConfig:
 
 
 PROBE_FIRST_TOKENS = 20  # 1-token prompts, one at a time
-PROBE_DECODE = (16, 129)  # one lone request: prompt and output tokens (128 gaps)
+PROBE_DECODE = (16, 129)  # prompt and output tokens of each decoding request (128 gaps)
+PROBE_BATCH = 16  # decoding requests of the second overhead probe (started together on one instance)
 
 
 async def probe_live(addr: str, model: StepLatencyModel) -> LiveExtras:
-    """Measure on the idle cluster what it adds to the step model: the per-step overhead (median gap of one
-    lone decoding request minus the modelled step of that batch) and the message path (median TTFT of
-    1-token prompts, one at a time, minus their modelled step and the overhead)."""
+    """Measure on the idle cluster what it adds to the step model. Per-step overhead: the median gap of one
+    lone decoding request, and of one of ``PROBE_BATCH`` requests started together (those the policy put on
+    its instance decode with it), each minus the modelled step of its batch; a line through the two gives
+    the fixed and the per-sequence part. Message path: the
+    median TTFT of 1-token prompts, one at a time, minus their modelled step and the overhead."""
+    import asyncio
     from statistics import median
 
     from dynaserve.client import DynaServeClient
 
+    p, o = PROBE_DECODE
+
+    async def decode_extra(c: DynaServeClient, n: int) -> tuple[int, list[float]]:
+        """Start ``n`` requests together; (sequences on the first one's instance, its gaps minus the model)."""
+        streams = [c.generate(list(range(1 + i, p + 1 + i)), max_tokens=o, ignore_eos=True) for i in range(n)]
+        await asyncio.gather(*(s.collect() for s in streams))
+        where = [s.admitted.instance_a if s.admitted else None for s in streams]
+        k = where.count(where[0])  # the policy may spread them over the instances
+        ts = streams[0].token_ts
+        return k, [(b - a) * 1000.0 - model.step_ms(0, k, k * (p + j))
+                   for j, (a, b) in enumerate(zip(ts, ts[1:], strict=False), 1)]
+
     async with DynaServeClient(addr) as c:
-        p, o = PROBE_DECODE
-        stream = c.generate(list(range(1, p + 1)), max_tokens=o, ignore_eos=True)
-        await stream.collect()
-        ts = stream.token_ts
-        extra = [(b - a) * 1000.0 - model.step_ms(0, 1, p + k) for k, (a, b) in enumerate(zip(ts, ts[1:], strict=False), 1)]
-        overhead = max(0.0, median(extra))
+        _, one = await decode_extra(c, 1)
+        k, batch = await decode_extra(c, PROBE_BATCH)
+        per_seq = max(0.0, (median(batch) - median(one)) / (k - 1)) if k > 1 else 0.0
+        fixed = max(0.0, median(one) - per_seq)
         first = []
         for i in range(PROBE_FIRST_TOKENS):
             s = c.generate([100 + i], max_tokens=1, ignore_eos=True)
             await s.collect()
             first.append((s.token_ts[0] - s.submit_ts) * 1000.0)
-        path = max(0.0, median(first) - model.step_ms(1, 0, 0) - overhead)
-    return LiveExtras(round(overhead, 3), round(path, 3), len(extra), len(first))
+        path = max(0.0, median(first) - model.step_ms(1, 0, 0) - fixed - per_seq)
+    return LiveExtras(round(fixed, 3), round(per_seq, 4), round(path, 3), len(one) + len(batch), len(first))
 
 
 def run_live(cfg: Sim2RealConfig, reqs: Sequence[TraceRequest],
@@ -244,7 +260,7 @@ def run_live(cfg: Sim2RealConfig, reqs: Sequence[TraceRequest],
         async def go() -> tuple[list[RequestRecord], LiveExtras]:
             await cluster.wait_ready()
             extras = (await probe_live(cluster.client_addr, step_model(cfg)[0]) if cfg.probe
-                      else LiveExtras(cfg.step_overhead_ms, cfg.path_latency_ms))
+                      else LiveExtras(cfg.step_overhead_ms, 0.0, cfg.path_latency_ms))
             recs = await replay(cluster.client_addr, reqs, ttft_slo_ms=cfg.ttft_slo_ms, tbt_slo_ms=cfg.tbt_slo_ms,
                                 seed=cfg.seed, timeout_s=300.0, progress=progress)
             return recs, extras

@@ -45,6 +45,7 @@ class SimConfig:
     handoff_ms: float = 2.0  # the global policies' fixed price of a handoff (Pricing.handoff_ms)
     # what a live engine adds to the model (not seen by the schedulers' model; measured, e.g. by bench.sim2real)
     step_overhead_ms: float = 0.0  # host-side work per step, added to every step's duration
+    step_overhead_per_seq_ms: float = 0.0  # and per sequence in the step (decodes and prefill chunks)
     step_noise: tuple[float, ...] = ()  # measured / modelled step time at evenly spaced quantiles (0 .. 1), as
     # a calibration file's fit_error.ratio_quantiles; every step's modelled time is multiplied by a draw
     noise_seed: int = 0
@@ -61,8 +62,8 @@ class SimConfig:
             raise ValueError("report_interval_ms must be > 0")
         if self.link_gbps <= 0 or self.transfer_latency_ms < 0:
             raise ValueError("link_gbps must be > 0 and transfer_latency_ms >= 0")
-        if self.step_overhead_ms < 0 or self.path_latency_ms < 0:
-            raise ValueError("step_overhead_ms and path_latency_ms must be >= 0")
+        if min(self.step_overhead_ms, self.step_overhead_per_seq_ms, self.path_latency_ms) < 0:
+            raise ValueError("step_overhead_ms, step_overhead_per_seq_ms and path_latency_ms must be >= 0")
         sn = self.step_noise
         if sn and (len(sn) < 2 or sn[0] <= 0 or any(b < a for a, b in zip(sn, sn[1:], strict=False))):
             raise ValueError("step_noise must be >= 2 positive, non-decreasing quantiles")

@@ -96,9 +96,10 @@ def detailed_truth(cfg: SimConfig) -> StepTime:
 
 def live_truth(truth: StepTime, cfg: SimConfig, seed: int) -> StepTime:
     """``truth`` with what a live engine adds: each step's time times a draw from ``cfg.step_noise`` (linear
-    between its quantiles), plus ``cfg.step_overhead_ms``. ``truth`` itself without either."""
-    noise, extra = cfg.step_noise, cfg.step_overhead_ms
-    if not noise and not extra:
+    between its quantiles), plus ``cfg.step_overhead_ms`` and ``cfg.step_overhead_per_seq_ms`` per sequence in
+    the step. ``truth`` itself without any of them."""
+    noise, extra, per_seq = cfg.step_noise, cfg.step_overhead_ms, cfg.step_overhead_per_seq_ms
+    if not noise and not extra and not per_seq:
         return truth
     rng = random.Random(seed)
     top = len(noise) - 1
@@ -109,7 +110,7 @@ def live_truth(truth: StepTime, cfg: SimConfig, seed: int) -> StepTime:
             pos = rng.random() * top
             i = int(pos)
             ms *= noise[i] + (noise[i + 1] - noise[i]) * (pos - i)
-        return ms + extra
+        return ms + extra + per_seq * (n + len(chunks))
 
     return step
 

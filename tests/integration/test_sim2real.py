@@ -37,8 +37,9 @@ def test_sim_config_takes_the_measured_extras_and_the_files_noise(tmp_path: Path
     path = tmp_path / "m.json"
     StepModelFile(StepLatencyModel(a=2.0, b=0.02), 2048, fit_error=FitError(0.1, 0.2, 10, (0.8, 1.0, 1.6))).save(path)
     cfg = Sim2RealConfig(engine="vllm", step_model=str(path))
-    scfg = sim_config(cfg, LiveExtras(1.25, 4.5))
-    assert (scfg.step_overhead_ms, scfg.path_latency_ms, scfg.step_noise) == (1.25, 4.5, (0.8, 1.0, 1.6))
+    scfg = sim_config(cfg, LiveExtras(1.25, 0.0625, 4.5))
+    assert (scfg.step_overhead_ms, scfg.step_overhead_per_seq_ms, scfg.path_latency_ms, scfg.step_noise) == (
+        1.25, 0.0625, 4.5, (0.8, 1.0, 1.6))
     assert sim_config(Sim2RealConfig(engine="vllm", step_model=str(path), step_noise=False),
                       LiveExtras()).step_noise == ()
     plain = sim_config(cfg)  # the twin without the live extras (used to choose the rate)
@@ -65,5 +66,5 @@ def test_tiny_trace_end_to_end(tmp_path: Path) -> None:
     assert (tmp_path / "sim_dynaserve_tbt_cdf.png").stat().st_size > 0
     assert "| completed | 8/8 | 8/8 |" in table(result)
     ex = result["live_extras"]  # measured on the live cluster before the replay
-    assert ex["gaps"] == PROBE_DECODE[1] - 1 and ex["ttfts"] == PROBE_FIRST_TOKENS
-    assert ex["step_overhead_ms"] >= 0 and ex["path_latency_ms"] >= 0
+    assert ex["gaps"] == 2 * (PROBE_DECODE[1] - 1) and ex["ttfts"] == PROBE_FIRST_TOKENS
+    assert ex["step_overhead_ms"] >= 0 and ex["step_overhead_per_seq_ms"] >= 0 and ex["path_latency_ms"] >= 0

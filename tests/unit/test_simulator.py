@@ -173,8 +173,8 @@ def test_live_truth_adds_overhead_and_replays_noise_quantiles() -> None:
     base = linear_truth(SimConfig())
     assert live_truth(base, SimConfig(), 0) is base
     plain = base([(100, 0)], 4, 400, 0.0)
-    over = live_truth(base, SimConfig(step_overhead_ms=1.5), 0)
-    assert over([(100, 0)], 4, 400, 0.0) == pytest.approx(plain + 1.5)
+    over = live_truth(base, SimConfig(step_overhead_ms=1.5, step_overhead_per_seq_ms=0.25), 0)
+    assert over([(100, 0)], 4, 400, 0.0) == pytest.approx(plain + 1.5 + 5 * 0.25)
     noisy = live_truth(base, SimConfig(step_noise=(0.5, 1.0, 2.0)), 7)
     draws = [noisy([(100, 0)], 4, 400, 0.0) / plain for _ in range(4000)]
     assert 0.5 <= min(draws) < 0.55 and 1.95 < max(draws) <= 2.0
