@@ -63,8 +63,7 @@ class Sim2RealConfig:
     kv_capacity_tokens: int = 131072  # KV cache per instance (vllm: 256 MiB of 2 KiB tokens)
     transfer_latency_ms: float = 2.0  # simulator: fixed cost of one KV handoff (the live NIXL pull + messages)
     link_gbps: float = 25.0  # simulator: KV link bandwidth (the broker prices handoffs with 25 GB/s too)
-    probe: bool = True  # measure the per-step overhead and the message path on the live cluster before the
-    # replay and give both to the simulator (off: step_overhead_ms and path_latency_ms as given)
+    probe: bool = True  # measure step overhead and message path on the live cluster first (off: the fields below)
     step_overhead_ms: float = 0.0  # simulator, without probe: added to every step's duration
     path_latency_ms: float = 0.0  # simulator, without probe: added to every token's arrival at the client
     step_noise: bool = True  # simulator: replay the step-time noise of the calibration file (ratio_quantiles)
