@@ -21,11 +21,14 @@ against bare vLLM, and memory per process. One run, three phases, markdown table
       agent pair with the vLLM CPU KV layout: 8 layer regions, one 512 KiB descriptor per (layer, block)
       (vLLM's connector posts the same, minus runs of blocks adjacent on both sides; the table shows the
       count NIXL's telemetry reports for it), and, for reference, one contiguous descriptor of the same
-      byte count. Blocks are whole 128-token blocks, as vLLM moves them.
+      byte count. Blocks are whole 128-token blocks, as vLLM moves them. The raw READs run on the core of
+      the pulling worker's engine thread (LocalCluster binds worker i to core i), where B's READ runs, so
+      outside load on that core slows both alike.
 (2) overhead. Bare vLLM (an in-process LLMEngine in a child process, the EngineArgs of VllmEngine minus
-    the connector and the scheduler class, driven by a plain add-all-then-step loop that stamps each
-    token when step() returns it) against DynaServe (client SDK -> broker -> one vLLM worker, colocate
-    policy, the worker bound to all cores like the bare engines) on the tiny model: N requests of 128
+    the connector and the scheduler class, the SamplingParams VllmEngine uses (token ids only, no
+    detokenizing), driven by a plain add-all-then-step loop that stamps each token when step() returns
+    it) against DynaServe (client SDK -> broker -> one vLLM worker, colocate policy, the worker bound to
+    all cores like the bare engines) on the tiny model: N requests of 128
     prompt tokens and 128 output tokens submitted at once, N in {8, 32}, in rounds that rotate the order
     of the systems. Bare vLLM runs three times, in three processes: built and stepped in the main thread;
     built in the main thread and stepped in one worker thread (two OpenMP teams in one process, see
@@ -350,6 +353,11 @@ async def one_request(client: Any, prompt: list[int], max_tokens: int, split: in
 
 
 # =========================================================================== raw NIXL READ
+def engine_core(instance_id: str) -> int:
+    """The core LocalCluster binds the engine thread of worker ``w<i>`` to (``--vllm-cpu-bind``)."""
+    return int(instance_id.removeprefix("w")) % (os.cpu_count() or 1)
+
+
 def _raw_sender(conn: Any, num_blocks: int) -> None:
     """A: a pool of 512 KiB blocks, block i filled with byte (i % 251) + 1; serves one export, then idles."""
     from dynaserve.env import apply_loopback_kv_env
@@ -426,8 +434,18 @@ class RawBaseline:
             return list(range(nblocks * self.layers))
         return [lyr * self.nbl + b for lyr in range(self.layers) for b in range(nblocks)]
 
-    def read(self, nblocks: int, layout: str, reps: int) -> list[float]:
-        """``reps`` timed READs (post to DONE), seconds; the first READ of a (size, layout) is verified."""
+    def read(self, nblocks: int, layout: str, reps: int, cpu: int | None = None) -> list[float]:
+        """``reps`` timed READs (post to DONE), seconds; the first READ of a (size, layout) is verified.
+        With ``cpu`` the calling thread runs them on that core (its affinity is restored afterwards)."""
+        affinity = os.sched_getaffinity(0)
+        if cpu is not None:
+            os.sched_setaffinity(0, {cpu})
+        try:
+            return self._read(nblocks, layout, reps)
+        finally:
+            os.sched_setaffinity(0, affinity)
+
+    def _read(self, nblocks: int, layout: str, reps: int) -> list[float]:
         from bench.kv_bench import RawRead
 
         key = (nblocks, layout)
@@ -554,6 +572,7 @@ async def phase_handoff(args: argparse.Namespace, bar: Any, mem: dict) -> dict:
             await wait_idle(cluster.client_addr, 60)
             h = analyse_split(run, trace_dir, t_from)
             h.cold = True
+            b_instance = run.b or "w1"  # the instance that pulls, whose engine core the raw READs run on
             res["splits"].append(h)
             bar.update(1)
             for rep in range(args.reps):
@@ -562,6 +581,7 @@ async def phase_handoff(args: argparse.Namespace, bar: Any, mem: dict) -> dict:
                     seed += 1
                     bar.set_postfix_str(f"rep {rep + 1}/{args.reps}, p={p}")
                     steps = [("split", None), ("unsplit", None), ("raw", None)]
+                    b_core = engine_core(b_instance)
                     k = rep % 3
                     for what, _ in steps[k:] + steps[:k]:
                         if what == "split":
@@ -569,6 +589,7 @@ async def phase_handoff(args: argparse.Namespace, bar: Any, mem: dict) -> dict:
                             run = await one_request(client, prompt_ids(p, seed), 2, p)
                             if run.kind != "pd" or len(run.token_ts) != 2:
                                 res["errors"].append(f"split p={p}: kind {run.kind}, {len(run.token_ts)} tokens")
+                            b_instance = run.b or b_instance
                             await wait_idle(cluster.client_addr, 60)
                             res["splits"].append(analyse_split(run, trace_dir, t_from))
                         elif what == "unsplit":
@@ -581,7 +602,7 @@ async def phase_handoff(args: argparse.Namespace, bar: Any, mem: dict) -> dict:
                         else:
                             nb = -(-p // BLOCK)
                             for lay in ("layers", "contiguous"):
-                                res["raw"][(p, lay)] += [x * 1000.0 for x in raw.read(nb, lay, args.raw_reps)]
+                                res["raw"][(p, lay)] += [x * 1000.0 for x in raw.read(nb, lay, args.raw_reps, b_core)]
                     bar.update(1)
         mem["wide"]["after"] = {n: mem_row(p.pid) for n, p in cluster.procs.items()}
         for name in ("w0", "w1"):
@@ -741,7 +762,8 @@ def _bare_main(conn: Any, model: str, mode: str, log_path: str, cores: str = "")
             submit[rid] = time.monotonic()
             ts[rid] = []
             llm.add_request(rid, {"prompt_token_ids": p}, SamplingParams(
-                max_tokens=max_tokens, temperature=0.0, ignore_eos=True, output_kind=RequestOutputKind.DELTA))
+                max_tokens=max_tokens, temperature=0.0, ignore_eos=True, output_kind=RequestOutputKind.DELTA,
+                detokenize=False, skip_clone=True))  # as VllmEngine: token ids only
         while llm.has_unfinished_requests():
             outs = step()
             t = time.monotonic()

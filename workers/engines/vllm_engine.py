@@ -6,6 +6,13 @@ shutdown) runs on one engine thread while the asyncio loop keeps receiving messa
 vLLM's state (add, abort, expire) is queued on the loop and applied on the engine thread right before the
 next step, so vLLM is never touched concurrently.
 
+Steps run in bursts: the engine thread steps back to back for as long as each step runs the model (or lands
+pulled KV, which makes its request runnable at once) and hands every step's outputs to the loop as it goes,
+so the loop's shipping never sits between two steps. A burst starts as soon as a message queues a change
+and the engine thread is idle (a StartDecode starts B's pull at once), and otherwise when the worker's loop
+asks for a step; it ends at a step that runs nothing, and the worker's loop polls again after its idle
+period.
+
 Why one thread for everything: torch's CPU kernels and vLLM's run OpenMP parallel regions, and OpenMP
 keeps one thread team per thread that opens regions. Had the loop thread built the engine (its team
 exists from then on) and another thread stepped it (a second team), the process would manage more OpenMP
@@ -32,6 +39,7 @@ import asyncio
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -62,6 +70,18 @@ _T = TypeVar("_T")
 
 # request states
 WAIT_KV, RUNNING, HELD = "wait_kv", "running", "held"
+
+
+@dataclass(slots=True)
+class _Stepped:
+    """What the engine thread hands the loop: the outputs of one or more steps, the last of which ran the
+    model when ``plan`` is set."""
+
+    outputs: list[Any]
+    ms: float = 0.0  # duration of the step that ran the model
+    plan: Any = None  # its StepPlan (None: no forward pass since the previous hand-over)
+    last: bool = False  # the burst ended with this one
+    error: BaseException | None = None  # the burst died with this exception
 
 
 @dataclass(slots=True)
@@ -114,7 +134,10 @@ class VllmEngine:
         self.cfg = cfg
         self.local = local
         self.reqs: dict[str, _Req] = {}
-        self._ops: list[tuple[str, Any]] = []
+        self._ops: deque[tuple[str, Any]] = deque()  # appended on the loop, applied on the engine thread
+        self._results: asyncio.Queue[_Stepped] = asyncio.Queue()
+        self._bursting = False  # the engine thread is stepping (or about to); cleared when its last result is taken
+        self._closing = False
         self._held_blocks: dict[str, tuple[str, int]] = {}  # request -> (vLLM internal id, blocks held)
         self.last_step_ms = 0.0
         self.transfer_failures = 0
@@ -196,27 +219,37 @@ class VllmEngine:
         from vllm.sampling_params import RequestOutputKind
 
         sp = desc.sampling
+        # token ids only: no detokenizing (the stream carries ids, stops are token ids), and no deep copy of
+        # these fresh parameters in add_request
         return SamplingParams(
             max_tokens=max_tokens, temperature=sp.temperature, top_p=sp.top_p, seed=sp.seed,
             stop_token_ids=list(sp.stop_token_ids), ignore_eos=sp.ignore_eos, output_kind=RequestOutputKind.DELTA,
-            extra_args={"kv_transfer_params": kv} if kv is not None else None,
+            extra_args={"kv_transfer_params": kv} if kv is not None else None, detokenize=False, skip_clone=True,
         )
 
     def add(self, desc: MicroDescriptor, now: float) -> None:
         validate_descriptor(desc, self.info, self.reqs)
         p, s = len(desc.prompt), desc.split
         req = _Req(desc)
+        self.reqs[desc.req_id] = req
         if desc.role == ROLE_FULL:
-            self._ops.append(("add", (desc.req_id, desc.prompt, self._params(desc, desc.emit_tokens, None))))
+            self._add_op(req, desc.prompt, self._params(desc, desc.emit_tokens, None))
         elif desc.role == ROLE_A:
             kv = {"do_remote_decode": True, "dynaserve_role": "A"}
             if s >= p:
-                self._ops.append(("add", (desc.req_id, desc.prompt, self._params(desc, desc.emit_tokens, kv))))
+                self._add_op(req, desc.prompt, self._params(desc, desc.emit_tokens, kv))
             else:
-                self._ops.append(("add", (desc.req_id, desc.prompt[:s], self._params(desc, 1, kv))))
+                self._add_op(req, desc.prompt[:s], self._params(desc, 1, kv))
         else:
             req.state = WAIT_KV
-        self.reqs[desc.req_id] = req
+
+    def _add_op(self, req: _Req, prompt: list[int], params: Any) -> None:
+        """Queue adding ``req`` to vLLM (again, under a new id, when B falls back to recomputing) and make
+        sure the engine thread picks it up."""
+        rid = req.desc.req_id
+        req.vllm_id = rid if not req.vllm_id else rid + RECOMPUTE_SUFFIX
+        self._ops.append(("add", (rid, req.vllm_id, prompt, params)))
+        self._kick()
 
     def start_decode(self, req_id: str, kv: dict, num_tokens: int, tokens: list[int], now: float) -> None:
         req = self.reqs.get(req_id)
@@ -244,7 +277,7 @@ class VllmEngine:
             # B's tokens for the pulled positions no longer matter if B really continues from A's KV
             prompt = [scramble_token(t, self.info.vocab_size) for t in prompt[:s]] + prompt[s:]
         req.state = RUNNING
-        self._ops.append(("add", (req_id, prompt, self._params(desc, max_tokens, params))))
+        self._add_op(req, prompt, self._params(desc, max_tokens, params))
 
     def active_ids(self) -> list[str]:
         return list(self.reqs)
@@ -254,22 +287,24 @@ class VllmEngine:
         if req is None:
             return False
         if req.state == RUNNING:
-            self._ops.append(("abort", req.vllm_id or req_id))
+            self._ops.append(("abort", req.vllm_id))
         elif req.state == HELD:
             self._ops.append(("expire", req.internal_id))
+        self._kick()
         return True
 
     # ------------------------------------------------------------------ progress
 
     def _apply_ops(self) -> None:
-        ops, self._ops = self._ops, []
-        for kind, arg in ops:
+        """On the engine thread: apply the changes the loop queued, in order."""
+        ops = self._ops
+        while ops:
+            kind, arg = ops.popleft()
             if kind == "add":
-                rid, prompt, params = arg
+                rid, vllm_id, prompt, params = arg
                 req = self.reqs.get(rid)
-                if req is not None:
-                    req.vllm_id = rid if not req.vllm_id else rid + RECOMPUTE_SUFFIX
-                    req.internal_id = self.llm.add_request(req.vllm_id, {"prompt_token_ids": prompt}, params)
+                if req is not None and req.vllm_id == vllm_id:
+                    req.internal_id = self.llm.add_request(vllm_id, {"prompt_token_ids": prompt}, params)
                     self.sched.ranks[req.internal_id] = self.local.prefill_rank(req.desc.arrival,
                                                                                 req.desc.ttft_slo_ms)
             elif kind == "abort":
@@ -278,7 +313,8 @@ class VllmEngine:
                 self.connector.expire(arg)
 
     def has_work(self) -> bool:
-        return bool(self._ops) or self.llm.has_unfinished_requests() or self.sched.has_requests()
+        return (self._bursting or bool(self._ops) or self.llm.has_unfinished_requests()
+                or self.sched.has_requests())
 
     def housekeeping(self, now: float) -> StepOutput:
         return StepOutput()  # vLLM polls transfers and leases inside its steps
@@ -300,33 +336,77 @@ class VllmEngine:
             out.failures.append((rid, "kv_transfer_recompute", f"no KV from A after {self.cfg.kv_pull_timeout_s} s"))
             log.warning("request %s: KV pull did not complete; recomputing locally", rid)
             self._ops.append(("abort", req.vllm_id))
-            params = self._params(req.desc, req.b_max_tokens, None)
-            self._ops.append(("add", (rid, req.b_prompt, params)))
+            self._add_op(req, req.b_prompt, self._params(req.desc, req.b_max_tokens, None))
 
-    def _run_step(self) -> tuple[list[Any], float]:
-        """On the engine thread: apply queued changes, then one vLLM step (if it has anything to do)."""
-        self._apply_ops()
-        if not (self.llm.has_unfinished_requests() or self.sched.has_requests()):
-            return [], 0.0
-        t0 = time.perf_counter()
-        outputs = self.llm.step()
-        return outputs, (time.perf_counter() - t0) * 1000.0
+    def _kick(self) -> None:
+        """Start a burst of steps on the engine thread now, unless one runs (it applies queued changes at
+        its next step) or no loop runs here (the worker's next step() starts it)."""
+        if self._bursting or self._closing:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._bursting = True
+
+        def post(item: _Stepped) -> None:
+            loop.call_soon_threadsafe(self._results.put_nowait, item)
+
+        self._exec.submit(self._run_steps, post)
+
+    def _run_steps(self, post: Callable[[_Stepped], None]) -> None:
+        """On the engine thread: apply queued changes and step vLLM, back to back while each step runs the
+        model or lands pulled KV (its request is runnable at the very next step) and vLLM has requests left to
+        run. Hands over the outputs at every step that ran the model, and at the end."""
+        outputs: list[Any] = []
+        first = True
+        try:
+            while not self._closing:
+                self._apply_ops()
+                # requests that only wait for their KV to be read (held blocks) need a poll, not back-to-back steps
+                if not (self.llm.has_unfinished_requests() or (first and self.sched.has_requests())):
+                    break
+                first = False
+                t0 = time.perf_counter()
+                outputs += self.llm.step()
+                ms = (time.perf_counter() - t0) * 1000.0
+                plan, self.sched.last_step = self.sched.last_step, None
+                if plan is not None and not plan.empty:
+                    post(_Stepped(outputs, ms, plan))
+                    outputs = []
+                elif not self.sched.finished_recving_kv_req_ids:
+                    break  # nothing ran and nothing became runnable: the worker polls again after its idle period
+        except BaseException as exc:  # noqa: BLE001 - handed to the loop, which raises it
+            post(_Stepped(outputs, last=True, error=exc))
+            return
+        post(_Stepped(outputs, last=True))
 
     async def step(self, now: float) -> StepOutput:
+        """The outputs of the engine thread's next step that runs the model, or of its burst's end."""
         out = StepOutput()
         self._check_pulls(out)
-        outputs, ms = await asyncio.get_running_loop().run_in_executor(self._exec, self._run_step)
-        plan = self.sched.last_step
-        self.sched.last_step = None
-        if plan is not None and not plan.empty:
+        while True:
+            self._kick()
+            if not self._bursting:
+                return out  # closing
+            got = await self._results.get()
+            if got.last:
+                self._bursting = False
+            if got.error is not None:
+                raise got.error
+            for o in got.outputs:
+                self._on_output(o, out)
+            if got.plan is not None or not self._ops:
+                break
+            # the burst ended while changes were queued (they arrived after its last step): run them now
+        plan, ms = got.plan, got.ms
+        if plan is not None:
             self.local.observe(plan, ms)
             self.last_step_ms = ms
             out.step_ms = ms
             out.prefill_tokens = plan.prefill_tokens
             out.decode_seqs = len(plan.decodes)
             out.token_budget = plan.token_budget
-        for o in outputs:
-            self._on_output(o, out)
         for rid in [r for r, (iid, _) in self._held_blocks.items() if iid not in self.sched.requests]:
             del self._held_blocks[rid]  # the reader confirmed or the lease ran out: vLLM freed the blocks
             held = self.reqs.get(rid)
@@ -365,6 +445,7 @@ class VllmEngine:
                 out.entries.append([rid, new, finish])
                 del self.reqs[rid]
                 self._ops.append(("expire", req.internal_id))
+                self._kick()
             return
         if new or finish is not None:
             out.entries.append([rid, new, finish])
@@ -393,6 +474,7 @@ class VllmEngine:
         return ld
 
     def close(self) -> None:
+        self._closing = True  # a running burst stops at its next step; shutdown queues behind it
         try:
             self.run_on_engine_thread(self.llm.engine_core.shutdown)
         except Exception:  # noqa: BLE001 - best effort at exit
