@@ -79,6 +79,7 @@ def make_cluster(n: int) -> ClusterState:
     for k in range(n):
         cluster.add(InstanceState(
             id=f"w{k}", kv_capacity_tokens=KV_CAPACITY, max_model_len=MAX_MODEL_LEN, kv_bytes_per_token=131072,
+            max_num_seqs=256,  # the engines' cap of running sequences (vLLM's default)
         ))
     return cluster
 
