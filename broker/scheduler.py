@@ -304,6 +304,11 @@ def _balance(
     return best_s, best_c
 
 
+def _full(inst: InstanceState, headroom: int) -> bool:
+    """The instance runs within ``headroom`` sequences of its engine's cap (never, when the cap is unknown)."""
+    return 0 < inst.max_num_seqs <= inst.running_seqs + headroom
+
+
 @dataclass
 class DynaServePolicy:
     """TTFT-first placement with prefill/decode handoffs to prefill-idle instances.
@@ -357,7 +362,7 @@ class DynaServePolicy:
             if qp <= 0:
                 idle.append(inst)
             running, ctx = inst.running_seqs, inst.decode_ctx_tokens
-            full = 0 < inst.max_num_seqs <= running + headroom
+            full = _full(inst, headroom)
             if full and not a_full:
                 continue
             cached = rates.get(inst.id)
@@ -384,7 +389,7 @@ class DynaServePolicy:
         gap = pr.handoff_ms + p * pr.transfer_ms_per_token(b) + 2.0 * max(b_step, b.step_ms)
         if gap > self.gap_frac * slo:
             return Plan.whole(a.id, p, mt)
-        if 0 < b.max_num_seqs <= b.running_seqs + headroom and a.max_num_seqs:
+        if _full(b, headroom) and a.max_num_seqs:
             # B is full: the request will wait there for a slot, a gap that only a long output absorbs.
             # A first emits up to full_b_tokens more tokens (so that short outputs end on A), as many as
             # A has free slots, so that A itself does not fill up holding them.

@@ -220,7 +220,7 @@ class SimInstance:
     def start_step(self, now: float) -> None:
         """Form the next step with the local scheduler and schedule its end; idle when there is no work."""
         grow = self.grow_heap
-        preempted = bool(grow) and grow[0][0] <= len(self.step_ends) and self._grow(len(self.step_ends), now)
+        preempted = bool(grow) and grow[0][0] <= len(self.step_ends) and self._grow(len(self.step_ends))
         if self.waiting and not preempted:  # as in vLLM: no admissions in a step that preempted
             self._admit(now)
         n = len(self.decoding)
@@ -279,7 +279,7 @@ class SimInstance:
         self.busy = False
         self.start_step(now)
 
-    def _grow(self, j: int, now: float) -> bool:
+    def _grow(self, j: int) -> bool:
         """KV blocks for the decodes of step ``j`` (on demand); preempt when none is free. True if it did."""
         grow = self.grow_heap
         bs = self.block_size
@@ -289,7 +289,7 @@ class SimInstance:
             if seq.entry != tie or seq.state != DECODE:
                 continue  # stale: the sequence ended or was preempted
             while self.free_blocks == 0 and seq.state == DECODE:
-                self._preempt(j, now)
+                self._preempt(j)
                 preempted = True
             if seq.state != DECODE:
                 continue  # it was the victim itself
@@ -300,7 +300,7 @@ class SimInstance:
             heapq.heappush(grow, (at + bs, tie, seq))
         return preempted
 
-    def _preempt(self, j: int, now: float) -> None:
+    def _preempt(self, j: int) -> None:
         """Free the blocks of the running sequence ranked last and queue it to recompute (vLLM's policy)."""
         if self.prefilling:
             seq = self.prefilling.pop()
