@@ -128,6 +128,7 @@ class LiveExtras:
     step_overhead_ms: float = 0.0  # fixed part of the per-step overhead (see probe_live)
     step_overhead_per_seq_ms: float = 0.0  # per sequence in the step
     path_latency_ms: float = 0.0  # median TTFT of a 1-token prompt minus its modelled step and the overhead
+    path_latency_per_prompt_token_ms: float = 0.0  # the same for longer prompts, per extra prompt token
     gaps: int = 0  # decode gaps measured
     ttfts: int = 0  # first tokens measured
 
@@ -155,7 +156,7 @@ def sim_config(cfg: Sim2RealConfig, extras: LiveExtras | None = None) -> FittedS
         kv_alloc="on_demand" if cfg.engine == "vllm" else "reserve", ground_truth="linear", max_sim_s=3600.0,
         fixed_model=model, fixed_kv_bytes=kv_bytes, fixed_kv_tokens=cfg.kv_capacity_tokens,
         step_overhead_ms=ex.step_overhead_ms, step_overhead_per_seq_ms=ex.step_overhead_per_seq_ms,
-        path_latency_ms=ex.path_latency_ms,
+        path_latency_ms=ex.path_latency_ms, path_latency_per_prompt_token_ms=ex.path_latency_per_prompt_token_ms,
         step_noise=step_noise(cfg) if extras is not None else (),
     )
 
@@ -208,7 +209,8 @@ def cluster_config(cfg: Sim2RealConfig) -> ClusterConfig:
     )
 
 
-PROBE_FIRST_TOKENS = 20  # 1-token prompts, one at a time
+PROBE_FIRST_TOKENS = 20  # 1-token prompts, one at a time, and as many PROBE_LONG_PROMPT-token ones
+PROBE_LONG_PROMPT = 512
 PROBE_DECODE = (16, 129)  # prompt and output tokens of each decoding request (128 gaps)
 PROBE_BATCH = 16  # decoding requests of the second overhead probe (started together on one instance)
 
@@ -218,7 +220,8 @@ async def probe_live(addr: str, model: StepLatencyModel) -> LiveExtras:
     lone decoding request, and of one of ``PROBE_BATCH`` requests started together (those the policy put on
     its instance decode with it), each minus the modelled step of its batch; a line through the two gives
     the fixed and the per-sequence part. Message path: the
-    median TTFT of 1-token prompts, one at a time, minus their modelled step and the overhead."""
+    median TTFT of 1-token prompts, one at a time, minus their modelled step and the overhead, and how much
+    more it is for ``PROBE_LONG_PROMPT``-token prompts (per extra prompt token)."""
     import asyncio
     from statistics import median
 
@@ -241,13 +244,21 @@ async def probe_live(addr: str, model: StepLatencyModel) -> LiveExtras:
         k, batch = await decode_extra(c, PROBE_BATCH)
         per_seq = max(0.0, (median(batch) - median(one)) / (k - 1)) if k > 1 else 0.0
         fixed = max(0.0, median(one) - per_seq)
-        first = []
-        for i in range(PROBE_FIRST_TOKENS):
-            s = c.generate([100 + i], max_tokens=1, ignore_eos=True)
-            await s.collect()
-            first.append((s.token_ts[0] - s.submit_ts) * 1000.0)
-        path = max(0.0, median(first) - model.step_ms(1, 0, 0) - fixed - per_seq)
-    return LiveExtras(round(fixed, 3), round(per_seq, 4), round(path, 3), len(one) + len(batch), len(first))
+        async def ttft_extra(n: int) -> list[float]:
+            """TTFTs of ``n``-token prompts, one at a time, minus the modelled prefill and the overhead."""
+            out = []
+            for i in range(PROBE_FIRST_TOKENS):
+                s = c.generate([100 + (i + k) % 400 for k in range(n)], max_tokens=1, ignore_eos=True)
+                await s.collect()
+                model_ms = model.step_ms(n, 0, 0, StepLatencyModel.chunk_attn(n, 0)) + fixed + per_seq
+                out.append((s.token_ts[0] - s.submit_ts) * 1000.0 - model_ms)
+            return out
+
+        short, long = await ttft_extra(1), await ttft_extra(PROBE_LONG_PROMPT)
+        path = max(0.0, median(short))
+        per_tok = max(0.0, (median(long) - path) / (PROBE_LONG_PROMPT - 1))
+    return LiveExtras(round(fixed, 3), round(per_seq, 4), round(path, 3), round(per_tok, 5), len(one) + len(batch),
+                      len(short) + len(long))
 
 
 def run_live(cfg: Sim2RealConfig, reqs: Sequence[TraceRequest],
@@ -259,7 +270,7 @@ def run_live(cfg: Sim2RealConfig, reqs: Sequence[TraceRequest],
         async def go() -> tuple[list[RequestRecord], LiveExtras]:
             await cluster.wait_ready()
             extras = (await probe_live(cluster.client_addr, step_model(cfg)[0]) if cfg.probe
-                      else LiveExtras(cfg.step_overhead_ms, 0.0, cfg.path_latency_ms))
+                      else LiveExtras(cfg.step_overhead_ms, 0.0, cfg.path_latency_ms, 0.0))
             recs = await replay(cluster.client_addr, reqs, ttft_slo_ms=cfg.ttft_slo_ms, tbt_slo_ms=cfg.tbt_slo_ms,
                                 seed=cfg.seed, timeout_s=300.0, progress=progress)
             return recs, extras

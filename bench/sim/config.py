@@ -51,6 +51,7 @@ class SimConfig:
     noise_seed: int = 0
     path_latency_ms: float = 0.0  # client -> broker -> worker plus worker -> broker -> client, added to
     # every token's arrival at the client
+    path_latency_per_prompt_token_ms: float = 0.0  # and per prompt token (the prompt's trip to the engine)
     max_sim_s: float = 7200.0  # stop the simulation at this virtual time (unfinished requests fail)
 
     def __post_init__(self) -> None:
@@ -62,8 +63,9 @@ class SimConfig:
             raise ValueError("report_interval_ms must be > 0")
         if self.link_gbps <= 0 or self.transfer_latency_ms < 0:
             raise ValueError("link_gbps must be > 0 and transfer_latency_ms >= 0")
-        if min(self.step_overhead_ms, self.step_overhead_per_seq_ms, self.path_latency_ms) < 0:
-            raise ValueError("step_overhead_ms, step_overhead_per_seq_ms and path_latency_ms must be >= 0")
+        if min(self.step_overhead_ms, self.step_overhead_per_seq_ms, self.path_latency_ms,
+               self.path_latency_per_prompt_token_ms) < 0:
+            raise ValueError("the step overheads and path latencies must be >= 0")
         sn = self.step_noise
         if sn and (len(sn) < 2 or sn[0] <= 0 or any(b < a for a, b in zip(sn, sn[1:], strict=False))):
             raise ValueError("step_noise must be >= 2 positive, non-decreasing quantiles")

@@ -128,6 +128,7 @@ class Simulator:
     ) -> None:
         self.cfg = config
         self.path_s = config.path_latency_ms / 1000.0
+        self.path_tok_s = config.path_latency_per_prompt_token_ms / 1000.0
         self.policy = policy
         self.predictor = predictor if predictor is not None else MaxTokensPredictor()
         self.sample_interval_s = sample_interval_s
@@ -330,6 +331,11 @@ class Simulator:
         span = (trace[-1].arrival_s - trace[0].arrival_s) if len(trace) > 1 else 0.0
         return SimResult([self._record(r) for r in self.requests], span, self.now, self.stats, samples)
 
+    def _at_client(self, req: SimRequest) -> list[float]:
+        """The request's token times as its client sees them (after the message path)."""
+        shift = self.path_s + self.path_tok_s * req.prompt
+        return [t + shift for t in req.token_ts] if shift else req.token_ts
+
     def _record(self, req: SimRequest) -> RequestRecord:
         plan = req.plan
         return RequestRecord(
@@ -338,7 +344,7 @@ class Simulator:
             submit_ts=req.arrival,
             prompt_tokens=req.prompt,
             max_tokens=req.max_tokens,
-            token_ts=[t + self.path_s for t in req.token_ts] if self.path_s else req.token_ts,
+            token_ts=self._at_client(req),
             finish_reason=req.finish,
             error=req.error if req.error or req.finish else "unfinished",
             ttft_slo_ms=req.ttft_slo_ms,

@@ -66,5 +66,6 @@ def test_tiny_trace_end_to_end(tmp_path: Path) -> None:
     assert (tmp_path / "sim_dynaserve_tbt_cdf.png").stat().st_size > 0
     assert "| completed | 8/8 | 8/8 |" in table(result)
     ex = result["live_extras"]  # measured on the live cluster before the replay
-    assert ex["gaps"] == 2 * (PROBE_DECODE[1] - 1) and ex["ttfts"] == PROBE_FIRST_TOKENS
-    assert ex["step_overhead_ms"] >= 0 and ex["step_overhead_per_seq_ms"] >= 0 and ex["path_latency_ms"] >= 0
+    assert ex["gaps"] == 2 * (PROBE_DECODE[1] - 1) and ex["ttfts"] == 2 * PROBE_FIRST_TOKENS
+    assert min(ex["step_overhead_ms"], ex["step_overhead_per_seq_ms"], ex["path_latency_ms"],
+               ex["path_latency_per_prompt_token_ms"]) >= 0

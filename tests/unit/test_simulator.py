@@ -188,6 +188,7 @@ def test_live_truth_adds_overhead_and_replays_noise_quantiles() -> None:
 def test_path_latency_delays_every_token_at_the_client() -> None:
     reqs = trace(50, rate=5.0)
     _, base = run(SimConfig(instances=2), build_policy("colocate", SimConfig().pricing()), reqs)
-    _, late = run(SimConfig(instances=2, path_latency_ms=3.0), build_policy("colocate", SimConfig().pricing()), reqs)
+    _, late = run(SimConfig(instances=2, path_latency_ms=3.0, path_latency_per_prompt_token_ms=0.001),
+                  build_policy("colocate", SimConfig().pricing()), reqs)
     for a, b in zip(base.records, late.records, strict=True):
-        assert b.token_ts == pytest.approx([t + 0.003 for t in a.token_ts])
+        assert b.token_ts == pytest.approx([t + 0.003 + 1e-6 * a.prompt_tokens for t in a.token_ts])
