@@ -729,6 +729,7 @@ def _bare_main(conn: Any, model: str, mode: str, log_path: str, cores: str = "")
         model=cfg.model, dtype=cfg.dtype, enforce_eager=cfg.enforce_eager, max_model_len=cfg.max_model_len,
         seed=cfg.seed, kv_cache_memory_bytes=cfg.kv_cache_bytes, enable_prefix_caching=False,
         max_num_batched_tokens=cfg.max_num_batched_tokens, max_num_seqs=cfg.max_num_seqs,
+        disable_log_stats=True,  # as VllmEngine
     )
     ex = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-step")
     ex.submit(_bind_engine_thread, cfg).result()

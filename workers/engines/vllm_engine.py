@@ -179,6 +179,7 @@ class VllmEngine:
             seed=cfg.seed, kv_cache_memory_bytes=cfg.kv_cache_bytes, enable_prefix_caching=False,
             max_num_batched_tokens=cfg.max_num_batched_tokens, max_num_seqs=cfg.max_num_seqs,
             scheduler_cls="workers.engines.vllm_scheduler.DynaServeScheduler", kv_transfer_config=kv_cfg,
+            disable_log_stats=True,  # the worker reports its own metrics (workers/metrics.py)
         )
         self.llm = LLMEngine.from_engine_args(args)
         core = self.llm.engine_core.engine_core  # the in-process EngineCore
