@@ -212,16 +212,16 @@ def cluster_config(cfg: Sim2RealConfig) -> ClusterConfig:
 PROBE_FIRST_TOKENS = 20  # 1-token prompts, one at a time, and as many PROBE_LONG_PROMPT-token ones
 PROBE_LONG_PROMPT = 512
 PROBE_DECODE = (16, 129)  # prompt and output tokens of each decoding request (128 gaps)
-PROBE_BATCH = 16  # decoding requests of the second overhead probe (started together on one instance)
+PROBE_BATCH = 16  # decoding requests of the second overhead probe (started together; the policy places them)
 
 
 async def probe_live(addr: str, model: StepLatencyModel) -> LiveExtras:
     """Measure on the idle cluster what it adds to the step model. Per-step overhead: the median gap of one
     lone decoding request, and of one of ``PROBE_BATCH`` requests started together (those the policy put on
     its instance decode with it), each minus the modelled step of its batch; a line through the two gives
-    the fixed and the per-sequence part. Message path: the
-    median TTFT of 1-token prompts, one at a time, minus their modelled step and the overhead, and how much
-    more it is for ``PROBE_LONG_PROMPT``-token prompts (per extra prompt token)."""
+    the fixed and the per-sequence part. Message path: the median TTFT of 1-token prompts, one at a time,
+    minus their modelled step and the overhead, and how much more it is for ``PROBE_LONG_PROMPT``-token
+    prompts (per extra prompt token)."""
     import asyncio
     from statistics import median
 
@@ -244,11 +244,12 @@ async def probe_live(addr: str, model: StepLatencyModel) -> LiveExtras:
         k, batch = await decode_extra(c, PROBE_BATCH)
         per_seq = max(0.0, (median(batch) - median(one)) / (k - 1)) if k > 1 else 0.0
         fixed = max(0.0, median(one) - per_seq)
+
         async def ttft_extra(n: int) -> list[float]:
             """TTFTs of ``n``-token prompts, one at a time, minus the modelled prefill and the overhead."""
             out = []
             for i in range(PROBE_FIRST_TOKENS):
-                s = c.generate([100 + (i + k) % 400 for k in range(n)], max_tokens=1, ignore_eos=True)
+                s = c.generate([100 + (i + j) % 400 for j in range(n)], max_tokens=1, ignore_eos=True)
                 await s.collect()
                 model_ms = model.step_ms(n, 0, 0, StepLatencyModel.chunk_attn(n, 0)) + fixed + per_seq
                 out.append((s.token_ts[0] - s.submit_ts) * 1000.0 - model_ms)
