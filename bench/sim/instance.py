@@ -113,7 +113,6 @@ class SimInstance:
         rank = sched.prefill_rank
         self._rank: Callable[[MicroSeq], float] = lambda s: rank(s.req.arrival, s.req.ttft_slo_ms)
         self.prefill_key: Callable[[MicroSeq], tuple[float, int]] = lambda s: (self._rank(s), s.req.idx)
-        self.demote_late = sched.config.demote_late and sched.config.prefill_order == "deadline"
         self.waiting: list[MicroSeq] = []  # QUEUED, by arrival
         self.prefilling: list[MicroSeq] = []  # PREFILL, by arrival
         self.decoding: dict[MicroSeq, None] = {}  # DECODE, insertion-ordered
@@ -234,11 +233,11 @@ class SimInstance:
         else:
             j = len(self.step_ends)
             pref = self.prefilling  # sorted by rank
-            if self.demote_late and len(pref) > 1 and self._rank(pref[0]) < now:
-                # deadline order: prefills past their TTFT deadline go behind the others, for this step
-                ok = [s for s in pref if self._rank(s) >= now]
-                if ok:
-                    pref = ok + [s for s in pref if self._rank(s) < now]
+            is_late = self.sched.is_late
+            if len(pref) > 1 and is_late(self._rank(pref[0]), now):
+                # prefills past their TTFT deadline go behind the others, for this step (a stable sort keeps
+                # deadline order within each group)
+                pref = sorted(pref, key=lambda s: is_late(self._rank(s), now))
             decodes = [DecodeItem(s.req.req_id, s.ctx0 + j - s.i0) for s in self.decoding]
             prefills = [PrefillItem(s.req.req_id, s.prefill_end - s.computed, s.computed) for s in pref]
             plan = self.sched.schedule(decodes, prefills)

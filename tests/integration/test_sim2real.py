@@ -67,5 +67,3 @@ def test_tiny_trace_end_to_end(tmp_path: Path) -> None:
     assert "| completed | 8/8 | 8/8 |" in table(result)
     ex = result["live_extras"]  # measured on the live cluster before the replay
     assert ex["gaps"] == 2 * (PROBE_DECODE[1] - 1) and ex["ttfts"] == 2 * PROBE_FIRST_TOKENS
-    assert min(ex["step_overhead_ms"], ex["step_overhead_per_seq_ms"], ex["path_latency_ms"],
-               ex["path_latency_per_prompt_token_ms"]) >= 0
