@@ -304,6 +304,9 @@ def _balance(
     return best_s, best_c
 
 
+CONCENTRATE = ("off", "on", "auto")
+
+
 def _full(inst: InstanceState, headroom: int) -> bool:
     """The instance runs within ``headroom`` sequences of its engine's cap (never, when the cap is unknown)."""
     return 0 < inst.max_num_seqs <= inst.running_seqs + headroom
@@ -332,6 +335,20 @@ class DynaServePolicy:
       TBT. A prediction is only a guess, and a short output handed to a full B fails its TBT SLO on that
       one gap; so when B is full, A first decodes up to ``full_b_tokens`` tokens (a decode handoff,
       s = p + d), no more than A has free slots, and outputs that end by then never move.
+
+    Decode concentration (``concentrate``: "off", "on", or "auto"): on a model whose fixed step cost is
+    large next to its per-token cost (Qwen2.5-32B on two A100s: 25 ms of an 8,192-token step's 1.28 s),
+    the first decode on an instance slows its prefill 1.37x, because from then on every
+    step must end within the TBT SLO (chunks of ~450 tokens instead of 8,192). With concentration every
+    request predicted to decode ``min_output`` tokens or more goes to the instance that already decodes
+    the most (more than A, its decode-only step under ``host_frac`` of the TBT budget): a prompt split
+    that leaves B the last ``tail`` prompt tokens, so that B emits the first token and the client sees
+    no handoff gap. Instances without decodes keep prefilling in full chunks, the hosts fill up with
+    decodes, and the number of hosts follows the decode load. The price is TTFT: the tail handoff adds
+    about two host steps. "auto" concentrates when (a) the first decode slows an instance's prefill by
+    ``min_gain`` or more (:func:`first_decode_cost`) and (b) most recent requests have TTFT slack: the
+    tail handoff costs at most ``slack_frac`` of their TTFT SLO (the mean over the first 256 requests,
+    then an EWMA over ~256; on at ``auto_on``, off below ``auto_off``).
     """
 
     pricing: Pricing
@@ -339,9 +356,24 @@ class DynaServePolicy:
     full_headroom: int = 6  # an instance running max_num_seqs - full_headroom decodes or more is full
     min_output: int = 102  # split only outputs predicted to have this many tokens or more
     full_b_tokens: int = 50  # to a full B, A first decodes up to this many tokens
+    concentrate: str = "auto"  # decode concentration: "off", "on" or "auto" (see the class docstring)
+    min_gain: float = 1.25  # auto: the first decode must slow an instance's prefill by this factor or more
+    slack_frac: float = 0.1  # auto: a request has slack when the tail handoff costs <= this share of its TTFT SLO
+    auto_on: float = 0.6  # auto: on when this share of recent requests has slack (EWMA over ~256 requests)
+    auto_off: float = 0.5  # auto: off again below this share
+    host_frac: float = 0.6  # concentration: a host's decode-only step stays under this share of the TBT budget
+    tail: int = 64  # concentration: prompt tokens B computes (B emits the first token)
     name: str = "dynaserve"
+    _gains: dict[float, float] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _slack_share: float = field(default=0.0, init=False, repr=False, compare=False)
+    _seen: int = field(default=0, init=False, repr=False, compare=False)
+    _auto_state: bool = field(default=False, init=False, repr=False, compare=False)
     # id -> (running_seqs, decode_ctx_tokens, prefill ms/token)
     _rates: _PriceCache = field(default_factory=_PriceCache, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.concentrate not in CONCENTRATE:
+            raise ValueError(f"concentrate must be one of {CONCENTRATE}, got {self.concentrate!r}")
 
     def plan(self, req: RequestInfo, cluster: ClusterState, now: float) -> Plan | None:
         p, mt = req.prompt_len, req.max_tokens
@@ -373,9 +405,15 @@ class DynaServePolicy:
                 a, best_t, a_full = inst, t, full
         if a is None:
             return None
+        model = pr.model
+        if self.concentrate != "off" and self._concentrating(req, a) and o >= self.min_output and mt > 1:
+            host = self._decode_host(a, cluster, p, need, slo)
+            if host is not None:
+                if p <= self.tail:  # too short to be worth a handoff: all of it on the host
+                    return Plan.whole(host.id, p, mt)
+                return Plan.make(a.id, host.id, p, mt, p - self.tail)
         if o < self.min_output or mt <= 1 or a.queued_prefill_tokens <= 0 or not idle:
             return Plan.whole(a.id, p, mt)
-        model = pr.model
         b: InstanceState | None = None
         b_step = _INF
         for inst in idle:
@@ -397,6 +435,63 @@ class DynaServePolicy:
             if d > 0:
                 return Plan.make(a.id, b.id, p, mt, min(p + d, p + mt - 1))
         return Plan.make(a.id, b.id, p, mt, p)
+
+
+    def _concentrating(self, req: RequestInfo, a: InstanceState) -> bool:
+        """Whether decode concentration is on for this request (``concentrate``; "auto": see the class
+        docstring). Every call in "auto" mode updates the share of recent requests with TTFT slack."""
+        if self.concentrate == "on":
+            return True
+        if self.concentrate != "auto":
+            return False
+        pr = self.pricing
+        slo = req.tbt_slo_ms
+        gain = self._gains.get(slo)
+        if gain is None:
+            gain = self._gains[slo] = first_decode_cost(pr, slo)
+        if gain < self.min_gain:
+            return False
+        extra = (pr.handoff_ms + req.prompt_len * pr.transfer_ms_per_token(a)
+                 + 2.0 * self.host_frac * slo * (1.0 - pr.tbt_margin))
+        self._seen += 1
+        w = max(_SLACK_EWMA, 1.0 / self._seen)  # a plain mean until there are 256 requests
+        share = self._slack_share = (1.0 - w) * self._slack_share + w * (extra <= self.slack_frac * req.ttft_slo_ms)
+        if self._auto_state:
+            self._auto_state = share > self.auto_off
+        else:
+            self._auto_state = share >= self.auto_on
+        return self._auto_state
+
+    def _decode_host(
+        self, a: InstanceState, cluster: ClusterState, p: int, need: int, slo: float
+    ) -> InstanceState | None:
+        """Decode concentration: the instance other than A that runs more decodes than A and the most of
+        all, whose decode-only step with this request stays under ``host_frac`` of the TBT budget."""
+        pr = self.pricing
+        cap = self.host_frac * slo * (1.0 - pr.tbt_margin)
+        step_ms = pr.model.step_ms
+        host: InstanceState | None = None
+        most = a.running_seqs
+        for inst in cluster.instances.values():
+            running = inst.running_seqs
+            if (running <= most or inst is a or not inst.alive or _full(inst, self.full_headroom)
+                    or inst.kv_capacity_tokens - inst.kv_used_tokens < need or need > inst.max_model_len):
+                continue
+            if step_ms(0, running + 1, inst.decode_ctx_tokens + p) <= cap:
+                host, most = inst, running
+        return host
+
+
+_SLACK_EWMA = 1.0 / 256  # weight of one request in the share of requests with TTFT slack
+
+
+def first_decode_cost(pricing: Pricing, tbt_slo_ms: float, ctx: int = 1024) -> float:
+    """How much one running decode (``ctx`` tokens of context) slows an instance's prefill: its prefill
+    ms per token under the TBT SLO with that decode over its rate without decodes (full chunks)."""
+    m = pricing.model
+    mbt = pricing.max_batched_tokens
+    one = pricing.prefill_budget(InstanceState("", 0, running_seqs=1, decode_ctx_tokens=ctx), tbt_slo_ms)
+    return (m.step_ms(one, 1, ctx) / one) / (m.step_ms(mbt) / mbt)
 
 
 def forced_plan(req: RequestInfo, cluster: ClusterState, split: int) -> Plan | None:

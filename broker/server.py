@@ -42,6 +42,7 @@ class BrokerConfig:
     worker_addr: str = "tcp://127.0.0.1:5556"  # ZeroMQ address workers connect to
     policy: str = "dynaserve"  # global scheduling policy: colocate, disagg, dynaserve or balance
     prefill_instances: int = 1  # disagg policy: number of instances in the prefill pool
+    concentrate: str = "auto"  # dynaserve policy: decode concentration, off, on or auto (docs/study.md)
     predictor: str = "max_tokens"  # output-length predictor: max_tokens or history
     ttft_slo_ms: float = 2000.0  # TTFT SLO of the default SLO class
     ttft_prefill_factor: float = 0.0  # TTFT SLO = ttft_slo_ms + this x the prompt's prefill time alone on an
@@ -102,7 +103,11 @@ class Broker:
             choose_step_model(config.step_model, config.model, config.gpu, config.tp)[0],
             transfer_gbps=config.transfer_gbps,
         )
-        opts = {"prefill_instances": config.prefill_instances} if config.policy == "disagg" else {}
+        opts: dict[str, object] = {}
+        if config.policy == "disagg":
+            opts["prefill_instances"] = config.prefill_instances
+        elif config.policy == "dynaserve":
+            opts["concentrate"] = config.concentrate
         self.policy = make_policy(config.policy, self.pricing, **opts)
         self.predictor = make_predictor(config.predictor)
         self.table = RequestTable()

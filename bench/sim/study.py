@@ -109,6 +109,7 @@ def main_specs(quick: bool) -> list[Spec]:
 
 LOCAL_ABLATION = "variant:baselines+deadline"
 GLOBAL_ABLATION = "variant:dynaserve fcfs"
+CONCENTRATION = ("off", "on")  # DynaServe with decode concentration pinned (the default is "auto")
 
 
 def local_ablation_specs(quick: bool) -> list[Spec]:
@@ -120,6 +121,9 @@ def local_ablation_specs(quick: bool) -> list[Spec]:
         out.append(Spec(LOCAL_ABLATION, f"disagg {k}P:{INSTANCES - k}D deadline", "disagg",
                         options=(("prefill_instances", k),), sim=(DEADLINE,)))
     out.append(Spec(GLOBAL_ABLATION, "dynaserve fcfs", "dynaserve", sim=(FCFS,)))
+    for mode in CONCENTRATION:
+        out.append(Spec(f"variant:concentrate {mode}", f"dynaserve concentrate={mode}", "dynaserve",
+                        options=(("concentrate", mode),), sim=(DEADLINE,)))
     return out
 
 

@@ -20,6 +20,7 @@ from broker.scheduler import (
     DisaggPolicy,
     DynaServePolicy,
     commit,
+    first_decode_cost,
     forced_plan,
     make_policy,
 )
@@ -517,3 +518,117 @@ def test_make_policy() -> None:
     assert make_policy("colocate", PRICING).name == "colocate"
     with pytest.raises(ValueError, match="unknown policy 'round_robin'.*colocate"):
         make_policy("round_robin", PRICING)
+
+
+# ----------------------------------------------------------------------------------- decode concentration
+# host_frac 0.6 of the 50 ms step budget: a host's decode-only step 2 + (running + 1) ms must stay <= 30 ms,
+# so a host takes a new decode while it runs 27 sequences or fewer.
+
+
+def test_concentration_hands_the_decode_to_the_busiest_host_and_leaves_it_the_tail() -> None:
+    pol = DynaServePolicy(PRICING, concentrate="on")
+    c = cluster(inst("w0"), inst("w1", running_seqs=10, queued_prefill_tokens=50),
+                inst("w2", running_seqs=20, queued_prefill_tokens=50))
+    plan = pol.plan(req(1000, 400), c, 0.0)
+    assert plan is not None
+    assert (plan.kind, plan.a, plan.b, plan.split) == (KIND_PROMPT, "w0", "w2", 1000 - 64)
+
+
+def test_concentration_skips_a_host_over_its_step_cap() -> None:
+    pol = DynaServePolicy(PRICING, concentrate="on")
+    c = cluster(inst("w0"), inst("w1", running_seqs=10), inst("w2", running_seqs=28))
+    plan = pol.plan(req(1000, 400), c, 0.0)
+    assert plan is not None and (plan.a, plan.b) == ("w0", "w1")
+    c.instances["w1"].running_seqs = 27  # 2 + 28 = 30 ms: still under the cap
+    assert pol.plan(req(1000, 400), c, 0.0).b == "w1"  # type: ignore[union-attr]
+    c.instances["w1"].running_seqs = 28
+    assert pol.plan(req(1000, 400), c, 0.0).kind == KIND_NONE  # type: ignore[union-attr]
+
+
+def test_concentration_only_moves_decodes_to_busier_instances() -> None:
+    """A host must run more decodes than A; otherwise the default rules apply (here: no prefill-idle B,
+    so the request stays whole on A)."""
+    pol = DynaServePolicy(PRICING, concentrate="on")
+    c = cluster(inst("w0", running_seqs=5, queued_prefill_tokens=10),
+                inst("w1", running_seqs=5, queued_prefill_tokens=4000))
+    plan = pol.plan(req(1000, 400), c, 0.0)
+    assert plan is not None and (plan.kind, plan.a) == (KIND_NONE, "w0")
+
+
+def test_concentration_keeps_short_outputs_and_auto_skips_cheap_first_decodes() -> None:
+    c = cluster(inst("w0"), inst("w1", running_seqs=10, queued_prefill_tokens=50))
+    short = DynaServePolicy(PRICING, concentrate="on").plan(req(1000, 400, predicted=50), c, 0.0)
+    assert short is not None and (short.kind, short.a) == (KIND_NONE, "w0")
+    default = DynaServePolicy(PRICING).plan(req(1000, 400), c, 0.0)
+    assert default is not None and default.kind == KIND_NONE  # auto: the first decode costs 1.05x, off
+
+
+def test_concentration_puts_a_prompt_shorter_than_the_tail_on_the_host() -> None:
+    pol = DynaServePolicy(PRICING, concentrate="on")
+    c = cluster(inst("w0"), inst("w1", running_seqs=10, queued_prefill_tokens=50))
+    plan = pol.plan(req(40, 400), c, 0.0)
+    assert plan is not None and (plan.kind, plan.a) == (KIND_NONE, "w1")
+
+
+def test_concentration_respects_kv_room_and_full_hosts() -> None:
+    pol = DynaServePolicy(PRICING, concentrate="on")
+    c = cluster(inst("w0"), inst("w1", running_seqs=10, kv=1000),
+                inst("w2", running_seqs=20, max_num_seqs=24))  # 20 + 6 >= 24: full
+    plan = pol.plan(req(1000, 400), c, 0.0)
+    assert plan is not None and plan.kind == KIND_NONE and plan.a == "w0"
+
+
+def test_broker_config_enables_concentration() -> None:
+    from broker.server import Broker, BrokerConfig
+
+    b = Broker(BrokerConfig(concentrate="on"))
+    try:
+        assert isinstance(b.policy, DynaServePolicy) and b.policy.concentrate == "on"
+    finally:
+        b.ctx.term()
+    b = Broker(BrokerConfig())
+    try:
+        assert isinstance(b.policy, DynaServePolicy) and b.policy.concentrate == "auto"
+    finally:
+        b.ctx.term()
+
+
+# "auto": a model with a large fixed step cost (20 ms) and full 8192-token chunks, where the first decode on
+# an instance cuts its prefill chunks from 8192 to 580 tokens and costs it 1.64x its prefill rate.
+BIG_FIXED = Pricing(StepLatencyModel(a=20.0, b=0.05, c=1.0, d=0.0), tbt_margin=0.5, max_batched_tokens=8192)
+
+
+def test_first_decode_cost_by_hand() -> None:
+    # one decode: 50 - 21 ms of room = 580 prefill tokens
+    assert first_decode_cost(BIG_FIXED, SLO) == pytest.approx((50.0 / 580) / ((20 + 0.05 * 8192) / 8192))
+    assert first_decode_cost(PRICING, SLO) < 1.25  # 2 ms fixed, 512-token chunks: no reason to concentrate
+
+
+def _concentrates(pol: DynaServePolicy, ttft_slo_ms: float) -> bool:
+    c = cluster(inst("w0"), inst("w1", running_seqs=5, queued_prefill_tokens=50))  # host step 26 <= 30 ms
+    plan = pol.plan(RequestInfo("r", 1000, 400, 400, ttft_slo_ms, SLO), c, 0.0)
+    assert plan is not None
+    return plan.kind == KIND_PROMPT
+
+
+def test_auto_concentration_follows_the_share_of_requests_with_ttft_slack() -> None:
+    """The tail handoff costs 2 + 2 x 0.6 x 50 = 62 ms: a request with a 2 s TTFT SLO has slack (62 <= 200),
+    one with 300 ms does not. The share of requests with slack is their mean over the first 256 requests,
+    then an EWMA (weight 1/256); auto turns on at 60 % and off below 50 %."""
+    pol = DynaServePolicy(BIG_FIXED, concentrate="auto")
+    assert not _concentrates(pol, 300.0)  # share 0
+    on = [_concentrates(pol, 2000.0) for _ in range(400)]
+    assert not on[0] and on[1] and all(on[1:])  # share 1/2, then 2/3 >= 0.6
+    off = [_concentrates(pol, 300.0) for _ in range(250)]
+    last = off.index(False)
+    assert 170 <= last <= 178 and not any(off[last:])  # share x (255/256)^k > 0.5 up to k ~ 177: hysteresis
+
+
+def test_auto_concentration_stays_off_when_the_first_decode_is_cheap() -> None:
+    pol = DynaServePolicy(PRICING, concentrate="auto")
+    assert not any(_concentrates(pol, 2000.0) for _ in range(400))
+
+
+def test_concentrate_must_be_off_on_or_auto() -> None:
+    with pytest.raises(ValueError, match="concentrate"):
+        DynaServePolicy(PRICING, concentrate="yes")
