@@ -5,15 +5,29 @@ kv_connector_module_path="workers.engines.vllm_connector")`` in the scheduler an
 
 What it changes on top of the stock connector:
 * NIXL's progress thread is off (the stock agent busy-spins one core per instance); progress is made by
-  the polls vLLM does every step.
+  the worker's polls in vLLM's steps (see the next point for when a step polls).
+* No per-step connector work while no handoff is in flight. The stock worker polls NIXL in every step
+  (notifications, transfer states, lease reaping, peer clean-up) and walks the step's connector metadata
+  in ``start_load_kv``, and vLLM hashes every request's new full blocks after every step once any connector
+  is configured. Here ``get_transfer_results`` returns at once unless something is in flight (a pull in
+  any stage, blocks held for a reader, a handshake, a failed peer), with one full poll every
+  ``IDLE_POLL_S`` that drains stray notifications (NIXL keeps them queued until then) and releases
+  replaced peers; ``start_load_kv`` returns at once on empty metadata; and requests get no block hasher
+  while prefix caching is off (NIXL never reads the hashes). A producer holding blocks for B and a
+  consumer pulling still poll in every step, so B's READ (which needs the producer's progress), its
+  confirmation, heartbeats and lease expiry are handled at the same step as by the stock connector.
+  Measured on the tiny model, one core, 8 and 32 decoding sequences: the connector's in-step cost fell
+  from about 90 to 35 us per step, and a step went from 70-155 us slower than bare vLLM to within noise
+  of it (+-30 us).
 * A consumer micro-request (``dynaserve_role == "B"``) frees its blocks when it finishes, like a plain
-  decode instance, even though the prompt-split path runs it through the bidirectional code.
+  decode instance, even though the prompt-split path runs it through the bidirectional code; its id also
+  leaves the worker's ``_reqs_to_process`` then (the stock connector drops ids there only after a read, a
+  lease expiry or an abort, so every finished B would stay listed).
 * ``expire(req_id)`` ends a producer's hold on handed-off blocks now (an abort of a request whose KV
   nobody will read), instead of waiting for the lease.
 * The thread that builds it keeps its CPU affinity. vLLM's NIXL worker pins that thread to the last core
   of each NUMA node (a core it reserves for transfers, assuming a worker process of its own); in-process
   that thread is the engine thread, which would then run every forward pass on that one core.
-
 * A consumer claims exactly the positions its producer computed (``remote_num_tokens``), never more.
   After a decode handoff B's sequence is one token longer than that (it ends with A's last token, whose
   position A never computed); the stock connector would claim the whole prompt, and vLLM would then
@@ -35,7 +49,10 @@ from typing import Any
 
 import vllm.distributed.kv_transfer.kv_connector.v1.nixl.base_worker as _base_worker
 from vllm.distributed import nixl_utils as _nixl_utils
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransferResults
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl import NixlPullConnector
+from vllm.distributed.kv_transfer.kv_connector.v1.nixl.metadata import NixlConnectorMetadata
 
 _orig_agent_config = _nixl_utils.nixl_agent_config
 
@@ -49,9 +66,11 @@ _base_worker.nixl_agent_config = _agent_config_no_progress_thread
 
 ROLE_KEY = "dynaserve_role"
 
+IDLE_POLL_S = 0.1  # while nothing is in flight the worker still polls NIXL this often (stray notifications)
+
 
 class DynaServeConnector(NixlPullConnector):
-    """NIXL pull connector with DynaServe's consumer-side release and producer-side expiry."""
+    """NIXL pull connector with DynaServe's handoff rules and idle fast paths (module docstring)."""
 
     def __init__(self, vllm_config: Any, role: Any, kv_cache_config: Any) -> None:
         affinity = os.sched_getaffinity(0)
@@ -59,6 +78,16 @@ class DynaServeConnector(NixlPullConnector):
             super().__init__(vllm_config, role, kv_cache_config)
         finally:
             os.sched_setaffinity(0, affinity)  # undo the NIXL worker's pin of this thread (module docstring)
+        self._next_idle_poll = 0.0  # worker side: perf_counter time of the next full poll while idle
+        self._polled = True  # worker side: this step's get_transfer_results polled NIXL
+
+    # ------------------------------------------------------------------ scheduler side
+
+    def on_new_request(self, request: Any) -> None:
+        """Stock tracking; without prefix caching the request also drops its block hasher (see module doc)."""
+        super().on_new_request(request)
+        if not self._vllm_config.cache_config.enable_prefix_caching:
+            request._block_hasher = None  # vLLM then skips hashing its new full blocks after every step
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
         count, load_async = super().get_num_new_matched_tokens(request, num_computed_tokens)
@@ -69,19 +98,25 @@ class DynaServeConnector(NixlPullConnector):
             load_async = load_async and count > 0
         return count, load_async
 
-    def request_finished(self, request: Any, block_ids: Any) -> tuple[bool, dict[str, Any] | None]:
+    def _finish_consumer(self, request: Any) -> bool:
+        """A finished B frees its blocks now: stop its heartbeats and have the worker forget it. False if
+        ``request`` is no B."""
         params = request.kv_transfer_params
-        if params and params.get(ROLE_KEY) == "B":
-            assert self.connector_scheduler is not None
-            self.connector_scheduler._stop_heartbeat(request.request_id)
+        if not (params and params.get(ROLE_KEY) == "B"):
+            return False
+        sched = self.connector_scheduler
+        assert sched is not None
+        sched._stop_heartbeat(request.request_id)
+        sched._reqs_not_processed.add(request.request_id)  # the worker drops it from _reqs_to_process
+        return True
+
+    def request_finished(self, request: Any, block_ids: Any) -> tuple[bool, dict[str, Any] | None]:
+        if self._finish_consumer(request):
             return False, None
         return super().request_finished(request, block_ids)
 
     def request_finished_all_groups(self, request: Any, block_ids: Any) -> tuple[bool, dict[str, Any] | None]:
-        params = request.kv_transfer_params
-        if params and params.get(ROLE_KEY) == "B":
-            assert self.connector_scheduler is not None
-            self.connector_scheduler._stop_heartbeat(request.request_id)
+        if self._finish_consumer(request):
             return False, None
         return super().request_finished_all_groups(request, block_ids)
 
@@ -89,3 +124,52 @@ class DynaServeConnector(NixlPullConnector):
         """Release a producer's held blocks at the next step (scheduler side)."""
         assert self.connector_scheduler is not None
         self.connector_scheduler._reqs_need_send[req_id] = time.perf_counter()
+
+    # ------------------------------------------------------------------ worker side
+
+    def _worker_idle(self) -> bool:
+        """Nothing in flight on the worker: no pull pending (handshake, read, failure, deferred notification),
+        no blocks held for a reader (``_reqs_to_send``: B's READ, its confirmation and heartbeats, the lease),
+        no handshake running, no failed peer. A poll would then find nothing but stray notifications.
+
+        ``_reqs_to_process`` (requests that went through a batch with transfer parameters) is not looked at:
+        a reader's confirmation can only follow the producer's finish, and the metadata of the step after it
+        moves the request to ``_reqs_to_send`` before that step's poll."""
+        w = self.connector_worker
+        assert w is not None
+        return not (w._recving_metadata or w._recving_transfers or w._reqs_to_send or w._recv_failures
+                    or w._pending_recv_notifs or w._replicated_pcp_done_sending or w._handshake_futures
+                    or w._failed_remote_engines or w._invalid_remote_engines
+                    or not w._failed_recv_reqs.empty() or not w._ready_requests.empty())
+
+    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        """Start this step's pulls and take in its sends and heartbeats; nothing to do when the step's
+        metadata is empty and no handshake has completed since the last step."""
+        meta = self._connector_metadata
+        assert isinstance(meta, NixlConnectorMetadata) and self.connector_worker is not None
+        if (meta.reqs_to_recv or meta.reqs_to_send or meta.reqs_in_batch or meta.reqs_not_processed
+                or meta.heartbeat_by_engine or meta.reqs_to_save
+                or not self.connector_worker._ready_requests.empty()):
+            super().start_load_kv(forward_context, **kwargs)
+
+    def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
+        """Poll NIXL (notifications, transfer states, leases, peers) unless nothing is in flight; then only
+        every ``IDLE_POLL_S``."""
+        if self._worker_idle():
+            now = time.perf_counter()
+            if now < self._next_idle_poll:
+                self._polled = False
+                return KVConnectorTransferResults()
+            self._next_idle_poll = now + IDLE_POLL_S
+        self._polled = True
+        return super().get_transfer_results(finished_req_ids)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        """Failed loads are found by a poll: nothing new after a skipped one."""
+        return super().get_block_ids_with_load_errors() if self._polled else set()
+
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        """Transfer statistics change with a poll: none after a skipped one (the next poll reports them)."""
+        if self.connector_worker is not None and not self._polled:
+            return None
+        return super().get_kv_connector_stats()
