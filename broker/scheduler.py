@@ -341,7 +341,8 @@ class DynaServePolicy:
     the first decode on an instance slows its prefill 1.37x, because from then on every
     step must end within the TBT SLO (chunks of ~450 tokens instead of 8,192). With concentration every
     request predicted to decode ``min_output`` tokens or more goes to the instance that already decodes
-    the most (more than A, its decode-only step under ``host_frac`` of the TBT budget): a prompt split
+    the most (more than A, its decode-only step under ``host_frac`` of the TBT budget, ``host_kv_frac``
+    of its KV still free after the request): a prompt split
     that leaves B the last ``tail`` prompt tokens, so that B emits the first token and the client sees
     no handoff gap. Instances without decodes keep prefilling in full chunks, the hosts fill up with
     decodes, and the number of hosts follows the decode load. The price is TTFT: the tail handoff adds
@@ -362,6 +363,7 @@ class DynaServePolicy:
     auto_on: float = 0.6  # auto: on when this share of recent requests has slack (EWMA over ~256 requests)
     auto_off: float = 0.5  # auto: off again below this share
     host_frac: float = 0.6  # concentration: a host's decode-only step stays under this share of the TBT budget
+    host_kv_frac: float = 0.3  # concentration: a host keeps this share of its KV free after taking the request
     tail: int = 64  # concentration: prompt tokens B computes (B emits the first token)
     name: str = "dynaserve"
     _gains: dict[float, float] = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -466,7 +468,9 @@ class DynaServePolicy:
         self, a: InstanceState, cluster: ClusterState, p: int, need: int, slo: float
     ) -> InstanceState | None:
         """Decode concentration: the instance other than A that runs more decodes than A and the most of
-        all, whose decode-only step with this request stays under ``host_frac`` of the TBT budget."""
+        all, whose decode-only step with this request stays under ``host_frac`` of the TBT budget and which
+        keeps ``host_kv_frac`` of its KV free after taking it (its decodes grow their blocks on demand; a
+        host that runs out preempts, and a host that cannot admit the request delays its first token)."""
         pr = self.pricing
         cap = self.host_frac * slo * (1.0 - pr.tbt_margin)
         step_ms = pr.model.step_ms
@@ -476,6 +480,8 @@ class DynaServePolicy:
             running = inst.running_seqs
             if (running <= most or inst is a or not inst.alive or _full(inst, self.full_headroom)
                     or inst.kv_capacity_tokens - inst.kv_used_tokens < need or need > inst.max_model_len):
+                continue
+            if inst.kv_capacity_tokens - inst.kv_used_tokens - need < self.host_kv_frac * inst.kv_capacity_tokens:
                 continue
             if step_ms(0, running + 1, inst.decode_ctx_tokens + p) <= cap:
                 host, most = inst, running

@@ -570,6 +570,17 @@ def test_concentration_puts_a_prompt_shorter_than_the_tail_on_the_host() -> None
     assert plan is not None and (plan.kind, plan.a) == (KIND_NONE, "w1")
 
 
+def test_concentration_leaves_hosts_kv_headroom() -> None:
+    """A host must keep 30 % of its KV free after the request (1,400 tokens here)."""
+    pol = DynaServePolicy(PRICING, concentrate="on")
+    c = cluster(inst("w0"), inst("w1", running_seqs=10, kv=10_000, kv_used_tokens=5_600))  # 3,000 left: ok
+    plan = pol.plan(req(1000, 400), c, 0.0)
+    assert plan is not None and (plan.kind, plan.b) == (KIND_PROMPT, "w1")
+    c.instances["w1"].kv_used_tokens = 5_700  # 2,900 left < 3,000
+    plan = pol.plan(req(1000, 400), c, 0.0)
+    assert plan is not None and plan.kind == KIND_NONE
+
+
 def test_concentration_respects_kv_room_and_full_hosts() -> None:
     pol = DynaServePolicy(PRICING, concentrate="on")
     c = cluster(inst("w0"), inst("w1", running_seqs=10, kv=1000),
