@@ -6,7 +6,9 @@
 Both sides get the same requests (lengths already fitted to the cluster's context, so the live replay clips
 nothing), the same step model (a calibration file from ``python -m workers.calibrate``, or the cost tables of
 ``--model``/``--gpu``), the same instance count, local-scheduler limits, SLOs, KV capacity and the broker's
-own pricing and policy. The live side is :class:`dynaserve.cluster.LocalCluster` driven by
+own pricing and policy. What the live cluster adds (step-time noise under serving, per-step overhead, message
+path) is measured on it before the compared replay, from the workers' step logs, a replay of a disjoint
+window of the trace and probes; never from the compared replay's results. The live side is :class:`dynaserve.cluster.LocalCluster` driven by
 :func:`bench.replay.replay`; the simulated side is :class:`bench.sim.simulator.Simulator`. Output: a table of
 P50/P99 TTFT and TBT (live, sim, sim/live) and completion counts, ``<engine>_<policy>.json`` and two CDF plots
 in ``--out``. Without ``--rate`` the arrival rate is chosen in the simulator so the instances are busy a
@@ -32,7 +34,7 @@ from bench.traces import TraceRequest, load_trace, mean_rate, scale
 from broker.cluster_state import Pricing
 from broker.scheduler import make_policy
 from dynaserve.aio import run_event_loop
-from dynaserve.calibration import choose_step_model
+from dynaserve.calibration import Sample, choose_step_model, ratio_quantiles, read_step_log
 from dynaserve.cluster import ClusterConfig, LocalCluster
 from dynaserve.costmodel import StepLatencyModel
 from dynaserve.metrics import RequestRecord, Summary, summarize
@@ -66,7 +68,7 @@ class Sim2RealConfig:
     probe: bool = True  # measure step overhead and message path on the live cluster first (off: the fields below)
     step_overhead_ms: float = 0.0  # simulator, without probe: added to every step's duration
     path_latency_ms: float = 0.0  # simulator, without probe: added to every token's arrival at the client
-    step_noise: bool = True  # simulator: replay the step-time noise of the calibration file (ratio_quantiles)
+    noise: str = "live"  # simulator step noise: live (the live steps serving the next LIMIT requests first), file, off
     seed: int = 0  # prompt seed
 
     def __post_init__(self) -> None:
@@ -76,6 +78,8 @@ class Sim2RealConfig:
             raise ValueError("policy must be colocate, disagg or dynaserve")
         if self.limit < 2 or not 0 < self.utilization < 1 or self.rate < 0:
             raise ValueError("need limit >= 2, 0 < utilization < 1 and rate >= 0")
+        if self.noise not in ("live", "file", "off"):
+            raise ValueError("noise must be live, file or off")
 
     @property
     def context(self) -> int:
@@ -131,11 +135,16 @@ class LiveExtras:
     path_latency_per_prompt_token_ms: float = 0.0  # the same for longer prompts, per extra prompt token
     gaps: int = 0  # decode gaps measured
     ttfts: int = 0  # first tokens measured
+    step_noise: tuple[float, ...] = ()  # measured / modelled steps while serving the noise window (noise=live)
+    noise_steps: int = 0  # steps those quantiles come from
 
 
-def step_noise(cfg: Sim2RealConfig) -> tuple[float, ...]:
-    """The calibration file's measured/modelled step-time quantiles (empty without a file or when off)."""
-    if not cfg.step_noise or not cfg.step_model_file:
+def step_noise(cfg: Sim2RealConfig, extras: LiveExtras | None = None) -> tuple[float, ...]:
+    """The step-time noise the simulator replays: the live cluster's (``extras.step_noise``), the calibration
+    file's measured/modelled quantiles, or none."""
+    if cfg.noise == "live":
+        return extras.step_noise if extras is not None else ()
+    if cfg.noise == "off" or not cfg.step_model_file:
         return ()
     from dynaserve.calibration import StepModelFile
 
@@ -157,7 +166,7 @@ def sim_config(cfg: Sim2RealConfig, extras: LiveExtras | None = None) -> FittedS
         fixed_model=model, fixed_kv_bytes=kv_bytes, fixed_kv_tokens=cfg.kv_capacity_tokens,
         step_overhead_ms=ex.step_overhead_ms, step_overhead_per_seq_ms=ex.step_overhead_per_seq_ms,
         path_latency_ms=ex.path_latency_ms, path_latency_per_prompt_token_ms=ex.path_latency_per_prompt_token_ms,
-        step_noise=step_noise(cfg) if extras is not None else (),
+        step_noise=step_noise(cfg, extras) if extras is not None else (),
     )
 
 
@@ -188,25 +197,56 @@ def choose_rate(cfg: Sim2RealConfig, base: Sequence[TraceRequest]) -> float:
     return round((lo * hi) ** 0.5, 3)
 
 
+def _window(cfg: Sim2RealConfig, first: int) -> list[TraceRequest]:
+    """Requests ``first`` .. ``first + limit - 1`` of the trace, re-based to start at 0, lengths scaled, clipped
+    and fitted to the context."""
+    base = load_trace(cfg.trace, limit=first + cfg.limit)[first:]
+    if len(base) < 2:
+        raise ValueError(f"trace {cfg.trace!r} has fewer than {first + 2} requests")
+    t0 = base[0].arrival_s
+    base = [replace(r, arrival_s=r.arrival_s - t0) for r in base]
+    base = scale(base, token_scale=cfg.token_scale, max_input=cfg.max_input, max_output=cfg.max_output)
+    return fit_to_context(base, cfg.context)
+
+
 def build_trace(cfg: Sim2RealConfig) -> list[TraceRequest]:
     """The trace window, lengths scaled, clipped and fitted to the context, at ``cfg.rate`` (or the chosen one)."""
-    base = load_trace(cfg.trace, limit=cfg.limit)
-    base = scale(base, token_scale=cfg.token_scale, max_input=cfg.max_input, max_output=cfg.max_output)
-    base = fit_to_context(base, cfg.context)
+    base = _window(cfg, 0)
     rate = cfg.rate or choose_rate(cfg, base)
     return scale(base, rate=rate)
+
+
+def noise_trace(cfg: Sim2RealConfig, rate: float) -> list[TraceRequest]:
+    """The window the live cluster serves first to measure its step-time noise (noise=live): the next
+    ``limit`` requests of the trace, at the compared replay's rate, so none of the compared requests is in it."""
+    return scale(_window(cfg, cfg.limit), rate=rate)
 
 
 # ------------------------------------------------------------------ the live side
 
 
-def cluster_config(cfg: Sim2RealConfig) -> ClusterConfig:
+def cluster_config(cfg: Sim2RealConfig, step_log_dir: str = "") -> ClusterConfig:
     return ClusterConfig(
         workers=2, policy=cfg.policy, engine=cfg.engine, transport="ipc", http_port=0, model=cfg.model,
         gpu=cfg.gpu, step_model=cfg.step_model_file, kv_capacity_tokens=cfg.kv_capacity_tokens,
         ttft_slo_ms=cfg.ttft_slo_ms, tbt_slo_ms=cfg.tbt_slo_ms, side_channel_base_port=5800,
-        ready_timeout_s=240.0,
+        ready_timeout_s=240.0, step_log_dir=step_log_dir,
     )
+
+
+class StepLogs:
+    """The live workers' step logs (one file per instance in ``folder``)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def steps(self, start: float, end: float, instance: str | None = None) -> list[Sample]:
+        """Steps that ended in [start, end] (monotonic s) on ``instance`` (None: on every instance)."""
+        files = [self.folder / f"{instance}.steps"] if instance else sorted(self.folder.glob("*.steps"))
+        return [s for f in files if f.exists() for _, s in read_step_log(f, start, end)]
+
+    def measured_ms(self, start: float, end: float, instance: str | None = None) -> list[float]:
+        return [s[4] for s in self.steps(start, end, instance)]
 
 
 PROBE_FIRST_TOKENS = 20  # 1-token prompts, one at a time, and as many PROBE_LONG_PROMPT-token ones
@@ -215,12 +255,13 @@ PROBE_DECODE = (16, 129)  # prompt and output tokens of each decoding request (1
 PROBE_BATCH = 16  # decoding requests of the second overhead probe (started together; the policy places them)
 
 
-async def probe_live(addr: str, model: StepLatencyModel) -> LiveExtras:
-    """Measure on the idle cluster what it adds to the step model. Per-step overhead: the median gap of one
-    lone decoding request, and of one of ``PROBE_BATCH`` requests started together (those the policy put on
-    its instance decode with it), each minus the modelled step of its batch; a line through the two gives
-    the fixed and the per-sequence part. Message path: the median TTFT of 1-token prompts, one at a time,
-    minus their modelled step and the overhead, and how much more it is for ``PROBE_LONG_PROMPT``-token
+async def probe_live(addr: str, logs: StepLogs) -> LiveExtras:
+    """Measure on the idle cluster what it adds to its engines' steps, with the steps' own durations from the
+    workers' step logs. Per-step overhead: the median token gap of one lone decoding request, and of one of
+    ``PROBE_BATCH`` requests started together (those the policy put on its instance decode with it), each
+    minus the median measured step of its instance over its decode; a line through the two gives the fixed
+    and the per-sequence part. Message path: the median TTFT of 1-token prompts, one at a time, minus the
+    measured steps that computed them and the overhead, and how much more it is for ``PROBE_LONG_PROMPT``-token
     prompts (per extra prompt token)."""
     import asyncio
     from statistics import median
@@ -229,56 +270,85 @@ async def probe_live(addr: str, model: StepLatencyModel) -> LiveExtras:
 
     p, o = PROBE_DECODE
 
-    async def decode_extra(c: DynaServeClient, n: int) -> tuple[int, list[float]]:
-        """Start ``n`` requests together; (sequences on the first one's instance, its gaps minus the model)."""
+    def measured(start: float, end: float, instance: str | None) -> list[float]:
+        ms = logs.measured_ms(start, end, instance)
+        if not ms:
+            raise RuntimeError(f"no step of {instance} logged between {start:.3f} and {end:.3f} s")
+        return ms
+
+    async def decode_extra(c: DynaServeClient, n: int) -> tuple[int, float, int]:
+        """Start ``n`` requests together; (sequences on the first one's instance, its median gap minus the
+        median step there, gaps)."""
         streams = [c.generate(list(range(1 + i, p + 1 + i)), max_tokens=o, ignore_eos=True) for i in range(n)]
         await asyncio.gather(*(s.collect() for s in streams))
         where = [s.admitted.instance_a if s.admitted else None for s in streams]
         k = where.count(where[0])  # the policy may spread them over the instances
         ts = streams[0].token_ts
-        return k, [(b - a) * 1000.0 - model.step_ms(0, k, k * (p + j))
-                   for j, (a, b) in enumerate(zip(ts, ts[1:], strict=False), 1)]
+        gaps = [(b - a) * 1000.0 for a, b in zip(ts, ts[1:], strict=False)]
+        return k, median(gaps) - median(measured(ts[0], ts[-1], where[0])), len(gaps)
 
     async with DynaServeClient(addr) as c:
-        _, one = await decode_extra(c, 1)
-        k, batch = await decode_extra(c, PROBE_BATCH)
-        per_seq = max(0.0, (median(batch) - median(one)) / (k - 1)) if k > 1 else 0.0
-        fixed = max(0.0, median(one) - per_seq)
+        _, one, n_one = await decode_extra(c, 1)
+        k, batch, n_batch = await decode_extra(c, PROBE_BATCH)
+        per_seq = max(0.0, (batch - one) / (k - 1)) if k > 1 else 0.0
+        fixed = max(0.0, one - per_seq)
 
         async def ttft_extra(n: int) -> list[float]:
-            """TTFTs of ``n``-token prompts, one at a time, minus the modelled prefill and the overhead."""
+            """TTFTs of ``n``-token prompts, one at a time, minus their measured steps and the overhead."""
             out = []
             for i in range(PROBE_FIRST_TOKENS):
                 s = c.generate([100 + (i + j) % 400 for j in range(n)], max_tokens=1, ignore_eos=True)
                 await s.collect()
-                model_ms = model.step_ms(n, 0, 0, StepLatencyModel.chunk_attn(n, 0)) + fixed + per_seq
-                out.append((s.token_ts[0] - s.submit_ts) * 1000.0 - model_ms)
+                where = s.admitted.instance_a if s.admitted else None
+                steps_ms = sum(measured(s.submit_ts, s.token_ts[0], where))
+                out.append((s.token_ts[0] - s.submit_ts) * 1000.0 - steps_ms - fixed - per_seq)
             return out
 
         short, long = await ttft_extra(1), await ttft_extra(PROBE_LONG_PROMPT)
         path = max(0.0, median(short))
         per_tok = max(0.0, (median(long) - path) / (PROBE_LONG_PROMPT - 1))
-    return LiveExtras(round(fixed, 3), round(per_seq, 4), round(path, 3), round(per_tok, 5), len(one) + len(batch),
+    return LiveExtras(round(fixed, 3), round(per_seq, 4), round(path, 3), round(per_tok, 5), n_one + n_batch,
                       len(short) + len(long))
 
 
-def run_live(cfg: Sim2RealConfig, reqs: Sequence[TraceRequest],
-             progress: bool = True) -> tuple[list[RequestRecord], LiveExtras]:
-    """Start a two-worker cluster, probe it (``cfg.probe``), replay ``reqs`` through the client SDK, stop it."""
-    cluster = LocalCluster(cluster_config(cfg))
-    cluster.start()
-    try:
-        async def go() -> tuple[list[RequestRecord], LiveExtras]:
-            await cluster.wait_ready()
-            extras = (await probe_live(cluster.client_addr, step_model(cfg)[0]) if cfg.probe
-                      else LiveExtras(cfg.step_overhead_ms, 0.0, cfg.path_latency_ms, 0.0))
-            recs = await replay(cluster.client_addr, reqs, ttft_slo_ms=cfg.ttft_slo_ms, tbt_slo_ms=cfg.tbt_slo_ms,
-                                seed=cfg.seed, timeout_s=300.0, progress=progress)
-            return recs, extras
+def run_live(cfg: Sim2RealConfig, reqs: Sequence[TraceRequest], progress: bool = True,
+             log_dir: Path | None = None) -> tuple[list[RequestRecord], LiveExtras, dict[str, Any]]:
+    """Start a two-worker cluster with step logs, serve the noise window first (``cfg.noise == "live"``),
+    probe it (``cfg.probe``), replay ``reqs`` through the client SDK, stop it. Returns the records, what the
+    cluster adds to the step model, and its measured / modelled step times during the compared replay (the
+    latter reported, not given to the simulator)."""
+    import tempfile
 
-        return run_event_loop(go())
-    finally:
-        cluster.stop()
+    model = step_model(cfg)[0]
+    with tempfile.TemporaryDirectory(prefix="sim2real-steps-") as tmp:
+        folder = log_dir or Path(tmp)
+        logs = StepLogs(folder)
+        cluster = LocalCluster(cluster_config(cfg, str(folder)))
+        cluster.start()
+        try:
+            async def go() -> tuple[list[RequestRecord], LiveExtras, dict[str, Any]]:
+                await cluster.wait_ready()
+                common = {"ttft_slo_ms": cfg.ttft_slo_ms, "tbt_slo_ms": cfg.tbt_slo_ms, "timeout_s": 300.0,
+                          "progress": progress}
+                noise: tuple[float, ...] = ()
+                noise_steps = 0
+                if cfg.noise == "live":
+                    t0 = time.monotonic()
+                    await replay(cluster.client_addr, noise_trace(cfg, mean_rate(reqs)), seed=cfg.seed + 1, **common)
+                    served = logs.steps(t0, time.monotonic())
+                    noise, noise_steps = ratio_quantiles(model, served), len(served)
+                extras = (await probe_live(cluster.client_addr, logs) if cfg.probe
+                          else LiveExtras(cfg.step_overhead_ms, 0.0, cfg.path_latency_ms, 0.0))
+                extras = replace(extras, step_noise=noise, noise_steps=noise_steps)
+                t0 = time.monotonic()
+                recs = await replay(cluster.client_addr, reqs, seed=cfg.seed, **common)
+                steps = logs.steps(t0, time.monotonic())
+                during = {"steps": len(steps), "ratio_quantiles": list(ratio_quantiles(model, steps)) if steps else []}
+                return recs, extras, during
+
+            return run_event_loop(go())
+        finally:
+            cluster.stop()
 
 
 # ------------------------------------------------------------------ comparison
@@ -311,7 +381,8 @@ def run(cfg: Sim2RealConfig, out: Path | None, progress: bool = True, records_di
     print(f"{len(reqs)} requests at {rate:.2f} req/s; engine {cfg.engine}, policy {cfg.policy}", file=sys.stderr)
     load_before = os.getloadavg()
     t0 = time.monotonic()
-    live_records, extras = run_live(cfg, reqs, progress)
+    live_records, extras, during = run_live(cfg, reqs, progress,
+                                            records_dir / "steps" if records_dir is not None else None)
     live_wall = time.monotonic() - t0
     load_after = os.getloadavg()
     sim_records, sim_stats = run_sim(cfg, reqs, extras)
@@ -328,7 +399,8 @@ def run(cfg: Sim2RealConfig, out: Path | None, progress: bool = True, records_di
         "mean_input": sum(r.input_tokens for r in reqs) / len(reqs),
         "mean_output": sum(r.output_tokens for r in reqs) / len(reqs),
         "loadavg_before": load_before, "loadavg_after": load_after, "live_wall_s": live_wall,
-        "live_extras": asdict(extras), "step_noise": list(step_noise(cfg)),
+        "live_extras": asdict(extras), "step_noise": list(step_noise(cfg, extras)),
+        "steps_during_replay": during,
         "sim_stats": sim_stats, "live": live.to_dict(), "sim": sim.to_dict(), "compare": compare(live, sim),
     }
     if out is not None:

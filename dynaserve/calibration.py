@@ -15,6 +15,11 @@ File format (JSON object, version 1)::
 ``ratio_quantiles`` (optional): measured / predicted step time of the held-out steps at the quantiles
 0, 0.05, ..., 1, the step-time noise the simulator can replay (``SimConfig.step_noise``).
 
+Step logs: a worker started with ``--step-log FILE`` appends one line per engine step that ran the model
+(``t_monotonic_s measured_ms prefill_tokens decode_seqs decode_ctx_tokens prefill_attn``, after a ``#``
+header), so a model can be fitted to, or checked against, the steps of a serving engine under its real
+traffic (``python -m workers.calibrate --from-log FILE``; :func:`read_step_log`).
+
 Pure (numpy for the fit); no engine is imported here.
 """
 
@@ -26,7 +31,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from dynaserve.costmodel import StepLatencyModel
 
@@ -34,6 +39,10 @@ FORMAT_VERSION = 1
 
 Sample = tuple[int, int, int, float, float]
 """One measured step: (prefill_tokens, decode_seqs, decode_ctx_tokens, prefill_attn, measured_ms)."""
+
+
+STEP_LOG_HEADER = ("# dynaserve step log v1: t_monotonic_s measured_ms prefill_tokens decode_seqs "
+                   "decode_ctx_tokens prefill_attn\n")
 
 
 class StepModelFileError(ValueError):
@@ -144,6 +153,53 @@ def choose_step_model(step_model_file: str, model: str, gpu: str = "a100", tp: i
     return preset_step_model(model, gpu, tp)
 
 
+# ------------------------------------------------------------------ step logs
+
+
+def open_step_log(path: str | Path) -> TextIO:
+    """Open a step log for appending (line-buffered, so a killed worker loses at most one line); a new or
+    empty file gets the header."""
+    fh = open(path, "a", buffering=1)  # noqa: SIM115 - the worker keeps it open for its lifetime
+    if fh.tell() == 0:
+        fh.write(STEP_LOG_HEADER)
+    return fh
+
+
+def format_step(t: float, ms: float, prefill_tokens: int, decode_seqs: int, decode_ctx_tokens: int,
+                prefill_attn: float) -> str:
+    """One step-log line."""
+    return f"{t:.6f} {ms:.4f} {prefill_tokens} {decode_seqs} {decode_ctx_tokens} {prefill_attn:.1f}\n"
+
+
+def read_step_log(path: str | Path, start: float = -math.inf, end: float = math.inf) -> list[tuple[float, Sample]]:
+    """The steps of a step log that ended in [start, end] (monotonic seconds), as (end time, sample). A
+    malformed line raises :class:`StepModelFileError` naming it; a torn last line (a killed writer) is skipped."""
+    out: list[tuple[float, Sample]] = []
+    lines = Path(path).read_text().split("\n")
+    for no, line in enumerate(lines, 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        parts = line.split()
+        try:
+            if len(parts) != 6:
+                raise ValueError(f"{len(parts)} fields, expected 6")
+            t, ms, p, n, ctx, attn = float(parts[0]), float(parts[1]), int(parts[2]), int(parts[3]), \
+                int(parts[4]), float(parts[5])
+        except ValueError as exc:
+            if no == len(lines):
+                break
+            raise StepModelFileError(f"{path}:{no}: not a step-log line ({exc})") from None
+        if start <= t <= end:
+            out.append((t, (p, n, ctx, attn, ms)))
+    return out
+
+
+def ratio_quantiles(model: StepLatencyModel, samples: Sequence[Sample], points: int = 21) -> tuple[float, ...]:
+    """Measured / predicted step time of ``samples`` at ``points`` evenly spaced quantiles (0 .. 1)."""
+    ratios = [ms / model.step_ms(p, n, ctx, attn) for p, n, ctx, attn, ms in samples if ms > 0]
+    return tuple(round(quantile(ratios, i / (points - 1)), 4) for i in range(points))
+
+
 # ------------------------------------------------------------------ fitting
 
 
@@ -194,7 +250,6 @@ def fit_with_holdout(
     train = [samples[i] for i in idx[k:]]
     trained = fit(train)
     errs = relative_errors(trained, test)
-    ratios = [ms / trained.step_ms(p, n, ctx, attn) for p, n, ctx, attn, ms in test if ms > 0]
     err = FitError(median=quantile(errs, 0.5), p90=quantile(errs, 0.9), holdout=len(errs),
-                   ratio_quantiles=tuple(round(quantile(ratios, i / 20), 4) for i in range(21)))
+                   ratio_quantiles=ratio_quantiles(trained, test))
     return fit(samples), err

@@ -56,6 +56,7 @@ class ClusterConfig:
     http_port: int = 8000  # OpenAI-compatible HTTP front end on 127.0.0.1:PORT; 0 = no front end
     metrics_base_port: int = 0  # Prometheus: broker on this port, worker i on port + 1 + i; 0 = off
     curve_dir: str = ""  # CURVE key directory of every process and client (missing keys are generated); empty = off
+    step_log_dir: str = ""  # every worker appends its engine steps to DIR/<instance>.steps (workers.calibrate --engine log)
 
     def __post_init__(self) -> None:
         if self.engine not in ("auto", "sim", "vllm"):
@@ -164,8 +165,21 @@ class LocalCluster:
         self._spawn(instance_id, [
             "-m", "workers", "--broker-addr", self.worker_addr, "--instance-id", instance_id,
             "--tbt-slo-ms", str(cfg.tbt_slo_ms), *self._engine_args(self.instance_ids.index(instance_id)),
-            *self.metrics_flag(1 + self.instance_ids.index(instance_id)), *self.step_model_flags(), *self.curve_flags(), *self.worker_args,
+            *self.metrics_flag(1 + self.instance_ids.index(instance_id)), *self.step_model_flags(), *self.curve_flags(),
+            *self.step_log_flags(instance_id), *self.worker_args,
         ])
+
+    def step_log_path(self, instance_id: str) -> Path | None:
+        """The step log of ``instance_id`` (None when step logs are off)."""
+        d = self.config.step_log_dir
+        return Path(d).resolve() / f"{instance_id}.steps" if d else None
+
+    def step_log_flags(self, instance_id: str) -> list[str]:
+        path = self.step_log_path(instance_id)
+        if path is None:
+            return []
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return ["--step-log", str(path)]
 
     def metrics_flag(self, offset: int) -> list[str]:
         """``--metrics-port`` for the process at ``offset`` from metrics_base_port (none when off)."""

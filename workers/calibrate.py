@@ -2,11 +2,14 @@
 
     python -m workers.calibrate --out results/calibration/tiny-cpu.json            # vLLM, tiny model
     python -m workers.calibrate --engine tables --model llama3-8b --gpu a100 --out llama3-8b-a100.json
+    python -m workers.calibrate --engine log --from-log run/w0.steps run/w1.steps --out served.json
 
 ``--engine vllm`` runs the worker's vLLM engine in this process through a grid of batch compositions
 (:mod:`workers.engines.vllm_calibrate`), fits :class:`~dynaserve.costmodel.StepLatencyModel` on relative error
 and reports its error on held-out steps. ``--engine tables`` writes the cost-table model of a preset (nothing
-is measured), so a simulated-engine cluster can be given a file like any other. Load the file with
+is measured), so a simulated-engine cluster can be given a file like any other. ``--engine log`` fits the
+steps that serving workers recorded (``--step-log``, e.g. ``scripts/cluster.py --step-log-dir DIR``): the
+model of the engine under its real traffic, with what shares its cores. Load the file with
 ``--step-model FILE`` on the worker and the broker, or ``ClusterConfig.step_model``.
 """
 
@@ -20,7 +23,7 @@ from collections.abc import Sequence
 
 from tqdm import tqdm
 
-from dynaserve.calibration import StepModelFile, fit_with_holdout
+from dynaserve.calibration import StepModelFile, fit_with_holdout, read_step_log
 from dynaserve.env import apply_loopback_kv_env
 from workers.engines.vllm_config import VllmEngineConfig
 
@@ -68,6 +71,19 @@ def calibrate_vllm(ns: argparse.Namespace) -> StepModelFile:
     )
 
 
+def from_logs(ns: argparse.Namespace) -> StepModelFile:
+    from dynaserve.costmodel import preset_step_model
+
+    if not ns.from_log:
+        raise ValueError("--engine log needs --from-log FILE [FILE ...]")
+    samples = [s for path in ns.from_log for _, s in read_step_log(path)]
+    model, err = fit_with_holdout(samples, ns.holdout, ns.seed)
+    _, kv_bytes = preset_step_model(ns.model, ns.gpu, ns.tp)
+    return StepModelFile(model=model, kv_bytes_per_token=kv_bytes, model_name=os.path.basename(os.path.normpath(ns.model)),
+                         device=cpu_name(), engine="log", samples=len(samples), fit_error=err,
+                         note=f"fitted to the step logs {', '.join(ns.from_log)}; holdout {ns.holdout}")
+
+
 def from_tables(ns: argparse.Namespace) -> StepModelFile:
     from dynaserve.costmodel import preset_step_model
 
@@ -78,8 +94,10 @@ def from_tables(ns: argparse.Namespace) -> StepModelFile:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="dynaserve-calibrate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--engine", choices=("vllm", "tables"), default="vllm",
-                   help="vllm: measure the vLLM engine; tables: write a preset's cost-table model (default vllm)")
+    p.add_argument("--engine", choices=("vllm", "tables", "log"), default="vllm",
+                   help="vllm: measure the vLLM engine; tables: write a preset's cost-table model; log: fit the "
+                        "step logs of serving workers (--from-log) (default vllm)")
+    p.add_argument("--from-log", nargs="*", default=[], help="log: worker step logs (--step-log) to fit")
     p.add_argument("--model", default=VllmEngineConfig.model,
                    help="vllm: HF model directory; tables: preset or HF directory (default the tiny model)")
     p.add_argument("--out", required=True, help="JSON file to write")
@@ -103,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("--repeats must be >= 1")
     apply_loopback_kv_env()
     try:
-        out = calibrate_vllm(ns) if ns.engine == "vllm" else from_tables(ns)
+        out = {"vllm": calibrate_vllm, "tables": from_tables, "log": from_logs}[ns.engine](ns)
     except ValueError as exc:
         p.error(str(exc))
     out.save(ns.out)

@@ -66,6 +66,8 @@ class StepOutput:
     step_ms: float = 0.0
     prefill_tokens: int = 0
     decode_seqs: int = 0
+    decode_ctx_tokens: int = 0  # context of the step's decodes (with the two above: the step's composition)
+    prefill_attn: float = 0.0  # attention work of its prefill chunks (StepLatencyModel.chunk_attn)
     token_budget: int = 0
     kv_transfers: list[tuple[int, float]] = field(default_factory=list)  # KV pulls done: (bytes, seconds)
 

@@ -18,6 +18,7 @@ import zmq
 
 from dynaserve import protocol as P
 from dynaserve import security
+from dynaserve.calibration import format_step, open_step_log
 from dynaserve.sockets import Channel, make_socket
 from workers.engine import Engine, EngineError, StepOutput
 from workers.local_scheduler import PREFILL_ORDERS
@@ -45,6 +46,7 @@ class WorkerConfig:
     idle_poll_ms: float = 1.0  # poll period for transfers and confirmations while idle
     metrics_port: int = 0  # Prometheus metrics on http://127.0.0.1:PORT/metrics; 0 = off
     curve_dir: str = ""  # CURVE key directory: uses workers/<instance_id>.key_secret and broker.key; empty = off
+    step_log: str = ""  # append every engine step (time, measured ms, batch composition) to this file; empty = off
 
     def __post_init__(self) -> None:
         if not self.instance_id or len(self.instance_id) > 64:
@@ -69,6 +71,7 @@ class Worker:
         self._registering = False  # a RegisterWorker is out and not yet acknowledged
         self.steps = 0
         self.metrics = WorkerMetrics(config.instance_id)
+        self._step_log = open_step_log(config.step_log) if config.step_log else None
 
     def stop(self) -> None:
         self._stop.set()
@@ -108,6 +111,8 @@ class Worker:
         finally:
             self.engine.close()
             self.metrics.close()
+            if self._step_log is not None:
+                self._step_log.close()
             self.chan.close(100)
             self.ctx.term()
 
@@ -162,6 +167,10 @@ class Worker:
         self._wake.set()
 
     def _ship(self, out: StepOutput) -> None:
+        if self._step_log is not None and out.step_ms > 0:  # logged before its tokens leave: a reader that saw
+            # a token finds the step that made it
+            self._step_log.write(format_step(time.monotonic(), out.step_ms, out.prefill_tokens, out.decode_seqs,
+                                             out.decode_ctx_tokens, out.prefill_attn))
         if out.entries:
             assert self.chan is not None
             self.chan.send([P.encode_token_entries(P.TokenBatch.TYPE, out.entries)])

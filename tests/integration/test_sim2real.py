@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from bench.sim2real import (
     LiveExtras,
     Sim2RealConfig,
     build_trace,
+    noise_trace,
     run,
     sim_config,
     table,
@@ -33,17 +35,29 @@ def test_sim_config_mirrors_the_live_cluster() -> None:
     assert sim_config(Sim2RealConfig()).step_model == preset_step_model("llama3-8b", "a100")[0]
 
 
-def test_sim_config_takes_the_measured_extras_and_the_files_noise(tmp_path: Path) -> None:
+def test_sim_config_takes_the_measured_extras_and_the_chosen_noise(tmp_path: Path) -> None:
     path = tmp_path / "m.json"
     StepModelFile(StepLatencyModel(a=2.0, b=0.02), 2048, fit_error=FitError(0.1, 0.2, 10, (0.8, 1.0, 1.6))).save(path)
-    cfg = Sim2RealConfig(engine="vllm", step_model=str(path))
-    scfg = sim_config(cfg, LiveExtras(1.25, 0.0625, 4.5))
+    extras = LiveExtras(1.25, 0.0625, 4.5, step_noise=(0.9, 1.1, 1.7))
+    cfg = Sim2RealConfig(engine="vllm", step_model=str(path))  # noise=live: what the live cluster measured
+    scfg = sim_config(cfg, extras)
     assert (scfg.step_overhead_ms, scfg.step_overhead_per_seq_ms, scfg.path_latency_ms, scfg.step_noise) == (
-        1.25, 0.0625, 4.5, (0.8, 1.0, 1.6))
-    assert sim_config(Sim2RealConfig(engine="vllm", step_model=str(path), step_noise=False),
-                      LiveExtras()).step_noise == ()
+        1.25, 0.0625, 4.5, (0.9, 1.1, 1.7))
+    assert sim_config(replace(cfg, noise="file"), extras).step_noise == (0.8, 1.0, 1.6)
+    assert sim_config(replace(cfg, noise="off"), extras).step_noise == ()
     plain = sim_config(cfg)  # the twin without the live extras (used to choose the rate)
     assert (plain.step_overhead_ms, plain.path_latency_ms, plain.step_noise) == (0.0, 0.0, ())
+    with pytest.raises(ValueError, match="noise"):
+        Sim2RealConfig(noise="calibrated")
+
+
+def test_noise_window_is_disjoint_from_the_compared_requests() -> None:
+    cfg = Sim2RealConfig(engine="vllm", limit=30, rate=5.0)
+    main, noise = build_trace(cfg), noise_trace(cfg, 5.0)
+    assert len(noise) == 30 and noise[0].arrival_s == 0.0 and noise[-1].arrival_s == pytest.approx(29 / 5.0)
+    full = build_trace(replace(cfg, limit=60))
+    assert [(r.input_tokens, r.output_tokens) for r in noise] == [(r.input_tokens, r.output_tokens) for r in full[30:]]
+    assert [(r.input_tokens, r.output_tokens) for r in main] == [(r.input_tokens, r.output_tokens) for r in full[:30]]
 
 
 def test_trace_fits_the_context_and_keeps_the_rate() -> None:
@@ -67,3 +81,8 @@ def test_tiny_trace_end_to_end(tmp_path: Path) -> None:
     assert "| completed | 8/8 | 8/8 |" in table(result)
     ex = result["live_extras"]  # measured on the live cluster before the replay
     assert ex["gaps"] == 2 * (PROBE_DECODE[1] - 1) and ex["ttfts"] == 2 * PROBE_FIRST_TOKENS
+    # the step-time noise comes from the steps the workers logged while serving the next 8 requests first
+    assert ex["noise_steps"] > 8 and len(ex["step_noise"]) == 21 and result["step_noise"] == list(ex["step_noise"])
+    assert list(ex["step_noise"]) == sorted(ex["step_noise"]) and ex["step_noise"][0] > 0
+    during = result["steps_during_replay"]
+    assert during["steps"] > 8 and len(during["ratio_quantiles"]) == 21

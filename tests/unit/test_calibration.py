@@ -16,8 +16,11 @@ from dynaserve.calibration import (
     choose_step_model,
     fit,
     fit_with_holdout,
+    format_step,
     load_step_model,
     quantile,
+    ratio_quantiles,
+    read_step_log,
 )
 from dynaserve.cluster import ClusterConfig, LocalCluster
 from dynaserve.costmodel import StepLatencyModel, preset_step_model
@@ -143,3 +146,80 @@ def test_worker_and_broker_refuse_a_bad_file(tmp_path: Path) -> None:
         with pytest.raises(SystemExit) as exc:
             main(["--step-model", str(bad)])
         assert exc.value.code == 2
+
+
+def write_log(path: Path, samples: list[tuple[int, int, int, float, float]], t0: float = 100.0) -> None:
+    from dynaserve.calibration import open_step_log
+
+    with open_step_log(path) as fh:
+        for i, (p, n, ctx, attn, ms) in enumerate(samples):
+            fh.write(format_step(t0 + i, ms, p, n, ctx, attn))
+
+
+def test_step_log_round_trip_window_and_torn_last_line(tmp_path: Path) -> None:
+    path = tmp_path / "w0.steps"
+    steps = synthetic(10, 0.0)
+    write_log(path, steps)
+    got = read_step_log(path)
+    assert [t for t, _ in got] == [100.0 + i for i in range(10)]
+    for (_, (p, n, ctx, attn, ms)), (p0, n0, ctx0, attn0, ms0) in zip(got, steps, strict=True):
+        assert (p, n, ctx) == (p0, n0, ctx0) and attn == pytest.approx(attn0, abs=0.05)
+        assert ms == pytest.approx(ms0, abs=1e-4)
+    assert [t for t, _ in read_step_log(path, 102.0, 104.5)] == [102.0, 103.0, 104.0]
+    write_log(path, steps[:2], t0=200.0)  # appending to an existing log writes no second header
+    assert path.read_text().count("#") == 1 and len(read_step_log(path)) == 12
+    with open(path, "a") as fh:
+        fh.write("300.0 4.2 16")  # a writer killed mid-line
+    assert len(read_step_log(path)) == 12
+    with open(path, "a") as fh:
+        fh.write("\n1.0 x 0 1 2 0.0\n")
+    with pytest.raises(StepModelFileError, match=r"w0.steps:\d+: not a step-log line"):
+        read_step_log(path)
+
+
+def test_ratio_quantiles() -> None:
+    model = StepLatencyModel(a=2.0, b=0.01, c=0.0, d=0.0, e=0.0)  # prefill-free steps: 2 ms
+    q = ratio_quantiles(model, [(0, 1, 10, 0.0, ms) for ms in (1.0, 2.0, 3.0, 4.0, 5.0)], points=5)
+    assert q == (0.5, 1.0, 1.5, 2.0, 2.5)
+
+
+def test_calibrate_fits_served_steps_from_logs(tmp_path: Path) -> None:
+    from workers.calibrate import main
+
+    steps = synthetic(400, 0.04)
+    write_log(tmp_path / "w0.steps", steps[:200])
+    write_log(tmp_path / "w1.steps", steps[200:])
+    out = tmp_path / "served.json"
+    assert main(["--engine", "log", "--model", "llama3-8b", "--from-log", str(tmp_path / "w0.steps"),
+                 str(tmp_path / "w1.steps"), "--out", str(out)]) == 0
+    f = StepModelFile.load(out)
+    assert f.engine == "log" and f.samples == 400 and f.fit_error.median < 0.04
+    assert f.model.a == pytest.approx(TRUE.a, rel=0.1) and f.model.b == pytest.approx(TRUE.b, rel=0.1)
+    with pytest.raises(SystemExit):
+        main(["--engine", "log", "--out", str(out)])  # no logs given
+
+
+def test_serving_workers_log_every_step(tmp_path: Path) -> None:
+    """Two simulated workers serving requests log steps whose compositions add up to exactly the work
+    the requests needed: every prompt token prefilled once, every later token decoded once."""
+    import asyncio
+
+    from dynaserve.client import DynaServeClient
+    from tests.conftest import make_prompt, start_cluster
+
+    cluster = start_cluster("colocate", step_log_dir=str(tmp_path / "logs"), engine_time_scale=0.05)
+    lens = [(40, 5), (300, 9), (1200, 3), (7, 20)]
+    try:
+        async def go() -> None:
+            async with DynaServeClient(cluster.client_addr) as c:
+                streams = [c.generate(make_prompt(p, i), max_tokens=o, ignore_eos=True)
+                           for i, (p, o) in enumerate(lens)]
+                await asyncio.gather(*(s.collect() for s in streams))
+
+        asyncio.run(go())
+    finally:
+        cluster.stop()
+    steps = [s for iid in cluster.instance_ids for _, s in read_step_log(tmp_path / "logs" / f"{iid}.steps")]
+    assert sum(p for p, *_ in steps) == sum(p for p, _ in lens)
+    assert sum(n for _, n, *_ in steps) == sum(o - 1 for _, o in lens)
+    assert all(ms > 0 for *_, ms in steps)

@@ -324,6 +324,8 @@ class SimEngine:
         out.step_ms = self.last_step_ms
         out.prefill_tokens = plan.prefill_tokens
         out.decode_seqs = len(plan.decodes)
+        out.decode_ctx_tokens = plan.decode_ctx_tokens
+        out.prefill_attn = plan.prefill_attn
         out.token_budget = plan.token_budget
         return out
 

@@ -407,6 +407,8 @@ class VllmEngine:
             out.step_ms = ms
             out.prefill_tokens = plan.prefill_tokens
             out.decode_seqs = len(plan.decodes)
+            out.decode_ctx_tokens = plan.decode_ctx_tokens
+            out.prefill_attn = plan.prefill_attn
             out.token_budget = plan.token_budget
         for rid in [r for r, (iid, _) in self._held_blocks.items() if iid not in self.sched.requests]:
             del self._held_blocks[rid]  # the reader confirmed or the lease ran out: vLLM freed the blocks
