@@ -127,6 +127,13 @@ def group_pids(pgid: int) -> list[int]:
     return pids
 
 
+def bind_process(pid: int, cpus: set[int]) -> None:
+    """Restrict every thread of process ``pid`` to ``cpus`` (threads it starts later inherit it)."""
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):  # a thread that just ended
+            os.sched_setaffinity(int(task), cpus)
+
+
 def cpu_s(pid: int) -> float:
     """utime + stime of one process (all its threads), seconds; 0 if it is gone."""
     try:
@@ -799,9 +806,15 @@ async def phase_overhead(args: argparse.Namespace, bar: Any, mem: dict) -> dict:
     bares: dict[str, tuple[Any, Any]] = {}
     # the DynaServe worker and the bare engines compute on the same cores (--engine-cores; default all)
     cores = args.engine_cores or f"0-{(os.cpu_count() or 1) - 1}"
+    from workers.engines.vllm_config import parse_cpu_list
+
+    # the other cores (if any) run everything that is not an engine: the DynaServe worker's event loop, the
+    # broker and this process (the client), so no engine shares its cores with them
+    others = os.sched_getaffinity(0) - parse_cpu_list(cores)
+    others_list = ",".join(map(str, sorted(others)))
     cluster = make_cluster(False, engine="vllm", workers=1, policy="colocate",
                            side_channel_base_port=SIDE_PORT_TINY, ready_timeout_s=300.0,
-                           worker_args=["--vllm-cpu-bind", cores])
+                           worker_args=["--vllm-cpu-bind", cores, *(["--vllm-loop-bind", others_list] if others else [])])
     res: dict[str, Any] = {name: {} for name, _ in SYSTEMS}
     res["rounds"] = []
     res["log_dir"] = log_dir = tempfile.mkdtemp(prefix="bench-vllm-bare-")
@@ -817,6 +830,10 @@ async def phase_overhead(args: argparse.Namespace, bar: Any, mem: dict) -> dict:
             bares[name] = (proc, conn)
         cluster.start()
         await cluster.wait_ready(300.0)
+        if others:
+            bind_process(cluster.procs["broker"].pid, others)
+            bind_process(os.getpid(), others)
+            res["others"] = others_list
         for name, (_, conn) in bares.items():
             if not await asyncio.to_thread(conn.poll, 300):
                 raise RuntimeError(f"{name} did not start")
@@ -1035,6 +1052,9 @@ async def amain(args: argparse.Namespace) -> None:
             out.append(overhead_table(res2, args.concurrency))
             kv["tiny"] = f"256 MiB = {res2.get('ds_kv_tokens')} tokens"
             kv["bare"] = f"256 MiB = {res2.get('bare_kv_tokens')} tokens"
+            if res2.get("others"):
+                out.append(f"\nCores {res2['others']}: the DynaServe worker's event loop, the broker and the client "
+                           "(this process); the engines have theirs to themselves.")
         if "memory" in phases:
             res3 = await phase_sim_memory(bar, mem)
             kv["sim"] = f"{res3.get('kv_capacity_tokens')} tokens (pool of 512 B/token = 64 MiB)"

@@ -11,6 +11,7 @@ import pytest
 from broker.server import BrokerConfig
 from dynaserve import config as C
 from workers.engines.sim import SimEngineConfig
+from workers.engines.vllm_config import VllmEngineConfig
 from workers.server import WorkerConfig
 
 
@@ -147,6 +148,10 @@ def test_validation_errors_surface_as_value_errors() -> None:
         C.build(WorkerConfig, {"instance_id": ""})
     with pytest.raises(ValueError, match="time_scale"):
         C.build(SimEngineConfig, {"time_scale": 0})
+    for name in ("cpu_bind", "loop_bind"):
+        with pytest.raises(ValueError, match="CPU"):
+            C.build(VllmEngineConfig, {name: "3-1"})
+    assert C.build(VllmEngineConfig, {"cpu_bind": "0", "loop_bind": "1-3"}).loop_bind == "1-3"
 
 
 def test_load_toml_errors_name_the_file(tmp_path: Path) -> None:

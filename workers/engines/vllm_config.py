@@ -36,6 +36,7 @@ class VllmEngineConfig:
     enforce_eager: bool = True  # skip torch.compile (start-up in seconds; compile helps GPUs)
     side_channel_port: int = 5600  # NIXL handshake port of this instance (distinct per instance on a host)
     cpu_bind: str = ""  # CPU cores for this instance's compute threads, e.g. "0" or "2-3", one thread per core (CPU builds; empty = all cores of the process)
+    loop_bind: str = ""  # CPU cores for the worker's event loop and socket threads, e.g. "1", to keep them off the engine's cores (CPU builds; empty = not bound)
     kv_lease_s: float = 30.0  # handed-off blocks are freed after this long without the reader's confirmation
     kv_pull_timeout_s: float = 5.0  # a B still waiting for A's KV after this long recomputes it locally
     seed: int = 0  # sampling seed of the engine
@@ -48,7 +49,8 @@ class VllmEngineConfig:
             raise ValueError("max_model_len must be >= 2 and kv_cache_bytes > 0")
         if self.fault_injection not in ("", "scramble_prefix", "dead_handoff_port"):
             raise ValueError("fault_injection must be empty, scramble_prefix or dead_handoff_port")
-        if self.cpu_bind:
-            parse_cpu_list(self.cpu_bind)  # raises ValueError on a malformed list
+        for spec in (self.cpu_bind, self.loop_bind):
+            if spec:
+                parse_cpu_list(spec)  # raises ValueError on a malformed list
         if not 1 <= self.side_channel_port <= 65535:
             raise ValueError("side_channel_port must be a TCP port")

@@ -121,6 +121,17 @@ def _bind_engine_thread(cfg: VllmEngineConfig) -> None:
     torch._C.set_num_threads(len(cpus))
 
 
+def _bind_loop_thread(cfg: VllmEngineConfig) -> None:
+    """On the thread that runs the worker's event loop: restrict it to ``cfg.loop_bind`` (if set), so the
+    loop, and the socket threads started from it later, do not take the engine's cores."""
+    if not cfg.loop_bind or cfg.device != "cpu":
+        return
+    cpus = parse_cpu_list(cfg.loop_bind) & os.sched_getaffinity(0)
+    if not cpus:
+        raise ValueError(f"loop_bind {cfg.loop_bind!r} names no CPU this process may use")
+    os.sched_setaffinity(0, cpus)
+
+
 def scramble_token(token: int, vocab: int) -> int:
     """A different, deterministic token id (fault injection and the handoff control test)."""
     return (token * 7 + 13) % (vocab - 3) + 3
@@ -147,6 +158,7 @@ class VllmEngine:
         except BaseException:
             self._exec.shutdown(wait=False)
             raise
+        _bind_loop_thread(cfg)  # after the engine thread exists: it must not inherit this binding
 
     def run_on_engine_thread(self, fn: Callable[..., _T], *args: Any) -> _T:
         """Run ``fn(*args)`` on the engine thread and return its result (blocking). Code that drives
