@@ -34,7 +34,7 @@ from bench.traces import TraceRequest, load_trace, mean_rate, scale
 from broker.cluster_state import Pricing
 from broker.scheduler import make_policy
 from dynaserve.aio import run_event_loop
-from dynaserve.calibration import Sample, choose_step_model, lag1_normal_scores, quantile, read_step_log
+from dynaserve.calibration import Sample, choose_step_model, ratio_quantiles, read_step_log
 from dynaserve.cluster import ClusterConfig, LocalCluster
 from dynaserve.costmodel import StepLatencyModel
 from dynaserve.metrics import RequestRecord, Summary, summarize
@@ -137,7 +137,6 @@ class LiveExtras:
     ttfts: int = 0  # first tokens measured
     step_noise: tuple[float, ...] = ()  # measured / modelled steps while serving the noise window (noise=live)
     noise_steps: int = 0  # steps those quantiles come from
-    step_noise_corr: float = 0.0  # lag-1 autocorrelation of an instance's successive steps (normal scores)
 
 
 def step_noise(cfg: Sim2RealConfig, extras: LiveExtras | None = None) -> tuple[float, ...]:
@@ -168,7 +167,6 @@ def sim_config(cfg: Sim2RealConfig, extras: LiveExtras | None = None) -> FittedS
         step_overhead_ms=ex.step_overhead_ms, step_overhead_per_seq_ms=ex.step_overhead_per_seq_ms,
         path_latency_ms=ex.path_latency_ms, path_latency_per_prompt_token_ms=ex.path_latency_per_prompt_token_ms,
         step_noise=step_noise(cfg, extras) if extras is not None else (),
-        step_noise_corr=ex.step_noise_corr if cfg.noise == "live" else 0.0,
     )
 
 
@@ -249,19 +247,6 @@ class StepLogs:
 
     def measured_ms(self, start: float, end: float, instance: str | None = None) -> list[float]:
         return [s[4] for s in self.steps(start, end, instance)]
-
-    def noise(self, model: StepLatencyModel, start: float, end: float,
-              instances: Sequence[str]) -> tuple[tuple[float, ...], float, int]:
-        """Measured / modelled steps in [start, end]: quantiles over every instance, the lag-1
-        autocorrelation of each instance's successive steps (normal scores; mean weighted by steps) and
-        the number of steps."""
-        per = [[s[4] / model.step_ms(*s[:4]) for s in self.steps(start, end, i)] for i in instances]
-        allr = [r for rs in per for r in rs]
-        if not allr:
-            return (), 0.0, 0
-        corr = sum(lag1_normal_scores(rs) * len(rs) for rs in per) / len(allr)
-        qs = tuple(round(quantile(allr, k / 20), 4) for k in range(21))
-        return qs, round(corr, 3), len(allr)
 
 
 PROBE_FIRST_TOKENS = 20  # 1-token prompts, one at a time, and as many PROBE_LONG_PROMPT-token ones
@@ -345,20 +330,20 @@ def run_live(cfg: Sim2RealConfig, reqs: Sequence[TraceRequest], progress: bool =
                 await cluster.wait_ready()
                 common = {"ttft_slo_ms": cfg.ttft_slo_ms, "tbt_slo_ms": cfg.tbt_slo_ms, "timeout_s": 300.0,
                           "progress": progress}
-                ids = cluster.instance_ids
                 noise: tuple[float, ...] = ()
-                corr, noise_steps = 0.0, 0
+                noise_steps = 0
                 if cfg.noise == "live":
                     t0 = time.monotonic()
                     await replay(cluster.client_addr, noise_trace(cfg, mean_rate(reqs)), seed=cfg.seed + 1, **common)
-                    noise, corr, noise_steps = logs.noise(model, t0, time.monotonic(), ids)
+                    served = logs.steps(t0, time.monotonic())
+                    noise, noise_steps = ratio_quantiles(model, served), len(served)
                 extras = (await probe_live(cluster.client_addr, logs) if cfg.probe
                           else LiveExtras(cfg.step_overhead_ms, 0.0, cfg.path_latency_ms, 0.0))
-                extras = replace(extras, step_noise=noise, noise_steps=noise_steps, step_noise_corr=corr)
+                extras = replace(extras, step_noise=noise, noise_steps=noise_steps)
                 t0 = time.monotonic()
                 recs = await replay(cluster.client_addr, reqs, seed=cfg.seed, **common)
-                qs, rho, n = logs.noise(model, t0, time.monotonic(), ids)
-                during = {"steps": n, "ratio_quantiles": list(qs), "lag1_corr": rho}
+                steps = logs.steps(t0, time.monotonic())
+                during = {"steps": len(steps), "ratio_quantiles": list(ratio_quantiles(model, steps)) if steps else []}
                 return recs, extras, during
 
             return run_event_loop(go())

@@ -200,26 +200,6 @@ def ratio_quantiles(model: StepLatencyModel, samples: Sequence[Sample], points: 
     return tuple(round(quantile(ratios, i / (points - 1)), 4) for i in range(points))
 
 
-def lag1_normal_scores(series: Sequence[float]) -> float:
-    """Lag-1 autocorrelation of ``series`` after mapping each value to its normal score (rank ->
-    ``NormalDist().inv_cdf``), the correlation a Gaussian AR(1) copula needs to reproduce how values follow
-    each other whatever their distribution (``SimConfig.step_noise_corr``). 0 for fewer than 3 values;
-    clipped to [0, 0.99]."""
-    from statistics import NormalDist
-
-    n = len(series)
-    if n < 3:
-        return 0.0
-    order = sorted(range(n), key=series.__getitem__)
-    inv = NormalDist().inv_cdf
-    z = [0.0] * n
-    for rank, i in enumerate(order):
-        z[i] = inv((rank + 0.5) / n)
-    den = sum(v * v for v in z)
-    num = sum(a * b for a, b in zip(z, z[1:], strict=False))
-    return min(0.99, max(0.0, num / den * n / (n - 1)))
-
-
 # ------------------------------------------------------------------ fitting
 
 

@@ -48,8 +48,6 @@ class SimConfig:
     step_overhead_per_seq_ms: float = 0.0  # and per sequence in the step (decodes and prefill chunks)
     step_noise: tuple[float, ...] = ()  # measured / modelled step time at evenly spaced quantiles (0 .. 1), as
     # a calibration file's fit_error.ratio_quantiles; every step's modelled time is multiplied by a draw
-    step_noise_corr: float = 0.0  # lag-1 autocorrelation of an instance's successive draws (normal scores,
-    # a Gaussian AR(1) copula: slow steps come in runs, as on a shared host); 0 = independent draws
     noise_seed: int = 0
     path_latency_ms: float = 0.0  # client -> broker -> worker plus worker -> broker -> client, added to
     # every token's arrival at the client
@@ -71,8 +69,6 @@ class SimConfig:
         sn = self.step_noise
         if sn and (len(sn) < 2 or sn[0] <= 0 or any(b < a for a, b in zip(sn, sn[1:], strict=False))):
             raise ValueError("step_noise must be >= 2 positive, non-decreasing quantiles")
-        if not 0.0 <= self.step_noise_corr < 1.0:
-            raise ValueError("step_noise_corr must be in [0, 1)")
         if self.kv_alloc not in KV_ALLOCS:
             raise ValueError(f"kv_alloc must be one of {KV_ALLOCS}, got {self.kv_alloc!r}")
         if self.ground_truth not in GROUND_TRUTHS:

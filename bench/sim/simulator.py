@@ -18,7 +18,6 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from statistics import NormalDist
 from typing import Any, Protocol
 
 from bench.sim.config import SimConfig
@@ -97,29 +96,18 @@ def detailed_truth(cfg: SimConfig) -> StepTime:
 
 def live_truth(truth: StepTime, cfg: SimConfig, seed: int) -> StepTime:
     """``truth`` with what a live engine adds: each step's time times a draw from ``cfg.step_noise`` (linear
-    between its quantiles; successive draws correlated by ``cfg.step_noise_corr``), plus
-    ``cfg.step_overhead_ms`` and ``cfg.step_overhead_per_seq_ms`` per sequence in the step. ``truth`` itself
-    without any of them."""
+    between its quantiles), plus ``cfg.step_overhead_ms`` and ``cfg.step_overhead_per_seq_ms`` per sequence in
+    the step. ``truth`` itself without any of them."""
     noise, extra, per_seq = cfg.step_noise, cfg.step_overhead_ms, cfg.step_overhead_per_seq_ms
     if not noise and not extra and not per_seq:
         return truth
     rng = random.Random(seed)
     top = len(noise) - 1
-    rho = cfg.step_noise_corr
-    keep, fresh = rho, math.sqrt(1.0 - rho * rho)
-    cdf = NormalDist().cdf
-    z = rng.gauss(0.0, 1.0) if rho else 0.0
 
     def step(chunks: list[tuple[int, int]], n: int, dctx: int, attn: float) -> float:
-        nonlocal z
         ms = truth(chunks, n, dctx, attn)
         if top > 0:
-            if rho:
-                z = keep * z + fresh * rng.gauss(0.0, 1.0)  # AR(1) normal score, stationary N(0, 1)
-                u = cdf(z)
-            else:
-                u = rng.random()
-            pos = min(u * top, top - 1e-9)
+            pos = rng.random() * top
             i = int(pos)
             ms *= noise[i] + (noise[i + 1] - noise[i]) * (pos - i)
         return ms + extra + per_seq * (n + len(chunks))

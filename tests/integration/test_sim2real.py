@@ -38,14 +38,12 @@ def test_sim_config_mirrors_the_live_cluster() -> None:
 def test_sim_config_takes_the_measured_extras_and_the_chosen_noise(tmp_path: Path) -> None:
     path = tmp_path / "m.json"
     StepModelFile(StepLatencyModel(a=2.0, b=0.02), 2048, fit_error=FitError(0.1, 0.2, 10, (0.8, 1.0, 1.6))).save(path)
-    extras = LiveExtras(1.25, 0.0625, 4.5, step_noise=(0.9, 1.1, 1.7), step_noise_corr=0.6)
+    extras = LiveExtras(1.25, 0.0625, 4.5, step_noise=(0.9, 1.1, 1.7))
     cfg = Sim2RealConfig(engine="vllm", step_model=str(path))  # noise=live: what the live cluster measured
     scfg = sim_config(cfg, extras)
     assert (scfg.step_overhead_ms, scfg.step_overhead_per_seq_ms, scfg.path_latency_ms, scfg.step_noise) == (
         1.25, 0.0625, 4.5, (0.9, 1.1, 1.7))
-    assert scfg.step_noise_corr == 0.6
     assert sim_config(replace(cfg, noise="file"), extras).step_noise == (0.8, 1.0, 1.6)
-    assert sim_config(replace(cfg, noise="file"), extras).step_noise_corr == 0.0
     assert sim_config(replace(cfg, noise="off"), extras).step_noise == ()
     plain = sim_config(cfg)  # the twin without the live extras (used to choose the rate)
     assert (plain.step_overhead_ms, plain.path_latency_ms, plain.step_noise) == (0.0, 0.0, ())
@@ -88,4 +86,3 @@ def test_tiny_trace_end_to_end(tmp_path: Path) -> None:
     assert list(ex["step_noise"]) == sorted(ex["step_noise"]) and ex["step_noise"][0] > 0
     during = result["steps_during_replay"]
     assert during["steps"] > 8 and len(during["ratio_quantiles"]) == 21
-    assert 0.0 <= ex["step_noise_corr"] < 1.0 and 0.0 <= during["lag1_corr"] < 1.0

@@ -183,20 +183,6 @@ def test_ratio_quantiles() -> None:
     assert q == (0.5, 1.0, 1.5, 2.0, 2.5)
 
 
-def test_lag1_normal_scores() -> None:
-    from dynaserve.calibration import lag1_normal_scores
-
-    rng = random.Random(5)
-    iid = [rng.lognormvariate(0, 0.5) for _ in range(5000)]
-    assert lag1_normal_scores(iid) == pytest.approx(0.0, abs=0.04)
-    z, ar = 0.0, []
-    for _ in range(5000):
-        z = 0.8 * z + 0.6 * rng.gauss(0, 1)
-        ar.append(2.0 ** z)  # any monotone transform keeps the normal scores
-    assert lag1_normal_scores(ar) == pytest.approx(0.8, abs=0.04)
-    assert lag1_normal_scores(list(range(100))) > 0.9 and lag1_normal_scores([1.0, 2.0]) == 0.0
-
-
 def test_calibrate_fits_served_steps_from_logs(tmp_path: Path) -> None:
     from workers.calibrate import main
 

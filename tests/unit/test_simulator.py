@@ -185,24 +185,6 @@ def test_live_truth_adds_overhead_and_replays_noise_quantiles() -> None:
         SimConfig(step_noise=(1.2, 0.9))
 
 
-def test_correlated_step_noise_keeps_the_quantiles_and_follows_on() -> None:
-    from bench.sim.simulator import linear_truth, live_truth
-    from dynaserve.calibration import lag1_normal_scores
-
-    base = linear_truth(SimConfig())
-    plain = base([(100, 0)], 4, 400, 0.0)
-    noise = (0.8, 0.9, 1.0, 1.3, 2.0)
-    for rho in (0.0, 0.7):
-        step = live_truth(base, SimConfig(step_noise=noise, step_noise_corr=rho), 3)
-        draws = [step([(100, 0)], 4, 400, 0.0) / plain for _ in range(20000)]
-        s = sorted(draws)
-        for k, q in enumerate(noise[1:-1], 1):  # the marginal is the measured distribution either way
-            assert s[k * 5000] == pytest.approx(q, abs=0.03)
-        assert lag1_normal_scores(draws) == pytest.approx(rho, abs=0.03)
-    with pytest.raises(ValueError, match="step_noise_corr"):
-        SimConfig(step_noise_corr=1.0)
-
-
 def test_path_latency_delays_every_token_at_the_client() -> None:
     reqs = trace(50, rate=5.0)
     _, base = run(SimConfig(instances=2), build_policy("colocate", SimConfig().pricing()), reqs)
