@@ -70,6 +70,7 @@ class Sim2RealConfig:
     path_latency_ms: float = 0.0  # simulator, without probe: added to every token's arrival at the client
     noise: str = "live"  # simulator step noise: live (the live steps serving the next LIMIT requests first), file, off
     seed: int = 0  # prompt seed
+    runs: int = 1  # live runs (each with its own cluster, noise window and probe); >1 compares medians over runs
 
     def __post_init__(self) -> None:
         if self.engine not in ("sim", "vllm"):
@@ -78,6 +79,8 @@ class Sim2RealConfig:
             raise ValueError("policy must be colocate, disagg or dynaserve")
         if self.limit < 2 or not 0 < self.utilization < 1 or self.rate < 0:
             raise ValueError("need limit >= 2, 0 < utilization < 1 and rate >= 0")
+        if self.runs < 1:
+            raise ValueError("runs must be >= 1")
         if self.noise not in ("live", "file", "off"):
             raise ValueError("noise must be live, file or off")
 
@@ -364,21 +367,35 @@ def compare(live: Summary, sim: Summary) -> dict[str, dict[str, float | None]]:
 
 
 def table(result: dict[str, Any]) -> str:
-    rows = ["| metric | live | sim | sim/live |", "|---|---|---|---|"]
+    runs = result.get("runs", [])
+    head = "| metric | live | sim | sim/live |" + (" per run |" if runs else "")
+    rows = [head, "|---|---|---|---|" + ("---|" if runs else "")]
     for m, v in result["compare"].items():
         ratio = f"{v['ratio']:.2f}" if v["ratio"] is not None else "-"
-        rows.append(f"| {m.removesuffix('_ms').replace('_', ' ')} (ms) | {v['live']:.1f} | {v['sim']:.1f} | {ratio} |")
+        per = (" " + ", ".join(f"{r['compare'][m]['ratio']:.2f}" for r in runs) + " |") if runs else ""
+        rows.append(f"| {m.removesuffix('_ms').replace('_', ' ')} (ms) | {v['live']:.1f} | {v['sim']:.1f} | {ratio} |{per}")
     lv, sm = result["live"], result["sim"]
-    rows.append(f"| completed | {lv['completed']}/{lv['n']} | {sm['completed']}/{sm['n']} | |")
+    rows.append(f"| completed | {lv['completed']}/{lv['n']} | {sm['completed']}/{sm['n']} | |" + (" |" if runs else ""))
+    if runs:
+        rows.append(f"\nlive and sim: medians over {len(runs)} runs; completed: the last run")
     return "\n".join(rows)
 
 
-def run(cfg: Sim2RealConfig, out: Path | None, progress: bool = True, records_dir: Path | None = None) -> dict[str, Any]:
-    """Build the trace, run both sides, summarize; write JSON and plots into ``out`` when given, and the raw
-    per-token records of both sides into ``records_dir`` when given."""
-    reqs = build_trace(cfg)
-    rate = mean_rate(reqs)
-    print(f"{len(reqs)} requests at {rate:.2f} req/s; engine {cfg.engine}, policy {cfg.policy}", file=sys.stderr)
+def compare_runs(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """Per metric: the median over runs of the live and of the simulated value, and their ratio."""
+    from statistics import median
+
+    out: dict[str, dict[str, float | None]] = {}
+    for m in METRICS:
+        a = median(r["compare"][m]["live"] for r in runs)
+        b = median(r["compare"][m]["sim"] for r in runs)
+        out[m] = {"live": a, "sim": b, "ratio": b / a if a else None}
+    return out
+
+
+def run_once(cfg: Sim2RealConfig, reqs: Sequence[TraceRequest], progress: bool = True,
+             records_dir: Path | None = None) -> tuple[dict[str, Any], list[RequestRecord], list[RequestRecord]]:
+    """One live run and its simulated twin: (summary, live records, simulated records)."""
     load_before = os.getloadavg()
     t0 = time.monotonic()
     live_records, extras, during = run_live(cfg, reqs, progress,
@@ -391,6 +408,25 @@ def run(cfg: Sim2RealConfig, out: Path | None, progress: bool = True, records_di
         records_dir.mkdir(parents=True, exist_ok=True)
         write_records(records_dir / f"{cfg.engine}_{cfg.policy}_live.jsonl", live_records)
         write_records(records_dir / f"{cfg.engine}_{cfg.policy}_sim.jsonl", sim_records)
+    one = {"loadavg_before": load_before, "loadavg_after": load_after, "live_wall_s": live_wall,
+           "live_extras": asdict(extras), "step_noise": list(step_noise(cfg, extras)), "steps_during_replay": during,
+           "sim_stats": sim_stats, "live": live.to_dict(), "sim": sim.to_dict(), "compare": compare(live, sim)}
+    return one, live_records, sim_records
+
+
+def run(cfg: Sim2RealConfig, out: Path | None, progress: bool = True, records_dir: Path | None = None) -> dict[str, Any]:
+    """Build the trace, run both sides (``cfg.runs`` times), summarize; write JSON and plots (of the last run)
+    into ``out`` when given, and the raw per-token records of both sides into ``records_dir`` when given.
+    With several runs, ``compare`` holds the medians over the runs and ``runs`` each run's summary."""
+    reqs = build_trace(cfg)
+    rate = mean_rate(reqs)
+    print(f"{len(reqs)} requests at {rate:.2f} req/s; engine {cfg.engine}, policy {cfg.policy}", file=sys.stderr)
+    runs: list[dict[str, Any]] = []
+    for k in range(cfg.runs):
+        if cfg.runs > 1:
+            print(f"run {k + 1}/{cfg.runs}", file=sys.stderr)
+        one, live_records, sim_records = run_once(cfg, reqs, progress, records_dir)
+        runs.append(one)
     model, kv_bytes = step_model(cfg)
     result: dict[str, Any] = {
         "config": asdict(replace(cfg, rate=round(rate, 3))),
@@ -398,20 +434,20 @@ def run(cfg: Sim2RealConfig, out: Path | None, progress: bool = True, records_di
         "requests": len(reqs), "rate_rps": rate,
         "mean_input": sum(r.input_tokens for r in reqs) / len(reqs),
         "mean_output": sum(r.output_tokens for r in reqs) / len(reqs),
-        "loadavg_before": load_before, "loadavg_after": load_after, "live_wall_s": live_wall,
-        "live_extras": asdict(extras), "step_noise": list(step_noise(cfg, extras)),
-        "steps_during_replay": during,
-        "sim_stats": sim_stats, "live": live.to_dict(), "sim": sim.to_dict(), "compare": compare(live, sim),
+        **runs[-1],
     }
+    if cfg.runs > 1:
+        result["runs"] = runs
+        result["compare"] = compare_runs(runs)
     if out is not None:
         import json
 
         out.mkdir(parents=True, exist_ok=True)
         stem = f"{cfg.engine}_{cfg.policy}"
         (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-        runs = {"live": live_records, "sim": sim_records}
-        plot_ttft_cdf(runs, out / f"{stem}_ttft_cdf.png")
-        plot_tbt_cdf(runs, out / f"{stem}_tbt_cdf.png")
+        both = {"live": live_records, "sim": sim_records}
+        plot_ttft_cdf(both, out / f"{stem}_ttft_cdf.png")
+        plot_tbt_cdf(both, out / f"{stem}_tbt_cdf.png")
     return result
 
 

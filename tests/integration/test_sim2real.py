@@ -14,6 +14,7 @@ from bench.sim2real import (
     LiveExtras,
     Sim2RealConfig,
     build_trace,
+    compare_runs,
     noise_trace,
     run,
     sim_config,
@@ -86,3 +87,18 @@ def test_tiny_trace_end_to_end(tmp_path: Path) -> None:
     assert list(ex["step_noise"]) == sorted(ex["step_noise"]) and ex["step_noise"][0] > 0
     during = result["steps_during_replay"]
     assert during["steps"] > 8 and len(during["ratio_quantiles"]) == 21
+
+
+def test_several_runs_compare_the_medians_of_each_side() -> None:
+    def one(live: float, sim: float) -> dict:
+        return {"compare": {m: {"live": live, "sim": sim, "ratio": sim / live} for m in METRICS}}
+
+    runs = [one(10.0, 7.0), one(14.0, 13.0), one(20.0, 9.0)]
+    agg = compare_runs(runs)
+    for m in METRICS:
+        assert agg[m] == {"live": 14.0, "sim": 9.0, "ratio": pytest.approx(9.0 / 14.0)}
+    result = {"compare": agg, "runs": runs, "live": {"completed": 8, "n": 8}, "sim": {"completed": 8, "n": 8}}
+    text = table(result)
+    assert "| ttft p50 (ms) | 14.0 | 9.0 | 0.64 | 0.70, 0.93, 0.45 |" in text and "medians over 3 runs" in text
+    with pytest.raises(ValueError, match="runs"):
+        Sim2RealConfig(runs=0)
