@@ -18,7 +18,6 @@ in ``--out``. Without ``--rate`` the arrival rate is chosen in the simulator so 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import time
@@ -42,7 +41,6 @@ from dynaserve.metrics import RequestRecord, Summary, summarize
 
 DEFAULT_VLLM_STEP_MODEL = "docs/sim2real/tiny-llama-cpu.json"
 METRICS = ("ttft_p50_ms", "ttft_p99_ms", "tbt_p50_ms", "tbt_p99_ms")
-NOISES = ("live", "served", "file", "off")
 
 
 @dataclass(frozen=True)
@@ -70,7 +68,7 @@ class Sim2RealConfig:
     probe: bool = True  # measure step overhead and message path on the live cluster first (off: the fields below)
     step_overhead_ms: float = 0.0  # simulator, without probe: added to every step's duration
     path_latency_ms: float = 0.0  # simulator, without probe: added to every token's arrival at the client
-    noise: str = "live"  # simulator step noise: live (the live steps serving the next LIMIT requests first), served (engine model fitted to those steps, plus their residual), file, off
+    noise: str = "live"  # simulator step noise: live (the live steps serving the next LIMIT requests first), file, off
     seed: int = 0  # prompt seed
     runs: int = 1  # live runs (each with its own cluster, noise window and probe); >1 compares medians over runs
 
@@ -83,8 +81,8 @@ class Sim2RealConfig:
             raise ValueError("need limit >= 2, 0 < utilization < 1 and rate >= 0")
         if self.runs < 1:
             raise ValueError("runs must be >= 1")
-        if self.noise not in NOISES:
-            raise ValueError(f"noise must be one of {NOISES}")
+        if self.noise not in ("live", "file", "off"):
+            raise ValueError("noise must be live, file or off")
 
     @property
     def context(self) -> int:
@@ -116,15 +114,10 @@ class FittedSimConfig(SimConfig):
     fixed_model: StepLatencyModel = StepLatencyModel()
     fixed_kv_bytes: int = 2048
     fixed_kv_tokens: int = 131072
-    fixed_truth: StepLatencyModel | None = None  # the engines' step model when it differs from the schedulers'
 
     @property  # type: ignore[override]
     def step_model(self) -> StepLatencyModel:
         return self.fixed_model
-
-    @property
-    def truth_model(self) -> StepLatencyModel:
-        return self.fixed_truth or self.fixed_model
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -147,17 +140,13 @@ class LiveExtras:
     ttfts: int = 0  # first tokens measured
     step_noise: tuple[float, ...] = ()  # measured / modelled steps while serving the noise window (noise=live)
     noise_steps: int = 0  # steps those quantiles come from
-    served_model: tuple[float, ...] = ()  # a..e of a step model fitted to those steps (noise=served)
-    served_noise: tuple[float, ...] = ()  # the steps' measured / served-model quantiles
 
 
 def step_noise(cfg: Sim2RealConfig, extras: LiveExtras | None = None) -> tuple[float, ...]:
     """The step-time noise the simulator replays: the live cluster's (``extras.step_noise``), the calibration
     file's measured/modelled quantiles, or none."""
-    if cfg.noise in ("live", "served"):
-        if extras is None:
-            return ()
-        return extras.served_noise if cfg.noise == "served" else extras.step_noise
+    if cfg.noise == "live":
+        return extras.step_noise if extras is not None else ()
     if cfg.noise == "off" or not cfg.step_model_file:
         return ()
     from dynaserve.calibration import StepModelFile
@@ -181,7 +170,6 @@ def sim_config(cfg: Sim2RealConfig, extras: LiveExtras | None = None) -> FittedS
         step_overhead_ms=ex.step_overhead_ms, step_overhead_per_seq_ms=ex.step_overhead_per_seq_ms,
         path_latency_ms=ex.path_latency_ms, path_latency_per_prompt_token_ms=ex.path_latency_per_prompt_token_ms,
         step_noise=step_noise(cfg, extras) if extras is not None else (),
-        fixed_truth=StepLatencyModel(*ex.served_model) if cfg.noise == "served" and ex.served_model else None,
     )
 
 
@@ -326,22 +314,6 @@ async def probe_live(addr: str, logs: StepLogs) -> LiveExtras:
                       len(short) + len(long))
 
 
-def served_noise(model: StepLatencyModel, steps: Sequence[Sample]) -> dict[str, Any]:
-    """What the steps of a serving engine say against ``model``: their measured / modelled quantiles, a model
-    fitted to them (``dynaserve.calibration.fit``, as ``workers.calibrate --engine log``) and their quantiles
-    against that fit (``LiveExtras`` fields)."""
-    from dynaserve.calibration import fit
-
-    if not steps:
-        return {}
-    out: dict[str, Any] = {"step_noise": ratio_quantiles(model, steps), "noise_steps": len(steps)}
-    with contextlib.suppress(ValueError):  # too few steps to fit
-        served = fit(steps)
-        out["served_model"] = tuple(float(f"{v:.6g}") for v in (served.a, served.b, served.c, served.d, served.e))
-        out["served_noise"] = ratio_quantiles(served, steps)
-    return out
-
-
 def run_live(cfg: Sim2RealConfig, reqs: Sequence[TraceRequest], progress: bool = True,
              log_dir: Path | None = None) -> tuple[list[RequestRecord], LiveExtras, dict[str, Any]]:
     """Start a two-worker cluster with step logs, serve the noise window first (``cfg.noise == "live"``),
@@ -361,14 +333,16 @@ def run_live(cfg: Sim2RealConfig, reqs: Sequence[TraceRequest], progress: bool =
                 await cluster.wait_ready()
                 common = {"ttft_slo_ms": cfg.ttft_slo_ms, "tbt_slo_ms": cfg.tbt_slo_ms, "timeout_s": 300.0,
                           "progress": progress}
-                measured: dict[str, Any] = {}
-                if cfg.noise in ("live", "served"):
+                noise: tuple[float, ...] = ()
+                noise_steps = 0
+                if cfg.noise == "live":
                     t0 = time.monotonic()
                     await replay(cluster.client_addr, noise_trace(cfg, mean_rate(reqs)), seed=cfg.seed + 1, **common)
-                    measured = served_noise(model, logs.steps(t0, time.monotonic()))
+                    served = logs.steps(t0, time.monotonic())
+                    noise, noise_steps = ratio_quantiles(model, served), len(served)
                 extras = (await probe_live(cluster.client_addr, logs) if cfg.probe
                           else LiveExtras(cfg.step_overhead_ms, 0.0, cfg.path_latency_ms, 0.0))
-                extras = replace(extras, **measured)
+                extras = replace(extras, step_noise=noise, noise_steps=noise_steps)
                 t0 = time.monotonic()
                 recs = await replay(cluster.client_addr, reqs, seed=cfg.seed, **common)
                 steps = logs.steps(t0, time.monotonic())

@@ -86,12 +86,6 @@ class SimConfig:
         return build_step_model(self.shape, self.gpu, self.tp)
 
     @property
-    def truth_model(self) -> StepLatencyModel:
-        """The linear model the engines' steps follow when ``ground_truth="linear"``: the schedulers' own
-        unless a subclass gives the engine a different one (e.g. fitted to a live engine's served steps)."""
-        return self.step_model
-
-    @property
     def kv_bytes_per_token(self) -> int:
         """KV bytes of one token on one GPU of an instance (each GPU moves its own shard)."""
         return self.shape.kv_bytes_per_token(self.tp)

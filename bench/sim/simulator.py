@@ -67,7 +67,7 @@ class SimResult:
 
 
 def linear_truth(cfg: SimConfig) -> StepTime:
-    m = cfg.truth_model
+    m = cfg.step_model
     a, b, c, d, e = m.a, m.b, m.c, m.d, m.e
 
     def step(chunks: list[tuple[int, int]], n: int, dctx: int, attn: float) -> float:

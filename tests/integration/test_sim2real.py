@@ -46,11 +46,6 @@ def test_sim_config_takes_the_measured_extras_and_the_chosen_noise(tmp_path: Pat
         1.25, 0.0625, 4.5, (0.9, 1.1, 1.7))
     assert sim_config(replace(cfg, noise="file"), extras).step_noise == (0.8, 1.0, 1.6)
     assert sim_config(replace(cfg, noise="off"), extras).step_noise == ()
-    served = replace(extras, served_model=(3.0, 0.03, 0.1, 2e-4, 3e-5), served_noise=(0.95, 1.0, 1.2))
-    scfg = sim_config(replace(cfg, noise="served"), served)
-    assert scfg.step_noise == (0.95, 1.0, 1.2) and scfg.truth_model == StepLatencyModel(3.0, 0.03, 0.1, 2e-4, 3e-5)
-    assert scfg.step_model == StepLatencyModel(a=2.0, b=0.02)  # the schedulers keep the calibration file's
-    assert sim_config(cfg, served).truth_model == scfg.step_model  # noise=live: the engines follow it too
     plain = sim_config(cfg)  # the twin without the live extras (used to choose the rate)
     assert (plain.step_overhead_ms, plain.path_latency_ms, plain.step_noise) == (0.0, 0.0, ())
     with pytest.raises(ValueError, match="noise"):
@@ -90,7 +85,6 @@ def test_tiny_trace_end_to_end(tmp_path: Path) -> None:
     # the step-time noise comes from the steps the workers logged while serving the next 8 requests first
     assert ex["noise_steps"] > 8 and len(ex["step_noise"]) == 21 and result["step_noise"] == list(ex["step_noise"])
     assert list(ex["step_noise"]) == sorted(ex["step_noise"]) and ex["step_noise"][0] > 0
-    assert len(ex["served_model"]) == 5 and ex["served_model"][1] > 0 and len(ex["served_noise"]) == 21
     during = result["steps_during_replay"]
     assert during["steps"] > 8 and len(during["ratio_quantiles"]) == 21
 
