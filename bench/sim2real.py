@@ -34,7 +34,7 @@ from bench.traces import TraceRequest, load_trace, mean_rate, scale
 from broker.cluster_state import Pricing
 from broker.scheduler import make_policy
 from dynaserve.aio import run_event_loop
-from dynaserve.calibration import Sample, choose_step_model, ratio_quantiles, read_step_log
+from dynaserve.calibration import Sample, choose_step_model, parse_step_log, ratio_quantiles
 from dynaserve.cluster import ClusterConfig, LocalCluster
 from dynaserve.costmodel import StepLatencyModel
 from dynaserve.metrics import RequestRecord, Summary, summarize
@@ -238,15 +238,28 @@ def cluster_config(cfg: Sim2RealConfig, step_log_dir: str = "") -> ClusterConfig
 
 
 class StepLogs:
-    """The live workers' step logs (one file per instance in ``folder``)."""
+    """The live workers' step logs (one file per instance in ``folder``), read incrementally: each call
+    parses only the complete lines written since the last one."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
+        self._read: dict[Path, tuple[int, list[tuple[float, Sample]]]] = {}  # file -> (bytes parsed, steps)
+
+    def _all(self, path: Path) -> list[tuple[float, Sample]]:
+        done, steps = self._read.get(path, (0, []))
+        with open(path, "rb") as fh:
+            fh.seek(done)
+            new = fh.read()
+        whole = new.rfind(b"\n") + 1  # a line still being written waits for the next call
+        if whole:
+            steps = steps + parse_step_log(new[:whole].decode(), str(path))
+            self._read[path] = (done + whole, steps)
+        return steps
 
     def steps(self, start: float, end: float, instance: str | None = None) -> list[Sample]:
         """Steps that ended in [start, end] (monotonic s) on ``instance`` (None: on every instance)."""
         files = [self.folder / f"{instance}.steps"] if instance else sorted(self.folder.glob("*.steps"))
-        return [s for f in files if f.exists() for _, s in read_step_log(f, start, end)]
+        return [s for f in files if f.exists() for t, s in self._all(f) if start <= t <= end]
 
     def measured_ms(self, start: float, end: float, instance: str | None = None) -> list[float]:
         return [s[4] for s in self.steps(start, end, instance)]

@@ -18,7 +18,7 @@ File format (JSON object, version 1)::
 Step logs: a worker started with ``--step-log FILE`` appends one line per engine step that ran the model
 (``t_monotonic_s measured_ms prefill_tokens decode_seqs decode_ctx_tokens prefill_attn``, after a ``#``
 header), so a model can be fitted to, or checked against, the steps of a serving engine under its real
-traffic (``python -m workers.calibrate --from-log FILE``; :func:`read_step_log`).
+traffic (``python -m workers.calibrate --engine log --from-log FILE``; :func:`read_step_log`).
 
 Pure (numpy for the fit); no engine is imported here.
 """
@@ -171,11 +171,12 @@ def format_step(t: float, ms: float, prefill_tokens: int, decode_seqs: int, deco
     return f"{t:.6f} {ms:.4f} {prefill_tokens} {decode_seqs} {decode_ctx_tokens} {prefill_attn:.1f}\n"
 
 
-def read_step_log(path: str | Path, start: float = -math.inf, end: float = math.inf) -> list[tuple[float, Sample]]:
-    """The steps of a step log that ended in [start, end] (monotonic seconds), as (end time, sample). A
-    malformed line raises :class:`StepModelFileError` naming it; a torn last line (a killed writer) is skipped."""
+def parse_step_log(text: str, source: str = "step log") -> list[tuple[float, Sample]]:
+    """The steps in ``text`` (step-log lines), as (end time, sample). A malformed line raises
+    :class:`StepModelFileError` naming ``source`` and the line; a torn last line (a killed writer: the text
+    does not end with a newline) is skipped."""
     out: list[tuple[float, Sample]] = []
-    lines = Path(path).read_text().split("\n")
+    lines = text.split("\n")
     for no, line in enumerate(lines, 1):
         if not line.strip() or line.startswith("#"):
             continue
@@ -188,10 +189,15 @@ def read_step_log(path: str | Path, start: float = -math.inf, end: float = math.
         except ValueError as exc:
             if no == len(lines):
                 break
-            raise StepModelFileError(f"{path}:{no}: not a step-log line ({exc})") from None
-        if start <= t <= end:
-            out.append((t, (p, n, ctx, attn, ms)))
+            raise StepModelFileError(f"{source}:{no}: not a step-log line ({exc})") from None
+        out.append((t, (p, n, ctx, attn, ms)))
     return out
+
+
+def read_step_log(path: str | Path, start: float = -math.inf, end: float = math.inf) -> list[tuple[float, Sample]]:
+    """The steps of a step log that ended in [start, end] (monotonic seconds), as (end time, sample)
+    (:func:`parse_step_log`)."""
+    return [(t, s) for t, s in parse_step_log(Path(path).read_text(), str(path)) if start <= t <= end]
 
 
 def ratio_quantiles(model: StepLatencyModel, samples: Sequence[Sample], points: int = 21) -> tuple[float, ...]:

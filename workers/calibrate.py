@@ -99,7 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "step logs of serving workers (--from-log) (default vllm)")
     p.add_argument("--from-log", nargs="*", default=[], help="log: worker step logs (--step-log) to fit")
     p.add_argument("--model", default=VllmEngineConfig.model,
-                   help="vllm: HF model directory; tables: preset or HF directory (default the tiny model)")
+                   help="vllm: HF model directory; tables and log: preset or HF directory, for the KV bytes per token "
+                        "(default the tiny model)")
     p.add_argument("--out", required=True, help="JSON file to write")
     p.add_argument("--repeats", type=int, default=2, help="vllm: passes over the composition grid (default 2)")
     p.add_argument("--holdout", type=float, default=0.25, help="share of steps held out to measure the error")

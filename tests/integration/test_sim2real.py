@@ -13,6 +13,7 @@ from bench.sim2real import (
     PROBE_FIRST_TOKENS,
     LiveExtras,
     Sim2RealConfig,
+    StepLogs,
     build_trace,
     compare_runs,
     noise_trace,
@@ -102,3 +103,19 @@ def test_several_runs_compare_the_medians_of_each_side() -> None:
     assert "| ttft p50 (ms) | 14.0 | 9.0 | 0.64 | 0.70, 0.93, 0.45 |" in text and "medians over 3 runs" in text
     with pytest.raises(ValueError, match="runs"):
         Sim2RealConfig(runs=0)
+
+
+def test_step_logs_read_what_was_written_since_and_wait_for_whole_lines(tmp_path: Path) -> None:
+    from dynaserve.calibration import format_step, open_step_log
+
+    logs = StepLogs(tmp_path)
+    with open_step_log(tmp_path / "w0.steps") as fh:
+        fh.write(format_step(1.0, 3.0, 0, 2, 40, 0.0))
+        fh.flush()
+        assert logs.steps(0.0, 9.0, "w0") == [(0, 2, 40, 0.0, 3.0)]
+        fh.write("2.0 4.5 16")  # a line still being written
+        fh.flush()
+        assert logs.measured_ms(0.0, 9.0, "w0") == [3.0]
+        fh.write(" 1 20 128.0\n" + format_step(3.0, 5.0, 0, 1, 21, 0.0))
+    assert logs.measured_ms(0.0, 9.0) == [3.0, 4.5, 5.0]
+    assert logs.measured_ms(1.5, 2.5, "w0") == [4.5] and logs.steps(0.0, 9.0, "w1") == []

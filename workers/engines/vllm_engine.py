@@ -104,6 +104,15 @@ def _prepare_env(cfg: VllmEngineConfig) -> None:
         os.environ.setdefault(key, val)
 
 
+def _bind_this_thread(spec: str, name: str) -> set[int]:
+    """Restrict the calling thread to the CPUs of ``spec`` that this process may use; returns them."""
+    cpus = parse_cpu_list(spec) & os.sched_getaffinity(0)
+    if not cpus:
+        raise ValueError(f"{name} {spec!r} names no CPU this process may use")
+    os.sched_setaffinity(0, cpus)  # 0 = the calling thread
+    return cpus
+
+
 def _bind_engine_thread(cfg: VllmEngineConfig) -> None:
     """On the engine thread, before its first OpenMP region: restrict it to ``cfg.cpu_bind`` (if set) with
     one compute thread per core. The OpenMP team this thread opens later inherits the affinity. (vLLM's own
@@ -113,10 +122,7 @@ def _bind_engine_thread(cfg: VllmEngineConfig) -> None:
         return
     import torch
 
-    cpus = parse_cpu_list(cfg.cpu_bind) & os.sched_getaffinity(0)
-    if not cpus:
-        raise ValueError(f"cpu_bind {cfg.cpu_bind!r} names no CPU this process may use")
-    os.sched_setaffinity(0, cpus)  # 0 = the calling thread
+    cpus = _bind_this_thread(cfg.cpu_bind, "cpu_bind")
     # torch.set_num_threads as torch defines it (vLLM's CPU worker replaces the public name with a no-op)
     torch._C.set_num_threads(len(cpus))
 
@@ -126,10 +132,7 @@ def _bind_loop_thread(cfg: VllmEngineConfig) -> None:
     loop, and the socket threads started from it later, do not take the engine's cores."""
     if not cfg.loop_bind or cfg.device != "cpu":
         return
-    cpus = parse_cpu_list(cfg.loop_bind) & os.sched_getaffinity(0)
-    if not cpus:
-        raise ValueError(f"loop_bind {cfg.loop_bind!r} names no CPU this process may use")
-    os.sched_setaffinity(0, cpus)
+    _bind_this_thread(cfg.loop_bind, "loop_bind")
 
 
 def scramble_token(token: int, vocab: int) -> int:
