@@ -214,6 +214,16 @@ def _install_vllm_probes(emit: Any) -> None:
 
     LLMEngine.step = step
 
+    orig_add = LLMEngine.add_request
+
+    def add_request(self: Any, request_id: str, *a: Any, **kw: Any) -> Any:
+        t0 = time.monotonic()
+        r = orig_add(self, request_id, *a, **kw)
+        emit("add", t0=t0, req=request_id)
+        return r
+
+    LLMEngine.add_request = add_request
+
     orig_read = NixlPullConnectorWorker._read_blocks
 
     def _read_blocks(self: Any, *a: Any, **kw: Any) -> Any:
@@ -517,11 +527,17 @@ def analyse_split(run: Run, trace_dir: Path, t_from: float) -> Handoff:
     t_a = a_done[0]["t"]
     dec = b_steps[0]  # B's first step: position p, token 2
     rd, dn = reads[0], done[0]
+    adds = [e for e in ev_b if e["k"] == "add" and e["req"] == rid and e["t0"] >= t_sd]
+    post_step = [e for e in ev_b if e["k"] == "step" and e["t0"] <= rd["t0"] <= e["t"]]  # the step posting the READ
     ms = 1000.0
     h.inner = {
         "relay_a_b": (t_sd - t_a) * ms,
         "handshake": sum(e["t"] - e["t0"] for e in hs) * ms,
         "to_post": (rd["t0"] - t_sd) * ms,  # B's step pick-up, add, schedule (+ handshake when cold)
+        "to_add": ((adds[0]["t0"] - t_sd) * ms) if adds else float("nan"),  # StartDecode -> engine thread adds
+        "add": ((adds[0]["t"] - adds[0]["t0"]) * ms) if adds else float("nan"),  # vLLM's add_request
+        "add_to_step": ((post_step[0]["t0"] - adds[0]["t"]) * ms) if adds and post_step else float("nan"),
+        "step_to_post": ((rd["t0"] - post_step[0]["t0"]) * ms) if post_step else float("nan"),
         "read_post": (rd["t"] - rd["t0"]) * ms,
         "read_seen": (dn["t"] - rd["t"]) * ms,
         "to_decode": (dec["t0"] - dn["t"]) * ms,
@@ -676,6 +692,10 @@ def handoff_tables(res: dict, sizes: list[int]) -> str:
     lines.append("\n#### Where the handoff time goes (inside the workers, medians, ms)\n")
     cols = [("relay_a_b", "A step end -> B StartDecode (A ships, broker relays)"),
             ("to_post", "B: pick-up, add, schedule -> READ posted"),
+            ("to_add", "of which: StartDecode -> engine thread adds the request"),
+            ("add", "of which: vLLM add_request"),
+            ("add_to_step", "of which: added -> step starts"),
+            ("step_to_post", "of which: step start -> READ posted (schedule, connector)"),
             ("handshake", "of which NIXL handshake"),
             ("read_post", "READ post (the copy runs inside it)"),
             ("read_seen", "post -> completion seen"),
@@ -772,12 +792,18 @@ def _bare_main(conn: Any, model: str, mode: str, log_path: str, cores: str = "")
             llm.add_request(rid, {"prompt_token_ids": p}, SamplingParams(
                 max_tokens=max_tokens, temperature=0.0, ignore_eos=True, output_kind=RequestOutputKind.DELTA,
                 detokenize=False, skip_clone=True))  # as VllmEngine: token ids only
+        steps: list[float] = []  # ms of the steps that decode every request and prefill nothing
         while llm.has_unfinished_requests():
+            full = all(ts.values())  # every request has its first token: the step decodes all of them
+            t0 = time.perf_counter()
             outs = step()
+            ms = (time.perf_counter() - t0) * 1000.0
             t = time.monotonic()
+            if full and len(outs) == len(prompts):
+                steps.append(ms)
             for o in outs:
                 ts[o.request_id] += [t] * len(o.outputs[0].token_ids)
-        conn.send([(submit[r], ts[r]) for r in submit])
+        conn.send(([(submit[r], ts[r]) for r in submit], steps))
 
 
 def records(runs: list[tuple[float, list[float]]], p: int, o: int, tag: str) -> list[Any]:
@@ -797,6 +823,7 @@ BARE_MODES = {"bare": "main", "bare_thr": "thread", "bare_eng": "engine_thread"}
 
 
 async def phase_overhead(args: argparse.Namespace, bar: Any, mem: dict) -> dict:
+    from dynaserve.calibration import read_step_log
     from dynaserve.client import DynaServeClient
     from dynaserve.metrics import summarize
     from dynaserve.tinymodel import DEFAULT_OUT, build
@@ -812,12 +839,14 @@ async def phase_overhead(args: argparse.Namespace, bar: Any, mem: dict) -> dict:
     # broker and this process (the client), so no engine shares its cores with them
     others = os.sched_getaffinity(0) - parse_cpu_list(cores)
     others_list = ",".join(map(str, sorted(others)))
-    cluster = make_cluster(False, engine="vllm", workers=1, policy="colocate",
-                           side_channel_base_port=SIDE_PORT_TINY, ready_timeout_s=300.0,
-                           worker_args=["--vllm-cpu-bind", cores, *(["--vllm-loop-bind", others_list] if others else [])])
     res: dict[str, Any] = {name: {} for name, _ in SYSTEMS}
     res["rounds"] = []
     res["log_dir"] = log_dir = tempfile.mkdtemp(prefix="bench-vllm-bare-")
+    cluster = make_cluster(False, engine="vllm", workers=1, policy="colocate",
+                           side_channel_base_port=SIDE_PORT_TINY, ready_timeout_s=300.0, step_log_dir=log_dir,
+                           worker_args=["--vllm-cpu-bind", cores, *(["--vllm-loop-bind", others_list] if others else [])])
+    step_log = Path(log_dir) / "w0.steps"  # the DynaServe worker's step log (ClusterConfig.step_log_dir)
+    step_ms: dict[str, list[float]] = {}  # the last run's decode-only step times, per system
     plen, olen = 128, 128
     try:
         bar.set_postfix_str(f"starting {len(BARE_MODES)} bare vLLM engines + 1-worker cluster (tiny model)")
@@ -850,14 +879,20 @@ async def phase_overhead(args: argparse.Namespace, bar: Any, mem: dict) -> dict:
                 conn.send(("run", prompts, olen))
                 if not await asyncio.to_thread(conn.poll, 180):
                     raise RuntimeError(f"{name} run timed out")
-                return conn.recv()
+                out, steps = conn.recv()
+                step_ms[name] = steps
+                return out
             return run
 
         async def run_ds(prompts: list[list[int]]) -> list[tuple[float, list[float]]]:
+            t0 = time.monotonic()
             async with DynaServeClient(cluster.client_addr) as c:
                 streams = [c.generate(p, max_tokens=olen, ignore_eos=True) for p in prompts]
                 await asyncio.wait_for(asyncio.gather(*(s.collect() for s in streams)), 180)
-                return [(s.submit_ts, list(s.token_ts)) for s in streams]
+            # the worker logs a step before shipping its tokens, so the last step is in the log by now
+            step_ms["ds"] = [sm[4] for _, sm in read_step_log(step_log, t0, time.monotonic())
+                             if sm[0] == 0 and sm[1] == len(prompts)]
+            return [(s.submit_ts, list(s.token_ts)) for s in streams]
 
         runners = {**{name: run_bare(name) for name in BARE_MODES}, "ds": run_ds}
         seed = 7000
@@ -887,7 +922,8 @@ async def phase_overhead(args: argparse.Namespace, bar: Any, mem: dict) -> dict:
                     res[name].setdefault(n, []).extend(recs)
                     span = max(r.token_ts[-1] for r in recs if r.token_ts) - min(r.submit_ts for r in recs)
                     res["rounds"].append({"rnd": rnd, "n": n, "name": name, "tbt_p50": summarize(recs).tbt_p50_ms,
-                                          "cpu": cpu, "tokens": sum(len(r.token_ts) for r in recs), "span": span})
+                                          "cpu": cpu, "tokens": sum(len(r.token_ts) for r in recs), "span": span,
+                                          "steps": step_ms.pop(name, [])})
                     if name == "ds":
                         await wait_idle(cluster.client_addr, 30)
                 bar.update(1)
@@ -910,10 +946,11 @@ def overhead_table(res: dict, concurrency: list[int]) -> str:
 
     lines = ["#### Per-token overhead: DynaServe (client SDK -> broker -> 1 vLLM worker) vs bare vLLM\n",
              "| N requests (128 in / 128 out, all at once) | system | requests | TTFT p50 ms | TBT p50 ms "
-             "| TBT p99 ms | tokens/s (median run) | CPU ms / token: engine | broker | client | total |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| TBT p99 ms | decode step p50 ms (engine) | tokens/s (median run) | CPU ms / token: engine | broker "
+             "| client | total |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for n in concurrency:
-        sums, cpus = {}, {}
+        sums, cpus, steps = {}, {}, {}
         for name, label in SYSTEMS:
             recs = res[name].get(n, [])
             s = summarize(recs)
@@ -923,15 +960,17 @@ def overhead_table(res: dict, concurrency: list[int]) -> str:
             cpu = {k: sum(r["cpu"].get(k, 0.0) for r in rows) * 1000.0 / toks for k in ("engine", "broker", "client")}
             cpu["total"] = sum(cpu.values())
             cpus[name] = cpu
+            steps[name] = med([x for r in rows for x in r.get("steps", [])])
             tput = med([r["tokens"] / r["span"] for r in rows])
             lines.append(f"| {n} | {label} | {s.completed}/{s.n} | {s.ttft_p50_ms:.1f} | {s.tbt_p50_ms:.2f} "
-                         f"| {s.tbt_p99_ms:.2f} | {tput:,.0f} | {cpu['engine']:.2f} "
+                         f"| {s.tbt_p99_ms:.2f} | {steps[name]:.2f} | {tput:,.0f} | {cpu['engine']:.2f} "
                          f"| {cpu['broker']:.2f} | {cpu['client']:.2f} | {cpu['total']:.2f} |")
         d = sums["ds"]
         for base in BARE_MODES:
             b = sums[base]
             lines.append(f"| {n} | **ratio DynaServe / {base}** | | **{d.ttft_p50_ms / b.ttft_p50_ms:.2f}** "
-                         f"| **{d.tbt_p50_ms / b.tbt_p50_ms:.2f}** | **{d.tbt_p99_ms / b.tbt_p99_ms:.2f}** | "
+                         f"| **{d.tbt_p50_ms / b.tbt_p50_ms:.2f}** | **{d.tbt_p99_ms / b.tbt_p99_ms:.2f}** "
+                         f"| **{steps['ds'] / steps[base]:.2f}** | "
                          f"| {cpus['ds']['engine'] / cpus[base]['engine']:.2f} | | "
                          f"| {cpus['ds']['total'] / cpus[base]['total']:.2f} |")
     per: dict[tuple[int, int], dict[str, float]] = {}
@@ -943,6 +982,18 @@ def overhead_table(res: dict, concurrency: list[int]) -> str:
                                    for r in sorted({k[1] for k in per if k[0] == n})
                                    if len(per[(n, r)]) == len(SYSTEMS))
             for n in concurrency) + ".")
+    steps_per: dict[tuple[int, int], dict[str, float]] = {}
+    for r in res["rounds"]:
+        if r.get("steps"):
+            steps_per.setdefault((r["n"], r["rnd"]), {})[r["name"]] = med(r["steps"])
+    lines.append("\nDecode step p50 ratio DynaServe / bare_eng per round: " + "; ".join(
+        f"N={n}: " + ", ".join(f"{v['ds'] / v['bare_eng']:.2f}" for (m, _), v in sorted(steps_per.items())
+                               if m == n and "ds" in v and "bare_eng" in v)
+        for n in concurrency) + ".")
+    lines.append("\nDecode step: the engine's step() call (vLLM's scheduler and forward pass), timed inside the "
+                 "engine process, over the steps that decode all N requests and prefill nothing (the DynaServe "
+                 "worker's step log, --step-log). TBT ratio / step ratio is what delivery (worker -> broker -> "
+                 "client) and the gaps between steps add.")
     lines.append(f"\nKV cache: bare engines {res.get('bare_kv_tokens')} tokens, DynaServe worker "
                  f"{res.get('ds_kv_tokens')} tokens (256 MiB each). TTFT/TBT as in dynaserve.metrics "
                  "(all gaps of all requests pooled, zero gaps from batched delivery kept). CPU: utime + stime "

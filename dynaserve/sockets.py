@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -80,7 +82,8 @@ class Channel:
     """
 
     def __init__(
-        self, sock: zmq.Socket, handler: Callable[[list[bytes]], None], name: str = "", user_ids: bool = False
+        self, sock: zmq.Socket, handler: Callable[[list[bytes]], None], name: str = "", user_ids: bool = False,
+        threadsafe: bool = False,
     ) -> None:
         self.sock = sock
         self.handler = handler
@@ -89,11 +92,17 @@ class Channel:
         self.user_ids = user_ids
         self.last_user_id: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
         self._scheduled = False
         self._closed = False
+        # threadsafe: other threads may call send() too (a worker's engine thread ships its steps' tokens
+        # itself); every use of the socket then holds one lock, and a send from another thread that finds
+        # input waiting hands the drain to the loop
+        self._lock: contextlib.AbstractContextManager = threading.Lock() if threadsafe else contextlib.nullcontext()
 
     def attach(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self._loop = loop or asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         self._loop.add_reader(self.sock.FD, self._drain)
         self._schedule()
 
@@ -106,14 +115,15 @@ class Channel:
         self._scheduled = False
         sock = self.sock
         for _ in range(budget):
-            if self._closed or not (sock.getsockopt(zmq.EVENTS) & zmq.POLLIN):
-                return
-            if self.user_ids:
-                parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                self.last_user_id = _user_id(parts[-1])
-                frames = [p.bytes for p in parts]
-            else:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+            with self._lock:
+                if self._closed or not (sock.getsockopt(zmq.EVENTS) & zmq.POLLIN):
+                    return
+                if self.user_ids:
+                    parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    self.last_user_id = _user_id(parts[-1])
+                    frames = [p.bytes for p in parts]
+                else:
+                    frames = sock.recv_multipart(zmq.NOBLOCK)
             try:
                 self.handler(frames)
             except Exception:
@@ -122,19 +132,28 @@ class Channel:
 
     def send(self, frames: list[bytes]) -> None:
         """Send now or raise (zmq.Again when the peer's queue is full, ZMQError when unroutable)."""
+        pending = False
         try:
-            self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            with self._lock:
+                try:
+                    self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                finally:
+                    pending = not self._closed and bool(self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN)
         finally:
-            if not self._closed and self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                self._schedule()
+            if pending:
+                if threading.get_ident() == self._loop_thread:
+                    self._schedule()
+                elif self._loop is not None:
+                    self._loop.call_soon_threadsafe(self._schedule)
 
     def close(self, linger_ms: int = 0) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if self._loop is not None:
-            self._loop.remove_reader(self.sock.FD)
-        self.sock.close(linger_ms)
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._loop is not None:
+                self._loop.remove_reader(self.sock.FD)
+            self.sock.close(linger_ms)
 
 
 def _user_id(frame: zmq.Frame) -> str | None:

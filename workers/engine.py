@@ -11,7 +11,7 @@ Lifecycle of a micro-request inside an engine:
 
 from __future__ import annotations
 
-from collections.abc import Container
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -121,6 +121,11 @@ class Engine(Protocol):
 
     async def step(self, now: float) -> StepOutput:
         """Run one engine step (or one round of transfer polling) and return its output."""
+
+    def set_shipper(self, ship: Callable[[StepOutput], None]) -> bool:
+        """Offer ``ship`` (thread-safe) for the engine to send every step's output itself, from the thread that
+        ran the step; True if the engine will (step() then returns what is left when its run of steps
+        ends), False if step() keeps returning every output."""
 
     def housekeeping(self, now: float) -> StepOutput:
         """Poll transfers and confirmations, expire leases; cheap, called every loop."""

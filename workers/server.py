@@ -97,7 +97,9 @@ class Worker:
         curve = security.worker_options(self.cfg.curve_dir, self.cfg.instance_id) if self.cfg.curve_dir else None
         sock = make_socket(self.ctx, zmq.DEALER, connect=self.cfg.broker_addr, identity=self.cfg.instance_id.encode(),
                            curve=curve)
-        self.chan = Channel(sock, self._on_frames, "broker")
+        # the vLLM engine's thread ships its steps' outputs itself (through _ship, on this socket)
+        shipper = self.engine.set_shipper(self._ship)
+        self.chan = Channel(sock, self._on_frames, "broker", threadsafe=shipper)
         self.chan.attach()
         self.metrics.serve(self.cfg.metrics_port)
         try:
@@ -167,6 +169,10 @@ class Worker:
         self._wake.set()
 
     def _ship(self, out: StepOutput) -> None:
+        """Send a step's tokens, handoffs and failures; called on the loop, and on the engine's own thread by an
+        engine that ships its steps itself (Engine.set_shipper)."""
+        if out.step_ms > 0:
+            self.steps += 1
         if self._step_log is not None and out.step_ms > 0:  # logged before its tokens leave: a reader that saw
             # a token finds the step that made it
             self._step_log.write(format_step(time.monotonic(), out.step_ms, out.prefill_tokens, out.decode_seqs,
@@ -205,7 +211,6 @@ class Worker:
                 now = time.monotonic()
                 if self.engine.has_work():
                     out = await self.engine.step(now)
-                    self.steps += 1
                     self._ship(out)
                     if out.step_ms > 0:
                         continue

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -289,6 +290,9 @@ class SimEngine:
         for seq in [s for s in self.seqs.values() if s.state == HELD and now > s.deadline]:
             self.abort(seq.desc.req_id)
         return out
+
+    def set_shipper(self, ship: Callable[[StepOutput], None]) -> bool:
+        return False  # steps run on the loop: step() returns every output
 
     async def step(self, now: float) -> StepOutput:
         out = self.housekeeping(now)

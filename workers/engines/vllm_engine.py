@@ -7,11 +7,14 @@ vLLM's state (add, abort, expire) is queued on the loop and applied on the engin
 next step, so vLLM is never touched concurrently.
 
 Steps run in bursts: the engine thread steps back to back for as long as each step runs the model (or lands
-pulled KV, which makes its request runnable at once) and hands every step's outputs to the loop as it goes,
-so the loop's shipping never sits between two steps. A burst starts as soon as a message queues a change
+pulled KV, which makes its request runnable at once). A burst starts as soon as a message queues a change
 and the engine thread is idle (a StartDecode starts B's pull at once), and otherwise when the worker's loop
 asks for a step; it ends at a step that runs nothing, and the worker's loop polls again after its idle
-period.
+period. Inside a worker the engine thread ships every step's output itself (``set_shipper``: tokens,
+handoffs, failures go out on the worker's socket straight from the engine thread), so the loop thread does
+not wake up per step: a Python thread that wakes takes the GIL from the engine thread mid-step, which
+measurably slows the step (see docs/vllm_engine.md). Without a shipper (calibration probes) the engine
+thread hands every step's outputs to the loop, which returns them from ``step()``.
 
 Why one thread for everything: torch's CPU kernels and vLLM's run OpenMP parallel regions, and OpenMP
 keeps one thread team per thread that opens regions. Had the loop thread built the engine (its team
@@ -37,7 +40,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -153,6 +158,11 @@ class VllmEngine:
         self._bursting = False  # the engine thread is stepping (or about to); cleared when its last result is taken
         self._closing = False
         self._held_blocks: dict[str, tuple[str, int]] = {}  # request -> (vLLM internal id, blocks held)
+        # the request table (reqs, _held_blocks, request states) is changed by the loop (add, start_decode,
+        # abort) and, when the engine thread ships its own outputs, by the engine thread: one lock for both
+        self._lock = threading.Lock()
+        self._ship: Callable[[StepOutput], None] | None = None
+        self._next_pull_check = math.inf  # earliest deadline of a B's pull (monotonic s)
         self.last_step_ms = 0.0
         self.transfer_failures = 0
         self._exec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-step")
@@ -243,7 +253,17 @@ class VllmEngine:
             extra_args={"kv_transfer_params": kv} if kv is not None else None, detokenize=False, skip_clone=True,
         )
 
+    def set_shipper(self, ship: Callable[[StepOutput], None]) -> bool:
+        """Ship every step's output from the engine thread through ``ship`` (thread-safe), right after the
+        step; ``step()`` then returns only at the end of a burst."""
+        self._ship = ship
+        return True
+
     def add(self, desc: MicroDescriptor, now: float) -> None:
+        with self._lock:
+            self._add(desc)
+
+    def _add(self, desc: MicroDescriptor) -> None:
         validate_descriptor(desc, self.info, self.reqs)
         p, s = len(desc.prompt), desc.split
         req = _Req(desc)
@@ -268,6 +288,10 @@ class VllmEngine:
         self._kick()
 
     def start_decode(self, req_id: str, kv: dict, num_tokens: int, tokens: list[int], now: float) -> None:
+        with self._lock:
+            self._start_decode(req_id, kv, num_tokens, tokens)
+
+    def _start_decode(self, req_id: str, kv: dict, num_tokens: int, tokens: list[int]) -> None:
         req = self.reqs.get(req_id)
         if req is None or req.desc.role != ROLE_B:
             raise EngineError("unknown_id", f"no role-B micro-request {req_id!r} on this instance")
@@ -289,6 +313,7 @@ class VllmEngine:
         max_tokens = desc.emit_tokens
         req.b_prompt, req.b_max_tokens = list(prompt), max_tokens
         req.b_deadline = time.monotonic() + self.cfg.kv_pull_timeout_s
+        self._next_pull_check = min(self._next_pull_check, req.b_deadline)
         if self.cfg.fault_injection == "scramble_prefix":
             # B's tokens for the pulled positions no longer matter if B really continues from A's KV
             prompt = [scramble_token(t, self.info.vocab_size) for t in prompt[:s]] + prompt[s:]
@@ -296,16 +321,18 @@ class VllmEngine:
         self._add_op(req, prompt, self._params(desc, max_tokens, params))
 
     def active_ids(self) -> list[str]:
-        return list(self.reqs)
+        with self._lock:
+            return list(self.reqs)
 
     def abort(self, req_id: str) -> bool:
-        req = self.reqs.pop(req_id, None)
-        if req is None:
-            return False
-        if req.state == RUNNING:
-            self._ops.append(("abort", req.vllm_id))
-        elif req.state == HELD:
-            self._ops.append(("expire", req.internal_id))
+        with self._lock:
+            req = self.reqs.pop(req_id, None)
+            if req is None:
+                return False
+            if req.state == RUNNING:
+                self._ops.append(("abort", req.vllm_id))
+            elif req.state == HELD:
+                self._ops.append(("expire", req.internal_id))
         self._kick()
         return True
 
@@ -340,8 +367,14 @@ class VllmEngine:
         from vllm.v1.request import RequestStatus
 
         mono = time.monotonic()
+        if mono < self._next_pull_check:
+            return  # no B's deadline has passed (the check runs every step: keep it O(1) then)
+        self._next_pull_check = math.inf
         for rid, req in self.reqs.items():
-            if req.desc.role != ROLE_B or req.state != RUNNING or not req.b_deadline or mono < req.b_deadline:
+            if req.desc.role != ROLE_B or req.state != RUNNING or not req.b_deadline:
+                continue
+            if mono < req.b_deadline:
+                self._next_pull_check = min(self._next_pull_check, req.b_deadline)
                 continue
             vreq = self.sched.requests.get(req.internal_id)
             if vreq is None or vreq.status != RequestStatus.WAITING_FOR_REMOTE_KVS:
@@ -373,11 +406,19 @@ class VllmEngine:
     def _run_steps(self, post: Callable[[_Stepped], None]) -> None:
         """On the engine thread: apply queued changes and step vLLM, back to back while each step runs the
         model or lands pulled KV (its request is runnable at the very next step) and vLLM has requests left to
-        run. Hands over the outputs at every step that ran the model, and at the end."""
+        run. With a shipper, ships every step's output itself and tells the loop only when the burst ends;
+        without, hands the outputs to the loop at every step that ran the model, and at the end."""
+        ship = self._ship
         outputs: list[Any] = []
         first = True
         try:
             while not self._closing:
+                if ship is not None:
+                    late = StepOutput()
+                    with self._lock:
+                        self._check_pulls(late)
+                    if late.failures:
+                        ship(late)
                 self._apply_ops()
                 # requests that only wait for their KV to be read (held blocks) need a poll, not back-to-back steps
                 if not (self.llm.has_unfinished_requests() or (first and self.sched.has_requests())):
@@ -388,19 +429,50 @@ class VllmEngine:
                 ms = (time.perf_counter() - t0) * 1000.0
                 plan, self.sched.last_step = self.sched.last_step, None
                 if plan is not None and not plan.empty:
-                    post(_Stepped(outputs, ms, plan))
+                    if ship is not None:
+                        ship(self._collect(outputs, plan, ms))
+                    else:
+                        post(_Stepped(outputs, ms, plan))
                     outputs = []
                 elif not self.sched.finished_recving_kv_req_ids:
                     break  # nothing ran and nothing became runnable: the worker polls again after its idle period
+            if ship is not None and outputs:
+                ship(self._collect(outputs, None, 0.0))
+                outputs = []
         except BaseException as exc:  # noqa: BLE001 - handed to the loop, which raises it
             post(_Stepped(outputs, last=True, error=exc))
             return
         post(_Stepped(outputs, last=True))
 
-    async def step(self, now: float) -> StepOutput:
-        """The outputs of the engine thread's next step that runs the model, or of its burst's end."""
+    def _collect(self, outputs: list[Any], plan: Any, ms: float) -> StepOutput:
+        """The StepOutput of a step's vLLM outputs (and of its plan, when it ran the model)."""
         out = StepOutput()
-        self._check_pulls(out)
+        with self._lock:
+            for o in outputs:
+                self._on_output(o, out)
+            if plan is not None:
+                self.local.observe(plan, ms)
+                self.last_step_ms = ms
+                out.step_ms = ms
+                out.prefill_tokens = plan.prefill_tokens
+                out.decode_seqs = len(plan.decodes)
+                out.decode_ctx_tokens = plan.decode_ctx_tokens
+                out.prefill_attn = plan.prefill_attn
+                out.token_budget = plan.token_budget
+            for rid in [r for r, (iid, _) in self._held_blocks.items() if iid not in self.sched.requests]:
+                del self._held_blocks[rid]  # the reader confirmed or the lease ran out: vLLM freed the blocks
+                held = self.reqs.get(rid)
+                if held is not None and held.state == HELD:
+                    del self.reqs[rid]
+        return out
+
+    async def step(self, now: float) -> StepOutput:
+        """Without a shipper: the outputs of the engine thread's next step that runs the model, or of its
+        burst's end. With one: runs a burst (its steps ship their own outputs) and returns at its end."""
+        out = StepOutput()
+        if self._ship is None:
+            with self._lock:
+                self._check_pulls(out)
         while True:
             self._kick()
             if not self._bursting:
@@ -410,27 +482,12 @@ class VllmEngine:
                 self._bursting = False
             if got.error is not None:
                 raise got.error
-            for o in got.outputs:
-                self._on_output(o, out)
+            step = self._collect(got.outputs, got.plan, got.ms)  # also forgets blocks vLLM has freed
+            step.failures[:0] = out.failures
+            out = step
             if got.plan is not None or not self._ops:
-                break
+                return out
             # the burst ended while changes were queued (they arrived after its last step): run them now
-        plan, ms = got.plan, got.ms
-        if plan is not None:
-            self.local.observe(plan, ms)
-            self.last_step_ms = ms
-            out.step_ms = ms
-            out.prefill_tokens = plan.prefill_tokens
-            out.decode_seqs = len(plan.decodes)
-            out.decode_ctx_tokens = plan.decode_ctx_tokens
-            out.prefill_attn = plan.prefill_attn
-            out.token_budget = plan.token_budget
-        for rid in [r for r, (iid, _) in self._held_blocks.items() if iid not in self.sched.requests]:
-            del self._held_blocks[rid]  # the reader confirmed or the lease ran out: vLLM freed the blocks
-            held = self.reqs.get(rid)
-            if held is not None and held.state == HELD:
-                del self.reqs[rid]
-        return out
 
     def _on_output(self, o: Any, out: StepOutput) -> None:
         rid = o.request_id.removesuffix(RECOMPUTE_SUFFIX)
@@ -475,7 +532,7 @@ class VllmEngine:
     def load(self) -> EngineLoad:
         sched = self.sched
         ld = EngineLoad(kv_capacity_tokens=self.info.kv_capacity_tokens, step_ms=self.last_step_ms,
-                        token_budget=self.local.last_budget, active_requests=len(self.reqs))
+                        token_budget=self.local.last_budget)
         for r in list(sched.running) + list(sched.waiting):
             if r.num_computed_tokens >= r.num_prompt_tokens:
                 ld.running_seqs += 1
@@ -483,12 +540,14 @@ class VllmEngine:
             else:
                 ld.queued_prefill_tokens += r.num_prompt_tokens - r.num_computed_tokens
             ld.pending_decode_tokens += max(0, r.max_tokens - r.num_output_tokens)
-        for req in self.reqs.values():
-            if req.state == WAIT_KV:
-                ld.queued_prefill_tokens += max(0, len(req.desc.prompt) - req.desc.split)
+        with self._lock:
+            waiting = [req for req in self.reqs.values() if req.state == WAIT_KV]
+            ld.active_requests = len(self.reqs)
+            ld.held_blocks = sum(n for _, n in self._held_blocks.values())
+        for req in waiting:
+            ld.queued_prefill_tokens += max(0, len(req.desc.prompt) - req.desc.split)
         pool = sched.kv_cache_manager.block_pool
         ld.kv_used_tokens = (pool.num_gpu_blocks - 1 - pool.get_num_free_blocks()) * self.block_size
-        ld.held_blocks = sum(n for _, n in self._held_blocks.values())
         return ld
 
     def close(self) -> None:
