@@ -843,7 +843,8 @@ async def phase_overhead(args: argparse.Namespace, bar: Any, mem: dict) -> dict:
     res["rounds"] = []
     res["log_dir"] = log_dir = tempfile.mkdtemp(prefix="bench-vllm-bare-")
     cluster = make_cluster(False, engine="vllm", workers=1, policy="colocate",
-                           side_channel_base_port=SIDE_PORT_TINY, ready_timeout_s=300.0, step_log_dir=log_dir,
+                           side_channel_base_port=SIDE_PORT_TINY, ready_timeout_s=300.0,
+                           step_log_dir=log_dir if args.step_times else "",
                            worker_args=["--vllm-cpu-bind", cores, *(["--vllm-loop-bind", others_list] if others else [])])
     step_log = Path(log_dir) / "w0.steps"  # the DynaServe worker's step log (ClusterConfig.step_log_dir)
     step_ms: dict[str, list[float]] = {}  # the last run's decode-only step times, per system
@@ -889,9 +890,9 @@ async def phase_overhead(args: argparse.Namespace, bar: Any, mem: dict) -> dict:
             async with DynaServeClient(cluster.client_addr) as c:
                 streams = [c.generate(p, max_tokens=olen, ignore_eos=True) for p in prompts]
                 await asyncio.wait_for(asyncio.gather(*(s.collect() for s in streams)), 180)
-            # the worker logs a step before shipping its tokens, so the last step is in the log by now
-            step_ms["ds"] = [sm[4] for _, sm in read_step_log(step_log, t0, time.monotonic())
-                             if sm[0] == 0 and sm[1] == len(prompts)]
+            if args.step_times:  # the worker logs a step before shipping its tokens: the last one is in the log
+                step_ms["ds"] = [sm[4] for _, sm in read_step_log(step_log, t0, time.monotonic())
+                                 if sm[0] == 0 and sm[1] == len(prompts)]
             return [(s.submit_ts, list(s.token_ts)) for s in streams]
 
         runners = {**{name: run_bare(name) for name in BARE_MODES}, "ds": run_ds}
@@ -986,14 +987,16 @@ def overhead_table(res: dict, concurrency: list[int]) -> str:
     for r in res["rounds"]:
         if r.get("steps"):
             steps_per.setdefault((r["n"], r["rnd"]), {})[r["name"]] = med(r["steps"])
-    lines.append("\nDecode step p50 ratio DynaServe / bare_eng per round: " + "; ".join(
-        f"N={n}: " + ", ".join(f"{v['ds'] / v['bare_eng']:.2f}" for (m, _), v in sorted(steps_per.items())
-                               if m == n and "ds" in v and "bare_eng" in v)
-        for n in concurrency) + ".")
-    lines.append("\nDecode step: the engine's step() call (vLLM's scheduler and forward pass), timed inside the "
-                 "engine process, over the steps that decode all N requests and prefill nothing (the DynaServe "
-                 "worker's step log, --step-log). TBT ratio / step ratio is what delivery (worker -> broker -> "
-                 "client) and the gaps between steps add.")
+    if any("ds" in v for v in steps_per.values()):
+        lines.append("\nDecode step p50 ratio DynaServe / bare_eng per round: " + "; ".join(
+            f"N={n}: " + ", ".join(f"{v['ds'] / v['bare_eng']:.2f}" for (m, _), v in sorted(steps_per.items())
+                                   if m == n and "ds" in v and "bare_eng" in v)
+            for n in concurrency) + ".")
+        lines.append("\nDecode step: the engine's step() call (vLLM's scheduler and forward pass), timed inside the "
+                     "engine process, over the steps that decode all N requests and prefill nothing (the DynaServe "
+                     "worker's step log, --step-log). TBT ratio / step ratio is what the time between steps (the "
+                     "worker's engine thread turns each step's outputs into a message and sends it) and the delivery "
+                     "(worker -> broker -> client) add.")
     lines.append(f"\nKV cache: bare engines {res.get('bare_kv_tokens')} tokens, DynaServe worker "
                  f"{res.get('ds_kv_tokens')} tokens (256 MiB each). TTFT/TBT as in dynaserve.metrics "
                  "(all gaps of all requests pooled, zero gaps from batched delivery kept). CPU: utime + stime "
@@ -1134,6 +1137,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--engine-cores", default="",
                         help="overhead phase: cores every engine computes on (bare engines and the DynaServe "
                              "worker alike), e.g. 0; default all cores. The broker and client are not bound")
+    parser.add_argument("--step-times", action="store_true",
+                        help="overhead phase: the DynaServe worker logs its steps (--step-log) so the table splits "
+                             "TBT into the engine's decode step and the rest; the log costs the worker a file "
+                             "write per step, so it is off by default")
     parser.add_argument("--phases", type=lambda s: s.split(","), default=["handoff", "overhead", "memory"])
     args = parser.parse_args(argv)
 
