@@ -40,6 +40,13 @@ from dynaserve.costmodel import StepLatencyModel
 from dynaserve.metrics import RequestRecord, Summary, summarize
 
 DEFAULT_VLLM_STEP_MODEL = "docs/sim2real/tiny-llama-cpu.json"
+# quantiles of the live noise (every 0.5 %): the simulator interpolates linearly between neighbours, so with
+# 21 (every 5 %) one 16x outlier among ~9,000 steps stretched the top 5 % of draws towards it
+NOISE_POINTS = 201
+# steps with prefill work run slower against the model than decode-only steps while serving (median 1.07-1.18x
+# against 1.00x in one measured replay) but are ~1 % of the steps: they get noise of their own when the noise
+# window has at least this many of them
+MIN_PREFILL_STEPS = 50
 METRICS = ("ttft_p50_ms", "ttft_p99_ms", "tbt_p50_ms", "tbt_p99_ms")
 
 
@@ -138,8 +145,11 @@ class LiveExtras:
     path_latency_per_prompt_token_ms: float = 0.0  # the same for longer prompts, per extra prompt token
     gaps: int = 0  # decode gaps measured
     ttfts: int = 0  # first tokens measured
-    step_noise: tuple[float, ...] = ()  # measured / modelled steps while serving the noise window (noise=live)
+    step_noise: tuple[float, ...] = ()  # measured / modelled steps while serving the noise window (noise=live),
+    # at NOISE_POINTS evenly spaced quantiles: of its decode-only steps when step_noise_prefill is set, else of all
     noise_steps: int = 0  # steps those quantiles come from
+    step_noise_prefill: tuple[float, ...] = ()  # the same for its steps with prefill work (MIN_PREFILL_STEPS or more)
+    noise_prefill_steps: int = 0
 
 
 def step_noise(cfg: Sim2RealConfig, extras: LiveExtras | None = None) -> tuple[float, ...]:
@@ -170,6 +180,7 @@ def sim_config(cfg: Sim2RealConfig, extras: LiveExtras | None = None) -> FittedS
         step_overhead_ms=ex.step_overhead_ms, step_overhead_per_seq_ms=ex.step_overhead_per_seq_ms,
         path_latency_ms=ex.path_latency_ms, path_latency_per_prompt_token_ms=ex.path_latency_per_prompt_token_ms,
         step_noise=step_noise(cfg, extras) if extras is not None else (),
+        step_noise_prefill=ex.step_noise_prefill if cfg.noise == "live" and extras is not None else (),
     )
 
 
@@ -327,6 +338,20 @@ async def probe_live(addr: str, logs: StepLogs) -> LiveExtras:
                       len(short) + len(long))
 
 
+def live_noise(model: StepLatencyModel, served: Sequence[Sample]) -> dict[str, Any]:
+    """The LiveExtras noise fields from the steps the live cluster ran serving the noise window: quantiles of
+    measured / modelled for decode-only steps and steps with prefill work apart when there are
+    MIN_PREFILL_STEPS of the latter, else of all steps together."""
+    pre = [s for s in served if s[0] > 0]
+    if len(pre) >= MIN_PREFILL_STEPS and len(pre) < len(served):
+        dec = [s for s in served if s[0] == 0]
+        return {"step_noise": ratio_quantiles(model, dec, NOISE_POINTS), "noise_steps": len(dec),
+                "step_noise_prefill": ratio_quantiles(model, pre, NOISE_POINTS), "noise_prefill_steps": len(pre)}
+    if not served:
+        return {}
+    return {"step_noise": ratio_quantiles(model, served, NOISE_POINTS), "noise_steps": len(served)}
+
+
 def run_live(cfg: Sim2RealConfig, reqs: Sequence[TraceRequest], progress: bool = True,
              log_dir: Path | None = None) -> tuple[list[RequestRecord], LiveExtras, dict[str, Any]]:
     """Start a two-worker cluster with step logs, serve the noise window first (``cfg.noise == "live"``),
@@ -346,20 +371,21 @@ def run_live(cfg: Sim2RealConfig, reqs: Sequence[TraceRequest], progress: bool =
                 await cluster.wait_ready()
                 common = {"ttft_slo_ms": cfg.ttft_slo_ms, "tbt_slo_ms": cfg.tbt_slo_ms, "timeout_s": 300.0,
                           "progress": progress}
-                noise: tuple[float, ...] = ()
-                noise_steps = 0
+                noise: dict[str, Any] = {}
                 if cfg.noise == "live":
                     t0 = time.monotonic()
                     await replay(cluster.client_addr, noise_trace(cfg, mean_rate(reqs)), seed=cfg.seed + 1, **common)
-                    served = logs.steps(t0, time.monotonic())
-                    noise, noise_steps = ratio_quantiles(model, served), len(served)
+                    noise = live_noise(model, logs.steps(t0, time.monotonic()))
                 extras = (await probe_live(cluster.client_addr, logs) if cfg.probe
                           else LiveExtras(cfg.step_overhead_ms, 0.0, cfg.path_latency_ms, 0.0))
-                extras = replace(extras, step_noise=noise, noise_steps=noise_steps)
+                extras = replace(extras, **noise)
                 t0 = time.monotonic()
                 recs = await replay(cluster.client_addr, reqs, seed=cfg.seed, **common)
                 steps = logs.steps(t0, time.monotonic())
-                during = {"steps": len(steps), "ratio_quantiles": list(ratio_quantiles(model, steps)) if steps else []}
+                pre = [st for st in steps if st[0] > 0]
+                during = {"steps": len(steps), "ratio_quantiles": list(ratio_quantiles(model, steps)) if steps else [],
+                          "prefill_steps": len(pre),
+                          "prefill_ratio_quantiles": list(ratio_quantiles(model, pre)) if pre else []}
                 return recs, extras, during
 
             return run_event_loop(go())

@@ -48,6 +48,8 @@ class SimConfig:
     step_overhead_per_seq_ms: float = 0.0  # and per sequence in the step (decodes and prefill chunks)
     step_noise: tuple[float, ...] = ()  # measured / modelled step time at evenly spaced quantiles (0 .. 1), as
     # a calibration file's fit_error.ratio_quantiles; every step's modelled time is multiplied by a draw
+    step_noise_prefill: tuple[float, ...] = ()  # the same for steps with prefill work, when they differ from
+    # decode-only steps; set, step_noise applies to decode-only steps only
     noise_seed: int = 0
     path_latency_ms: float = 0.0  # client -> broker -> worker plus worker -> broker -> client, added to
     # every token's arrival at the client
@@ -66,9 +68,12 @@ class SimConfig:
         if min(self.step_overhead_ms, self.step_overhead_per_seq_ms, self.path_latency_ms,
                self.path_latency_per_prompt_token_ms) < 0:
             raise ValueError("the step overheads and path latencies must be >= 0")
-        sn = self.step_noise
-        if sn and (len(sn) < 2 or sn[0] <= 0 or any(b < a for a, b in zip(sn, sn[1:], strict=False))):
-            raise ValueError("step_noise must be >= 2 positive, non-decreasing quantiles")
+        for name in ("step_noise", "step_noise_prefill"):
+            sn = getattr(self, name)
+            if sn and (len(sn) < 2 or sn[0] <= 0 or any(b < a for a, b in zip(sn, sn[1:], strict=False))):
+                raise ValueError(f"{name} must be >= 2 positive, non-decreasing quantiles")
+        if self.step_noise_prefill and not self.step_noise:
+            raise ValueError("step_noise_prefill needs step_noise (for the decode-only steps)")
         if self.kv_alloc not in KV_ALLOCS:
             raise ValueError(f"kv_alloc must be one of {KV_ALLOCS}, got {self.kv_alloc!r}")
         if self.ground_truth not in GROUND_TRUTHS:

@@ -96,20 +96,24 @@ def detailed_truth(cfg: SimConfig) -> StepTime:
 
 def live_truth(truth: StepTime, cfg: SimConfig, seed: int) -> StepTime:
     """``truth`` with what a live engine adds: each step's time times a draw from ``cfg.step_noise`` (linear
-    between its quantiles), plus ``cfg.step_overhead_ms`` and ``cfg.step_overhead_per_seq_ms`` per sequence in
-    the step. ``truth`` itself without any of them."""
+    between its quantiles; ``cfg.step_noise_prefill`` instead for steps with prefill chunks, when set), plus
+    ``cfg.step_overhead_ms`` and ``cfg.step_overhead_per_seq_ms`` per sequence in the step. ``truth`` itself
+    without any of them."""
     noise, extra, per_seq = cfg.step_noise, cfg.step_overhead_ms, cfg.step_overhead_per_seq_ms
+    noise_p = cfg.step_noise_prefill or noise
     if not noise and not extra and not per_seq:
         return truth
     rng = random.Random(seed)
-    top = len(noise) - 1
+
+    def draw(q: tuple[float, ...]) -> float:
+        pos = rng.random() * (len(q) - 1)
+        i = int(pos)
+        return q[i] + (q[i + 1] - q[i]) * (pos - i)
 
     def step(chunks: list[tuple[int, int]], n: int, dctx: int, attn: float) -> float:
         ms = truth(chunks, n, dctx, attn)
-        if top > 0:
-            pos = rng.random() * top
-            i = int(pos)
-            ms *= noise[i] + (noise[i + 1] - noise[i]) * (pos - i)
+        if noise:
+            ms *= draw(noise_p if chunks else noise)
         return ms + extra + per_seq * (n + len(chunks))
 
     return step

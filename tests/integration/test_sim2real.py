@@ -9,6 +9,8 @@ import pytest
 
 from bench.sim2real import (
     METRICS,
+    MIN_PREFILL_STEPS,
+    NOISE_POINTS,
     PROBE_DECODE,
     PROBE_FIRST_TOKENS,
     LiveExtras,
@@ -16,6 +18,7 @@ from bench.sim2real import (
     StepLogs,
     build_trace,
     compare_runs,
+    live_noise,
     noise_trace,
     run,
     sim_config,
@@ -84,10 +87,28 @@ def test_tiny_trace_end_to_end(tmp_path: Path) -> None:
     ex = result["live_extras"]  # measured on the live cluster before the replay
     assert ex["gaps"] == 2 * (PROBE_DECODE[1] - 1) and ex["ttfts"] == 2 * PROBE_FIRST_TOKENS
     # the step-time noise comes from the steps the workers logged while serving the next 8 requests first
-    assert ex["noise_steps"] > 8 and len(ex["step_noise"]) == 21 and result["step_noise"] == list(ex["step_noise"])
+    assert ex["noise_steps"] > 8 and len(ex["step_noise"]) == NOISE_POINTS and result["step_noise"] == list(ex["step_noise"])
     assert list(ex["step_noise"]) == sorted(ex["step_noise"]) and ex["step_noise"][0] > 0
+    # steps with prefill get noise of their own when the window has enough of them
+    pre = ex["step_noise_prefill"]
+    assert (ex["noise_prefill_steps"] >= MIN_PREFILL_STEPS and len(pre) == NOISE_POINTS) or \
+        (ex["noise_prefill_steps"] == 0 and not pre)
     during = result["steps_during_replay"]
     assert during["steps"] > 8 and len(during["ratio_quantiles"]) == 21
+    assert 0 < during["prefill_steps"] < during["steps"]
+
+
+def test_live_noise_splits_steps_with_prefill_from_decode_only_steps() -> None:
+    model = StepLatencyModel(a=2.0, b=0.02)
+    dec = [(0, 4, 400, 0.0, model.step_ms(0, 4, 400) * 1.0) for _ in range(300)]
+    pre = [(64, 4, 400, 2048.0, model.step_ms(64, 4, 400, 2048.0) * 1.5) for _ in range(MIN_PREFILL_STEPS)]
+    both = live_noise(model, dec + pre)
+    assert both["noise_steps"] == 300 and both["noise_prefill_steps"] == MIN_PREFILL_STEPS
+    assert both["step_noise"][100] == pytest.approx(1.0) and both["step_noise_prefill"][100] == pytest.approx(1.5)
+    few = live_noise(model, dec + pre[:-1])  # too few steps with prefill: one noise for all
+    assert few["noise_steps"] == 300 + MIN_PREFILL_STEPS - 1 and "step_noise_prefill" not in few
+    assert few["step_noise"][-1] == pytest.approx(1.5) and few["step_noise"][0] == pytest.approx(1.0)
+    assert live_noise(model, []) == {}
 
 
 def test_several_runs_compare_the_medians_of_each_side() -> None:

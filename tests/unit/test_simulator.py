@@ -185,6 +185,21 @@ def test_live_truth_adds_overhead_and_replays_noise_quantiles() -> None:
         SimConfig(step_noise=(1.2, 0.9))
 
 
+def test_live_truth_gives_steps_with_prefill_their_own_noise() -> None:
+    from bench.sim.simulator import linear_truth, live_truth
+
+    base = linear_truth(SimConfig())
+    split = live_truth(base, SimConfig(step_noise=(0.9, 1.1), step_noise_prefill=(1.5, 2.5)), 3)
+    decode = [split([], 4, 400, 0.0) / base([], 4, 400, 0.0) for _ in range(2000)]
+    mixed = [split([(100, 0)], 4, 400, 0.0) / base([(100, 0)], 4, 400, 0.0) for _ in range(2000)]
+    assert 0.9 <= min(decode) and max(decode) <= 1.1
+    assert 1.5 <= min(mixed) and max(mixed) <= 2.5 and sorted(mixed)[1000] == pytest.approx(2.0, abs=0.05)
+    with pytest.raises(ValueError, match="needs step_noise"):
+        SimConfig(step_noise_prefill=(1.0, 1.2))
+    with pytest.raises(ValueError, match="step_noise_prefill must be"):
+        SimConfig(step_noise=(1.0, 1.1), step_noise_prefill=(1.0,))
+
+
 def test_path_latency_delays_every_token_at_the_client() -> None:
     reqs = trace(50, rate=5.0)
     _, base = run(SimConfig(instances=2), build_policy("colocate", SimConfig().pricing()), reqs)
