@@ -18,6 +18,7 @@ in ``--out``. Without ``--rate`` the arrival rate is chosen in the simulator so 
 from __future__ import annotations
 
 import argparse
+import bisect
 import os
 import sys
 import time
@@ -34,7 +35,7 @@ from bench.traces import TraceRequest, load_trace, mean_rate, scale
 from broker.cluster_state import Pricing
 from broker.scheduler import make_policy
 from dynaserve.aio import run_event_loop
-from dynaserve.calibration import Sample, choose_step_model, parse_step_log, ratio_quantiles
+from dynaserve.calibration import Sample, choose_step_model, parse_step_log, quantile, ratio_quantiles
 from dynaserve.cluster import ClusterConfig, LocalCluster
 from dynaserve.costmodel import StepLatencyModel
 from dynaserve.metrics import RequestRecord, Summary, summarize
@@ -150,6 +151,9 @@ class LiveExtras:
     noise_steps: int = 0  # steps those quantiles come from
     step_noise_prefill: tuple[float, ...] = ()  # the same for its steps with prefill work (MIN_PREFILL_STEPS or more)
     noise_prefill_steps: int = 0
+    delivery_jitter_ms: tuple[tuple[float, ...], ...] = ()  # per request of the noise window, its decode tokens'
+    # delay from step to client minus the window's median (noise=live; SimConfig.delivery_jitter_ms)
+    delivery_tokens: int = 0  # tokens those runs hold
 
 
 def step_noise(cfg: Sim2RealConfig, extras: LiveExtras | None = None) -> tuple[float, ...]:
@@ -181,6 +185,7 @@ def sim_config(cfg: Sim2RealConfig, extras: LiveExtras | None = None) -> FittedS
         path_latency_ms=ex.path_latency_ms, path_latency_per_prompt_token_ms=ex.path_latency_per_prompt_token_ms,
         step_noise=step_noise(cfg, extras) if extras is not None else (),
         step_noise_prefill=ex.step_noise_prefill if cfg.noise == "live" and extras is not None else (),
+        delivery_jitter_ms=ex.delivery_jitter_ms if cfg.noise == "live" and extras is not None else (),
     )
 
 
@@ -272,6 +277,14 @@ class StepLogs:
         files = [self.folder / f"{instance}.steps"] if instance else sorted(self.folder.glob("*.steps"))
         return [s for f in files if f.exists() for t, s in self._all(f) if start <= t <= end]
 
+    def instances(self) -> list[str]:
+        return sorted(f.stem for f in self.folder.glob("*.steps"))
+
+    def times(self, start: float, end: float, instance: str) -> list[float]:
+        """End times (as logged: right before the step's tokens are shipped) of the steps in [start, end]."""
+        path = self.folder / f"{instance}.steps"
+        return [t for t, _ in self._all(path) if start <= t <= end] if path.exists() else []
+
     def measured_ms(self, start: float, end: float, instance: str | None = None) -> list[float]:
         return [s[4] for s in self.steps(start, end, instance)]
 
@@ -352,6 +365,41 @@ def live_noise(model: StepLatencyModel, served: Sequence[Sample]) -> dict[str, A
     return {"step_noise": ratio_quantiles(model, served, NOISE_POINTS), "noise_steps": len(served)}
 
 
+def delivery_delays(records: Sequence[RequestRecord], step_times: dict[str, Sequence[float]]) -> list[list[float]]:
+    """Per unsplit request of ``records`` on an instance with step times: milliseconds from the step that made
+    each decode token (its logged end, right before shipping) to the token's arrival at the client. Token j
+    came from the last step of its instance that ended before it arrived, but from an earlier one than token
+    j + 1 (tokens held up on the way arrive together): assigned from the last token backwards."""
+    out: list[list[float]] = []
+    for rec in records:
+        st = step_times.get(rec.instance_a or "")
+        if not st or rec.instance_b or len(rec.token_ts) < 2:
+            continue
+        idx = [0] * len(rec.token_ts)
+        nxt = len(st)
+        for j in range(len(rec.token_ts) - 1, -1, -1):
+            nxt = idx[j] = min(bisect.bisect_right(st, rec.token_ts[j]) - 1, nxt - 1)
+        run = [(rec.token_ts[j] - st[idx[j]]) * 1000.0 for j in range(1, len(rec.token_ts)) if idx[j] >= 0]
+        if run:
+            out.append(run)
+    return out
+
+
+def delivery_jitter(delays_ms: Sequence[Sequence[float]]) -> tuple[tuple[float, ...], ...]:
+    """The runs of delays less their overall median, which the simulator adds to its constant message path
+    (SimConfig.delivery_jitter_ms): whole runs, since a slow stretch holds up consecutive tokens together."""
+    mid = quantile([d for run in delays_ms for d in run], 0.5)
+    return tuple(tuple(round(d - mid, 3) for d in run) for run in delays_ms if run)
+
+
+def extras_json(extras: LiveExtras) -> dict[str, Any]:
+    """``extras`` for the result file, the delivery runs (one number per token) summarized by quantiles."""
+    out = asdict(extras)
+    flat = [d for run in extras.delivery_jitter_ms for d in run]
+    out["delivery_jitter_ms"] = [round(quantile(flat, i / 20), 3) for i in range(21)] if flat else []
+    return out
+
+
 def run_live(cfg: Sim2RealConfig, reqs: Sequence[TraceRequest], progress: bool = True,
              log_dir: Path | None = None) -> tuple[list[RequestRecord], LiveExtras, dict[str, Any]]:
     """Start a two-worker cluster with step logs, serve the noise window first (``cfg.noise == "live"``),
@@ -374,8 +422,14 @@ def run_live(cfg: Sim2RealConfig, reqs: Sequence[TraceRequest], progress: bool =
                 noise: dict[str, Any] = {}
                 if cfg.noise == "live":
                     t0 = time.monotonic()
-                    await replay(cluster.client_addr, noise_trace(cfg, mean_rate(reqs)), seed=cfg.seed + 1, **common)
-                    noise = live_noise(model, logs.steps(t0, time.monotonic()))
+                    window = await replay(cluster.client_addr, noise_trace(cfg, mean_rate(reqs)), seed=cfg.seed + 1,
+                                          **common)
+                    t1 = time.monotonic()
+                    noise = live_noise(model, logs.steps(t0, t1))
+                    delays = delivery_delays(window, {i: logs.times(t0, t1, i) for i in logs.instances()})
+                    if delays:
+                        noise.update(delivery_jitter_ms=delivery_jitter(delays),
+                                     delivery_tokens=sum(len(d) for d in delays))
                 extras = (await probe_live(cluster.client_addr, logs) if cfg.probe
                           else LiveExtras(cfg.step_overhead_ms, 0.0, cfg.path_latency_ms, 0.0))
                 extras = replace(extras, **noise)
@@ -448,7 +502,7 @@ def run_once(cfg: Sim2RealConfig, reqs: Sequence[TraceRequest], progress: bool =
         write_records(records_dir / f"{cfg.engine}_{cfg.policy}_live.jsonl", live_records)
         write_records(records_dir / f"{cfg.engine}_{cfg.policy}_sim.jsonl", sim_records)
     one = {"loadavg_before": load_before, "loadavg_after": load_after, "live_wall_s": live_wall,
-           "live_extras": asdict(extras), "step_noise": list(step_noise(cfg, extras)), "steps_during_replay": during,
+           "live_extras": extras_json(extras), "step_noise": list(step_noise(cfg, extras)), "steps_during_replay": during,
            "sim_stats": sim_stats, "live": live.to_dict(), "sim": sim.to_dict(), "compare": compare(live, sim)}
     return one, live_records, sim_records
 

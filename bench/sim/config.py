@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -54,6 +55,9 @@ class SimConfig:
     path_latency_ms: float = 0.0  # client -> broker -> worker plus worker -> broker -> client, added to
     # every token's arrival at the client
     path_latency_per_prompt_token_ms: float = 0.0  # and per prompt token (the prompt's trip to the engine)
+    delivery_jitter_ms: tuple[tuple[float, ...], ...] = ()  # measured runs of consecutive tokens' delay on
+    # their way to the client, beyond the constant path (ms, may be negative): each request replays one run,
+    # chosen at random, from a random token on (wrapping), so slow stretches stay together; in order (FIFO)
     max_sim_s: float = 7200.0  # stop the simulation at this virtual time (unfinished requests fail)
 
     def __post_init__(self) -> None:
@@ -72,6 +76,8 @@ class SimConfig:
             sn = getattr(self, name)
             if sn and (len(sn) < 2 or sn[0] <= 0 or any(b < a for a, b in zip(sn, sn[1:], strict=False))):
                 raise ValueError(f"{name} must be >= 2 positive, non-decreasing quantiles")
+        if any(not run or not all(math.isfinite(x) for x in run) for run in self.delivery_jitter_ms):
+            raise ValueError("delivery_jitter_ms must hold non-empty runs of finite numbers")
         if self.step_noise_prefill and not self.step_noise:
             raise ValueError("step_noise_prefill needs step_noise (for the decode-only steps)")
         if self.kv_alloc not in KV_ALLOCS:

@@ -336,9 +336,22 @@ class Simulator:
         return SimResult([self._record(r) for r in self.requests], span, self.now, self.stats, samples)
 
     def _at_client(self, req: SimRequest) -> list[float]:
-        """The request's token times as its client sees them (after the message path)."""
+        """The request's token times as its client sees them: after the message path, and, with
+        ``cfg.delivery_jitter_ms``, each token's extra delay from one measured run of them (a token never
+        arrives before it was made, nor before the one ahead of it: the path is first in, first out)."""
         shift = self.path_s + self.path_tok_s * req.prompt
-        return [t + shift for t in req.token_ts] if shift else req.token_ts
+        runs = self.cfg.delivery_jitter_ms
+        if not runs:
+            return [t + shift for t in req.token_ts] if shift else req.token_ts
+        rng = random.Random(f"{self.cfg.noise_seed}:{req.req_id}")
+        run = runs[rng.randrange(len(runs))]
+        start = rng.randrange(len(run))
+        out: list[float] = []
+        prev = -math.inf
+        for j, t in enumerate(req.token_ts):
+            prev = max(prev, t + max(0.0, shift + run[(start + j) % len(run)] / 1000.0))
+            out.append(prev)
+        return out
 
     def _record(self, req: SimRequest) -> RequestRecord:
         plan = req.plan

@@ -18,6 +18,8 @@ from bench.sim2real import (
     StepLogs,
     build_trace,
     compare_runs,
+    delivery_delays,
+    delivery_jitter,
     live_noise,
     noise_trace,
     run,
@@ -26,6 +28,7 @@ from bench.sim2real import (
 )
 from dynaserve.calibration import FitError, StepModelFile
 from dynaserve.costmodel import StepLatencyModel, preset_step_model
+from dynaserve.metrics import RequestRecord
 
 pytestmark = pytest.mark.integration
 
@@ -93,9 +96,29 @@ def test_tiny_trace_end_to_end(tmp_path: Path) -> None:
     pre = ex["step_noise_prefill"]
     assert (ex["noise_prefill_steps"] >= MIN_PREFILL_STEPS and len(pre) == NOISE_POINTS) or \
         (ex["noise_prefill_steps"] == 0 and not pre)
+    # and the delivery jitter from the window's tokens against those steps
+    assert ex["delivery_tokens"] > 8 and len(ex["delivery_jitter_ms"]) == 21  # the runs, summarized by quantiles
+    assert list(ex["delivery_jitter_ms"]) == sorted(ex["delivery_jitter_ms"])
     during = result["steps_during_replay"]
     assert during["steps"] > 8 and len(during["ratio_quantiles"]) == 21
     assert 0 < during["prefill_steps"] < during["steps"]
+
+
+def test_delivery_delays_match_tokens_to_the_steps_that_made_them() -> None:
+    steps = {"w0": [1.000, 1.003, 1.006, 1.009], "w1": [1.0015, 1.0045]}
+
+    def rec(ts: list[float], a: str = "w0", b: str | None = None) -> RequestRecord:
+        return RequestRecord(req_id="r", arrival_s=0.0, submit_ts=0.9, prompt_tokens=4, max_tokens=4, token_ts=ts,
+                             instance_a=a, instance_b=b, ttft_slo_ms=1e9, tbt_slo_ms=1e9)
+
+    # tokens 1 and 2 were held up and arrived together with token 3, just after the step that made token 3
+    got = delivery_delays([rec([1.0005, 1.0090, 1.0090, 1.0092]), rec([1.0005, 1.0035], "w1")], steps)
+    assert len(got) == 2
+    assert got[0] == pytest.approx([6.0, 3.0, 0.2])  # tokens after the first: steps 1.003, 1.006, 1.009
+    assert got[1] == pytest.approx([2.0])
+    # split requests, unknown instances and single tokens are left out
+    assert delivery_delays([rec([1.0005, 1.0035], b="w1"), rec([1.0005, 1.0035], "w9"), rec([1.0005])], steps) == []
+    assert delivery_jitter([[0.2, 0.3, 5.3], [0.3, 0.4]]) == ((-0.1, 0.0, 5.0), (0.0, 0.1))  # less the median
 
 
 def test_live_noise_splits_steps_with_prefill_from_decode_only_steps() -> None:

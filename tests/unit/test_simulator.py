@@ -200,6 +200,25 @@ def test_live_truth_gives_steps_with_prefill_their_own_noise() -> None:
         SimConfig(step_noise=(1.0, 1.1), step_noise_prefill=(1.0,))
 
 
+def test_delivery_jitter_replays_measured_runs_in_order() -> None:
+    reqs = trace(50, rate=5.0)
+    _, base = run(SimConfig(instances=2), build_policy("colocate", SimConfig().pricing()), reqs)
+    cfg = SimConfig(instances=2, path_latency_ms=1.0, delivery_jitter_ms=((0.0, 0.0, 0.0, 30.0), (-0.5,)))
+    _, late = run(cfg, build_policy("colocate", cfg.pricing()), reqs)
+    extra, bunched = [], 0
+    for a, b in zip(base.records, late.records, strict=True):
+        assert b.token_ts == sorted(b.token_ts)  # first in, first out
+        extra += [(y - x) * 1000.0 - 1.0 for x, y in zip(a.token_ts, b.token_ts, strict=True)]
+        bunched += sum(1 for x, y in zip(b.token_ts, b.token_ts[1:], strict=False) if y == x)
+    assert min(extra) == pytest.approx(-0.5) and max(extra) <= 30.0 + 1e-6
+    assert any(e == pytest.approx(30.0) for e in extra) and any(e == pytest.approx(0.0) for e in extra)
+    assert bunched > 0  # a held-up token lets the next ones catch up: they arrive together, as live
+    _, again = run(cfg, build_policy("colocate", cfg.pricing()), reqs)
+    assert [r.token_ts for r in again.records] == [r.token_ts for r in late.records]  # seeded
+    with pytest.raises(ValueError, match="delivery_jitter_ms"):
+        SimConfig(delivery_jitter_ms=((1.0,), ()))
+
+
 def test_path_latency_delays_every_token_at_the_client() -> None:
     reqs = trace(50, rate=5.0)
     _, base = run(SimConfig(instances=2), build_policy("colocate", SimConfig().pricing()), reqs)
