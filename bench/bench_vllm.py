@@ -86,6 +86,11 @@ def prompt_ids(n: int, seed: int) -> list[int]:
     return [rng.randrange(3, VOCAB) for _ in range(n)]
 
 
+def num(x: float) -> str:
+    """A table cell: two decimals, or "-" for a figure that was not measured (NaN)."""
+    return f"{x:.2f}" if x == x else "-"
+
+
 def med(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
@@ -964,14 +969,14 @@ def overhead_table(res: dict, concurrency: list[int]) -> str:
             steps[name] = med([x for r in rows for x in r.get("steps", [])])
             tput = med([r["tokens"] / r["span"] for r in rows])
             lines.append(f"| {n} | {label} | {s.completed}/{s.n} | {s.ttft_p50_ms:.1f} | {s.tbt_p50_ms:.2f} "
-                         f"| {s.tbt_p99_ms:.2f} | {steps[name]:.2f} | {tput:,.0f} | {cpu['engine']:.2f} "
+                         f"| {s.tbt_p99_ms:.2f} | {num(steps[name])} | {tput:,.0f} | {cpu['engine']:.2f} "
                          f"| {cpu['broker']:.2f} | {cpu['client']:.2f} | {cpu['total']:.2f} |")
         d = sums["ds"]
         for base in BARE_MODES:
             b = sums[base]
             lines.append(f"| {n} | **ratio DynaServe / {base}** | | **{d.ttft_p50_ms / b.ttft_p50_ms:.2f}** "
                          f"| **{d.tbt_p50_ms / b.tbt_p50_ms:.2f}** | **{d.tbt_p99_ms / b.tbt_p99_ms:.2f}** "
-                         f"| **{steps['ds'] / steps[base]:.2f}** | "
+                         f"| **{num(steps['ds'] / steps[base])}** | "
                          f"| {cpus['ds']['engine'] / cpus[base]['engine']:.2f} | | "
                          f"| {cpus['ds']['total'] / cpus[base]['total']:.2f} |")
     per: dict[tuple[int, int], dict[str, float]] = {}
