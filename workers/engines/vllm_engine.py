@@ -208,8 +208,9 @@ class VllmEngine:
         )
         self.llm = LLMEngine.from_engine_args(args)
         core = self.llm.engine_core.engine_core  # the in-process EngineCore
-        # with a KV connector vLLM hashes every new request's prompt blocks (sha256) when it adds it, for
-        # prefix caching, which is off; NIXL never reads the hashes (0.1 ms per 2,000-token prompt measured)
+        # with a KV connector vLLM hashes every request's full blocks (sha256: the prompt's when it is added,
+        # each new one after every step) for prefix caching, which is off; NIXL never reads the hashes
+        # (0.1 ms per 2,000-token prompt measured). Requests made without a hasher skip all of it.
         core.request_block_hasher = None
         self.sched = core.scheduler
         self.sched.local = self.local
@@ -416,7 +417,7 @@ class VllmEngine:
         first = True
         try:
             while not self._closing:
-                if ship is not None:
+                if ship is not None and time.monotonic() >= self._next_pull_check:  # a B's deadline passed
                     late = StepOutput()
                     with self._lock:
                         self._check_pulls(late)
@@ -447,9 +448,9 @@ class VllmEngine:
             return
         post(_Stepped(outputs, last=True))
 
-    def _collect(self, outputs: list[Any], plan: Any, ms: float) -> StepOutput:
-        """The StepOutput of a step's vLLM outputs (and of its plan, when it ran the model)."""
-        out = StepOutput()
+    def _collect(self, outputs: list[Any], plan: Any, ms: float, out: StepOutput | None = None) -> StepOutput:
+        """``out`` (a new one if None) with a step's vLLM outputs added (and its plan, when it ran the model)."""
+        out = out if out is not None else StepOutput()
         with self._lock:
             for o in outputs:
                 self._on_output(o, out)
@@ -485,9 +486,7 @@ class VllmEngine:
                 self._bursting = False
             if got.error is not None:
                 raise got.error
-            step = self._collect(got.outputs, got.plan, got.ms)  # also forgets blocks vLLM has freed
-            step.failures[:0] = out.failures
-            out = step
+            self._collect(got.outputs, got.plan, got.ms, out)  # also forgets blocks vLLM has freed
             if got.plan is not None or not self._ops:
                 return out
             # the burst ended while changes were queued (they arrived after its last step): run them now
