@@ -29,6 +29,8 @@ class SimConfig:
     max_num_seqs: int = 256  # running sequences per instance (admission cap, as in vLLM)
     min_chunk_tokens: int = 16  # prefill progress guaranteed per step
     report_interval_ms: float = 20.0  # instances report their load this often (virtual time)
+    exact_state: bool = False  # the policy sees every instance's current load at each placement (every
+    # changed instance reports right before it), as no live broker can: for perfect-information references
     link_gbps: float = 25.0  # KV link bandwidth per direction, GB/s (one link per GPU of an instance)
     transfer_latency_ms: float = 1.0  # fixed cost of one KV handoff (setup, descriptor round trip)
     serialize_transfers: bool = True  # transfers into one instance share its link, one at a time

@@ -10,7 +10,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from bench.sim.study import MODELS, Curve, best
+from bench.sim.study import MODELS, ORACLE_SEARCH, Curve, best
 from bench.sim.workloads import WORKLOADS
 
 KINDS = ("none", "prompt", "pd", "decode")
@@ -27,6 +27,15 @@ def _group(curves: Sequence[Curve]) -> dict[tuple[str, str], list[Curve]]:
     for c in curves:
         out.setdefault((c.model, c.workload), []).append(c)
     return out
+
+
+def _oracle_kind(c: Curve) -> str:
+    """Which of the oracle's perfect-information policies a curve is."""
+    return "search" if c.spec.label == ORACLE_SEARCH else "exact dynaserve"
+
+
+def _oracle_cell(c: Curve) -> str:
+    return f"{c.capacity:.2f} ({_oracle_kind(c)})"
 
 
 def _variants(curves: Sequence[Curve]) -> list[str]:
@@ -57,7 +66,7 @@ def capacity_table(curves: Sequence[Curve]) -> str:
             cells.append(f"{dyn.capacity:.2f}" if dyn else "-")
             vcs = [best(cs, v) for v in variants]
             cells += [f"{v.capacity:.2f}" if v else "-" for v in vcs]
-            cells.append(f"{ora.capacity:.2f}" if ora else "-")
+            cells.append(_oracle_cell(ora) if ora else "-")
             cells.append(_ratio(dyn.capacity, base) if dyn else "-")
             cells.append(_ratio(dyn.capacity, ora.capacity) if dyn and ora else "-")
             cells += [_ratio(v.capacity, base) if v else "-" for v in vcs]
@@ -96,7 +105,6 @@ def ablation_table(curves: Sequence[Curve]) -> str:
         if not abl:
             continue
         dyn = best(cs, "dynaserve")
-        ora = best(cs, "oracle")
         lines += [f"**{WORKLOADS[w].title}, {MODELS[mk][2]}**: DynaServe capacity (req/s) by output-length predictor", ""]
         lines += ["| predictor | capacity | vs history predictor |", "|---|---|---|"]
         if dyn:
@@ -104,8 +112,9 @@ def ablation_table(curves: Sequence[Curve]) -> str:
         for c in sorted(abl, key=lambda c: c.spec.label):
             lines.append(f"| {c.spec.label.split(', ', 1)[1]} | {c.capacity:.2f} | "
                          f"{_ratio(c.capacity, dyn.capacity) if dyn else '-'} |")
-        if ora:
-            lines.append(f"| (oracle policy) | {ora.capacity:.2f} | {_ratio(ora.capacity, dyn.capacity) if dyn else '-'} |")
+        for o in sorted((c for c in cs if c.spec.family == "oracle"), key=lambda c: c.spec.label):
+            lines.append(f"| (oracle: {o.spec.label}) | {o.capacity:.2f} | "
+                         f"{_ratio(o.capacity, dyn.capacity) if dyn else '-'} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -126,15 +135,17 @@ def split_table(curves: Sequence[Curve]) -> str:
             cs = groups.get((mk, w))
             if not cs:
                 continue
-            for f in fams:
-                c = best(cs, f)
+            rows = [(f.split(":")[-1], best(cs, f)) for f in fams if f != "oracle"]
+            rows += [(f"oracle: {c.spec.label}", c) for c in sorted(cs, key=lambda c: c.spec.label)
+                     if c.spec.family == "oracle"]
+            for name, c in rows:
                 pt = _at_capacity(c) if c else None
                 if pt is None:
                     continue
                 kinds = pt["split_kinds"]
                 n = max(1, sum(kinds.values()))
                 cells = [f"{100 * kinds.get(k, 0) / n:.0f}%" for k in KINDS]
-                lines.append(f"| {mk} | {w} | {f.split(':')[-1]} | {pt['rate']:.3g} | " + " | ".join(cells) + " |")
+                lines.append(f"| {mk} | {w} | {name} | {pt['rate']:.3g} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -163,6 +174,8 @@ def plot_attainment(curves: Sequence[Curve], mk: str, path: Path) -> None:
             ys = [p["attainment"] for p in c.points]
             style = "--" if f == "oracle" else "-"
             lab = c.spec.label if f in ("colocate", "disagg") else f.split(":")[-1]
+            if f == "oracle":
+                lab = f"oracle, {_oracle_kind(c)}"
             color = COLORS.get(f) or VARIANT_COLORS[variants.index(f) % len(VARIANT_COLORS)]
             ax.plot(xs, ys, style, marker="o", ms=3, color=color, label=f"{lab} ({c.capacity:.2f})")
         ax.axhline(0.9, color="grey", lw=0.8, ls=":")
@@ -192,7 +205,7 @@ def plot_splits(curves: Sequence[Curve], mk: str, path: Path) -> None:
             kinds = pt["split_kinds"] if pt else {}
             n = max(1, sum(kinds.values()))
             shares.append([kinds.get(k, 0) / n for k in KINDS])
-            labels.append(f"{w}\n{f}")
+            labels.append(f"{w}\n{f}" if f != "oracle" or c is None else f"{w}\noracle, {_oracle_kind(c)}")
     arr = np.array(shares) if shares else np.zeros((0, len(KINDS)))
     bottom = np.zeros(len(labels))
     for j, k in enumerate(KINDS):

@@ -6,7 +6,8 @@ instance, end of a KV transfer, and the load-report tick. The broker side mirror
 :class:`~broker.cluster_state.RequestInfo`, asks the global policy for a plan and commits it; a request
 the policy cannot place waits in a FIFO queue that is drained after every report tick and every finished
 request. Every ``report_interval_ms`` each instance whose load changed reports the same fields the live
-worker reports; between reports the policy sees its own optimistic ``commit`` accounting.
+worker reports; between reports the policy sees its own optimistic ``commit`` accounting
+(``SimConfig.exact_state``: every changed instance also reports right before each placement).
 """
 
 from __future__ import annotations
@@ -209,6 +210,8 @@ class Simulator:
 
     def _try_dispatch(self, req: SimRequest, now: float) -> bool:
         info = RequestInfo(req.req_id, req.prompt, req.max_tokens, req.predicted, req.ttft_slo_ms, req.tbt_slo_ms)
+        if self.cfg.exact_state:
+            self._report(now)
         plan = self.policy.plan(info, self.cluster, now)
         self.stats["plans"] += 1
         if plan is None:

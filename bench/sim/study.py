@@ -97,13 +97,20 @@ def baseline_specs(quick: bool) -> list[Spec]:
     return out
 
 
+ORACLE_SEARCH = "oracle search"
+ORACLE_DYNASERVE = "dynaserve, exact lengths and state"
+
+
 def main_specs(quick: bool) -> list[Spec]:
-    """The baselines, DynaServe (its global policy and its local scheduler) and the oracle (DynaServe's
-    local scheduler, exact state and true output lengths)."""
+    """The baselines, DynaServe (its global policy and its local scheduler) and the oracle: the better of
+    two perfect-information policies (both with DynaServe's local scheduler, the exact state of every
+    instance and true output lengths), the per-request split search of bench.sim.oracle and DynaServe's own
+    placement."""
     return [
         *baseline_specs(quick),
         Spec("dynaserve", "dynaserve", "dynaserve", sim=(DEADLINE,)),
-        Spec("oracle", "oracle", "oracle", sim=(DEADLINE,), predictor="max_tokens"),
+        Spec("oracle", ORACLE_SEARCH, "oracle", sim=(DEADLINE,), predictor="max_tokens"),
+        Spec("oracle", ORACLE_DYNASERVE, "dynaserve", sim=(DEADLINE, ("exact_state", True)), predictor="noisy:0.0"),
     ]
 
 

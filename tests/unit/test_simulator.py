@@ -167,6 +167,41 @@ def test_loads_reported_to_the_broker() -> None:
         assert inst.last_report > 0
 
 
+@dataclass
+class Watching:
+    """Test policy: colocate's plans; records, at every placement, how many instances the cluster view gets
+    wrong (queued prefill or running sequences differ from the simulator's instance)."""
+
+    inner: object
+    sim: Simulator | None = None
+    stale: list[int] | None = None
+    name: str = "watching"
+
+    def plan(self, req: RequestInfo, cluster: ClusterState, now: float) -> Plan | None:
+        assert self.sim is not None and self.stale is not None
+        self.stale.append(sum(
+            1 for inst in self.sim.instances
+            if (cluster.instances[inst.id].queued_prefill_tokens, cluster.instances[inst.id].running_seqs)
+            != (inst.qp, len(inst.decoding))
+        ))
+        return self.inner.plan(req, cluster, now)  # type: ignore[attr-defined,no-any-return]
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_exact_state_shows_the_policy_every_instance_as_it_is(exact: bool) -> None:
+    cfg = SimConfig(instances=3, report_interval_ms=20.0, exact_state=exact)
+    pol = Watching(build_policy("colocate", cfg.pricing()), stale=[])
+    sim = Simulator(cfg, pol)  # type: ignore[arg-type]
+    pol.sim = sim
+    reqs = [TraceRequest(0.007 * i, 2000 + 37 * i, 20) for i in range(60)]  # arrivals between report ticks
+    sim.run(reqs, 5000.0)
+    assert len(pol.stale) == 60
+    if exact:
+        assert sum(pol.stale) == 0
+    else:  # the control: between ticks the view lags the instances
+        assert sum(pol.stale) > 0
+
+
 def test_live_truth_adds_overhead_and_replays_noise_quantiles() -> None:
     from bench.sim.simulator import linear_truth, live_truth
 
