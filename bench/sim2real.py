@@ -39,6 +39,7 @@ from dynaserve.calibration import Sample, choose_step_model, parse_step_log, qua
 from dynaserve.cluster import ClusterConfig, LocalCluster
 from dynaserve.costmodel import StepLatencyModel
 from dynaserve.metrics import RequestRecord, Summary, summarize
+from dynaserve.split import tokens_emitted_by_a
 
 DEFAULT_VLLM_STEP_MODEL = "docs/sim2real/tiny-llama-cpu.json"
 # quantiles of the live noise (every 0.5 %): the simulator interpolates linearly between neighbours, so with
@@ -154,6 +155,10 @@ class LiveExtras:
     delivery_jitter_ms: tuple[tuple[float, ...], ...] = ()  # per request of the noise window, its decode tokens'
     # delay from step to client minus the window's median (noise=live; SimConfig.delivery_jitter_ms)
     delivery_tokens: int = 0  # tokens those runs hold
+    handoff_gap_ms: float = 0.0  # median gap at the client between A's last and B's first token of the noise
+    # window's split requests (noise=live; the simulator's transfer latency is fitted to it)
+    handoffs: int = 0  # split requests that median comes from
+    transfer_latency_ms: float = 0.0  # the simulator's fixed handoff cost fitted to handoff_gap_ms (with handoffs)
 
 
 def step_noise(cfg: Sim2RealConfig, extras: LiveExtras | None = None) -> tuple[float, ...]:
@@ -177,8 +182,12 @@ def sim_config(cfg: Sim2RealConfig, extras: LiveExtras | None = None) -> FittedS
     return FittedSimConfig(
         model="tiny-llama" if cfg.engine == "vllm" else cfg.model, gpu=cfg.gpu, instances=2,
         tbt_slo_ms=cfg.tbt_slo_ms, margin=0.1, max_batched_tokens=tokens, max_num_seqs=seqs, min_chunk_tokens=16,
-        report_interval_ms=20.0, link_gbps=cfg.link_gbps, transfer_latency_ms=cfg.transfer_latency_ms,
-        eager_pull=False, prefill_order="deadline", block_size=block,
+        report_interval_ms=20.0, link_gbps=cfg.link_gbps,
+        transfer_latency_ms=ex.transfer_latency_ms if ex.handoffs else cfg.transfer_latency_ms,
+        # B's pick-up as each live engine does it: the simulated engine admits B at its next step boundary and
+        # B joins that very step once the pull lands (eager); vLLM posts the pull in that step and schedules B
+        # in the one after, when the step's output reports the pull done (not eager)
+        eager_pull=cfg.engine == "sim", prefill_order="deadline", block_size=block,
         kv_alloc="on_demand" if cfg.engine == "vllm" else "reserve", ground_truth="linear", max_sim_s=3600.0,
         fixed_model=model, fixed_kv_bytes=kv_bytes, fixed_kv_tokens=cfg.kv_capacity_tokens,
         step_overhead_ms=ex.step_overhead_ms, step_overhead_per_seq_ms=ex.step_overhead_per_seq_ms,
@@ -201,6 +210,24 @@ def run_sim(cfg: Sim2RealConfig, reqs: Sequence[TraceRequest],
     stats = {"busy_share": {k: v / span for k, v in res.stats["busy_s"].items()},
              "transfers": res.stats["transfers"], "steps": res.stats["steps"]}
     return res.records, stats
+
+
+def fit_transfer_latency(cfg: Sim2RealConfig, window: Sequence[TraceRequest], extras: LiveExtras) -> float:
+    """The simulator's fixed handoff cost (``transfer_latency_ms``) at which its median handoff gap over the
+    noise window, simulated with everything else measured, matches the live one (``extras.handoff_gap_ms``):
+    bisection, the gap growing with the cost."""
+    lo, hi = 0.0, max(50.0, 4.0 * extras.handoff_gap_ms)
+    unfitted = replace(extras, handoffs=0)
+    for _ in range(14):
+        mid = (lo + hi) / 2.0
+        recs, _ = run_sim(replace(cfg, transfer_latency_ms=mid), window, unfitted)
+        gaps = handoff_gaps(recs)
+        if not gaps:
+            break  # the simulated policy split nothing in the window: keep the configured cost
+        lo, hi = (mid, hi) if quantile(gaps, 0.5) < extras.handoff_gap_ms else (lo, mid)
+    else:
+        return round((lo + hi) / 2.0, 3)
+    return cfg.transfer_latency_ms
 
 
 def choose_rate(cfg: Sim2RealConfig, base: Sequence[TraceRequest]) -> float:
@@ -317,13 +344,15 @@ async def probe_live(addr: str, logs: StepLogs) -> LiveExtras:
         return ms
 
     async def decode_extra(c: DynaServeClient, n: int) -> tuple[int, float, int]:
-        """Start ``n`` requests together; (sequences on the first one's instance, its median gap minus the
-        median step there, gaps)."""
+        """Start ``n`` requests together; (sequences decoding on the first one's decoding instance, its median
+        gap there minus the median step there, gaps). A split request decodes on B: only B's gaps count."""
         streams = [c.generate(list(range(1 + i, p + 1 + i)), max_tokens=o, ignore_eos=True) for i in range(n)]
         await asyncio.gather(*(s.collect() for s in streams))
-        where = [s.admitted.instance_a if s.admitted else None for s in streams]
+        where = [_decoding_instance(s.admitted, p, o) for s in streams]
         k = where.count(where[0])  # the policy may spread them over the instances
-        ts = streams[0].token_ts
+        ts = streams[0].token_ts[_emitted_by_a(streams[0].admitted, p, o):] if where[0] else []
+        if len(ts) < 2:
+            raise RuntimeError("the probe's decoding request made fewer than two tokens on one instance")
         gaps = [(b - a) * 1000.0 for a, b in zip(ts, ts[1:], strict=False)]
         return k, median(gaps) - median(measured(ts[0], ts[-1], where[0])), len(gaps)
 
@@ -340,6 +369,8 @@ async def probe_live(addr: str, logs: StepLogs) -> LiveExtras:
                 s = c.generate([100 + (i + j) % 400 for j in range(n)], max_tokens=1, ignore_eos=True)
                 await s.collect()
                 where = s.admitted.instance_a if s.admitted else None
+                if s.admitted and s.admitted.instance_b and _emitted_by_a(s.admitted, n, 1) == 0:
+                    where = s.admitted.instance_b  # a prompt split: B computes the rest and the token
                 steps_ms = sum(measured(s.submit_ts, s.token_ts[0], where))
                 out.append((s.token_ts[0] - s.submit_ts) * 1000.0 - steps_ms - fixed - per_seq)
             return out
@@ -349,6 +380,40 @@ async def probe_live(addr: str, logs: StepLogs) -> LiveExtras:
         per_tok = max(0.0, (median(long) - path) / (PROBE_LONG_PROMPT - 1))
     return LiveExtras(round(fixed, 3), round(per_seq, 4), round(path, 3), round(per_tok, 5), n_one + n_batch,
                       len(short) + len(long))
+
+
+def _emitted_by_a(admitted: Any, prompt: int, max_tokens: int) -> int:
+    """Tokens instance A emits for an ``Admitted`` plan (all of them when unsplit)."""
+    if admitted is None or not admitted.instance_b:
+        return max_tokens
+    return tokens_emitted_by_a(prompt, max_tokens, admitted.split)
+
+
+def _decoding_instance(admitted: Any, prompt: int, max_tokens: int) -> str | None:
+    """Where a request's decode tokens come from: B when B emits any, else A."""
+    if admitted is None:
+        return None
+    if admitted.instance_b and _emitted_by_a(admitted, prompt, max_tokens) < max_tokens:
+        return str(admitted.instance_b)
+    return str(admitted.instance_a)
+
+
+def emitted_by_a(rec: RequestRecord) -> int:
+    """How many of a record's tokens instance A made (all of them when the request was not split)."""
+    if not rec.instance_b or rec.split is None:
+        return len(rec.token_ts)
+    return min(len(rec.token_ts), tokens_emitted_by_a(rec.prompt_tokens, rec.max_tokens, rec.split))
+
+
+def handoff_gaps(records: Sequence[RequestRecord]) -> list[float]:
+    """Per split request whose A and B both emitted tokens: the gap at the client between A's last and B's
+    first token (ms). It holds the handoff (A's message, B's pick-up, the pull) and B's first step."""
+    out = []
+    for rec in records:
+        ea = emitted_by_a(rec) if rec.instance_b else 0
+        if 1 <= ea < len(rec.token_ts):
+            out.append((rec.token_ts[ea] - rec.token_ts[ea - 1]) * 1000.0)
+    return out
 
 
 def live_noise(model: StepLatencyModel, served: Sequence[Sample]) -> dict[str, Any]:
@@ -366,20 +431,28 @@ def live_noise(model: StepLatencyModel, served: Sequence[Sample]) -> dict[str, A
 
 
 def delivery_delays(records: Sequence[RequestRecord], step_times: dict[str, Sequence[float]]) -> list[list[float]]:
-    """Per unsplit request of ``records`` on an instance with step times: milliseconds from the step that made
-    each decode token (its logged end, right before shipping) to the token's arrival at the client. Token j
-    came from the last step of its instance that ended before it arrived, but from an earlier one than token
-    j + 1 (tokens held up on the way arrive together): assigned from the last token backwards."""
+    """Per request of ``records`` on instances with step times: milliseconds from the step that made each
+    decode token (its logged end, right before shipping) to the token's arrival at the client. Token j came
+    from the last step of its instance that ended before it arrived, but from an earlier one than token j + 1
+    (tokens held up on the way arrive together): assigned from the last token backwards. A split request's
+    tokens are matched to A's steps up to the handoff and to B's after it (B's first token counts: only the
+    request's first token, which the message path models, does not)."""
     out: list[list[float]] = []
     for rec in records:
-        st = step_times.get(rec.instance_a or "")
-        if not st or rec.instance_b or len(rec.token_ts) < 2:
-            continue
-        idx = [0] * len(rec.token_ts)
-        nxt = len(st)
-        for j in range(len(rec.token_ts) - 1, -1, -1):
-            nxt = idx[j] = min(bisect.bisect_right(st, rec.token_ts[j]) - 1, nxt - 1)
-        run = [(rec.token_ts[j] - st[idx[j]]) * 1000.0 for j in range(1, len(rec.token_ts)) if idx[j] >= 0]
+        ea = emitted_by_a(rec)
+        segments = [(rec.instance_a, rec.token_ts[:ea], 1)]
+        if rec.instance_b and ea < len(rec.token_ts):
+            segments.append((rec.instance_b, rec.token_ts[ea:], 1 if ea == 0 else 0))
+        run: list[float] = []
+        for inst, ts, first in segments:
+            st = step_times.get(inst or "")
+            if not st or len(ts) <= first:
+                continue
+            idx = [0] * len(ts)
+            nxt = len(st)
+            for j in range(len(ts) - 1, -1, -1):
+                nxt = idx[j] = min(bisect.bisect_right(st, ts[j]) - 1, nxt - 1)
+            run += [(ts[j] - st[idx[j]]) * 1000.0 for j in range(first, len(ts)) if idx[j] >= 0]
         if run:
             out.append(run)
     return out
@@ -430,6 +503,9 @@ def run_live(cfg: Sim2RealConfig, reqs: Sequence[TraceRequest], progress: bool =
                     if delays:
                         noise.update(delivery_jitter_ms=delivery_jitter(delays),
                                      delivery_tokens=sum(len(d) for d in delays))
+                    gaps = handoff_gaps(window)
+                    if gaps:
+                        noise.update(handoff_gap_ms=round(quantile(gaps, 0.5), 3), handoffs=len(gaps))
                 extras = (await probe_live(cluster.client_addr, logs) if cfg.probe
                           else LiveExtras(cfg.step_overhead_ms, 0.0, cfg.path_latency_ms, 0.0))
                 extras = replace(extras, **noise)
@@ -471,6 +547,16 @@ def table(result: dict[str, Any]) -> str:
     rows.append(f"| completed | {lv['completed']}/{lv['n']} | {sm['completed']}/{sm['n']} | |" + (" |" if runs else ""))
     if runs:
         rows.append(f"\nlive and sim: medians over {len(runs)} runs; completed: the last run")
+    for r in runs or [result]:
+        hg, ex = r.get("handoff_gap_ms"), r.get("live_extras", {})
+        if hg and hg.get("live") and hg.get("sim"):
+            rows.append(f"\nhandoff gap (A's last -> B's first token), median / P90 ms: live {hg['live'][0]:.1f} / "
+                        f"{hg['live'][1]:.1f} ({hg['live'][2]} splits), sim {hg['sim'][0]:.1f} / {hg['sim'][1]:.1f} "
+                        f"({hg['sim'][2]}); " + (
+                            f"simulator's handoff cost {ex['transfer_latency_ms']:.2f} ms, fitted to the noise "
+                            f"window's {ex['handoff_gap_ms']:.1f} ms ({ex['handoffs']} splits)" if ex.get("handoffs")
+                            else f"simulator's handoff cost {result['config']['transfer_latency_ms']:.2f} ms "
+                                 "(configured; no split in the noise window)"))
     return "\n".join(rows)
 
 
@@ -495,6 +581,9 @@ def run_once(cfg: Sim2RealConfig, reqs: Sequence[TraceRequest], progress: bool =
                                             records_dir / "steps" if records_dir is not None else None)
     live_wall = time.monotonic() - t0
     load_after = os.getloadavg()
+    if extras.handoffs:
+        extras = replace(extras, transfer_latency_ms=fit_transfer_latency(cfg, noise_trace(cfg, mean_rate(reqs)),
+                                                                          extras))
     sim_records, sim_stats = run_sim(cfg, reqs, extras)
     live, sim = summarize(live_records), summarize(sim_records)
     if records_dir is not None:
@@ -504,6 +593,10 @@ def run_once(cfg: Sim2RealConfig, reqs: Sequence[TraceRequest], progress: bool =
     one = {"loadavg_before": load_before, "loadavg_after": load_after, "live_wall_s": live_wall,
            "live_extras": extras_json(extras), "step_noise": list(step_noise(cfg, extras)), "steps_during_replay": during,
            "sim_stats": sim_stats, "live": live.to_dict(), "sim": sim.to_dict(), "compare": compare(live, sim)}
+    gaps = {"live": handoff_gaps(live_records), "sim": handoff_gaps(sim_records)}
+    if gaps["live"] or gaps["sim"]:  # split requests: their handoff gaps in the compared replay (median, P90, count)
+        one["handoff_gap_ms"] = {k: [round(quantile(v, 0.5), 3), round(quantile(v, 0.9), 3), len(v)] if v else []
+                                 for k, v in gaps.items()}
     return one, live_records, sim_records
 
 

@@ -20,9 +20,13 @@ from bench.sim2real import (
     compare_runs,
     delivery_delays,
     delivery_jitter,
+    emitted_by_a,
+    fit_transfer_latency,
+    handoff_gaps,
     live_noise,
     noise_trace,
     run,
+    run_sim,
     sim_config,
     table,
 )
@@ -116,9 +120,38 @@ def test_delivery_delays_match_tokens_to_the_steps_that_made_them() -> None:
     assert len(got) == 2
     assert got[0] == pytest.approx([6.0, 3.0, 0.2])  # tokens after the first: steps 1.003, 1.006, 1.009
     assert got[1] == pytest.approx([2.0])
-    # split requests, unknown instances and single tokens are left out
-    assert delivery_delays([rec([1.0005, 1.0035], b="w1"), rec([1.0005, 1.0035], "w9"), rec([1.0005])], steps) == []
+    # a PD split (A made token 0): B's tokens are matched to B's steps, its first one included
+    pd = replace(rec([1.0005, 1.0020, 1.0050], b="w1"), split=4)
+    assert delivery_delays([pd], steps) == [pytest.approx([0.5, 0.5])]
+    # unknown instances and single tokens are left out
+    assert delivery_delays([rec([1.0005, 1.0035], "w9"), rec([1.0005])], steps) == []
     assert delivery_jitter([[0.2, 0.3, 5.3], [0.3, 0.4]]) == ((-0.1, 0.0, 5.0), (0.0, 0.1))  # less the median
+
+
+def test_handoff_gaps_are_taken_between_a_and_b_at_the_client() -> None:
+    def rec(ts: list[float], split: int | None, b: str | None = "w1") -> RequestRecord:
+        return RequestRecord(req_id="r", arrival_s=0.0, submit_ts=0.9, prompt_tokens=4, max_tokens=4, token_ts=ts,
+                             instance_a="w0", instance_b=b, split=split, ttft_slo_ms=1e9, tbt_slo_ms=1e9)
+
+    ts = [1.0, 1.002, 1.010, 1.012]
+    assert emitted_by_a(rec(ts, 4)) == 1 and emitted_by_a(rec(ts, 5)) == 2 and emitted_by_a(rec(ts, 2)) == 0
+    assert emitted_by_a(rec(ts, None, None)) == 4
+    # PD (A made token 0), a decode handoff after token 1; a prompt split and an unsplit request have none
+    got = handoff_gaps([rec(ts, 4), rec(ts, 5), rec(ts, 2), rec(ts, None, None)])
+    assert got == pytest.approx([2.0, 8.0])
+
+
+def test_simulated_handoff_cost_is_fitted_to_the_live_handoff_gap() -> None:
+    cfg = Sim2RealConfig(engine="sim", policy="disagg", limit=30, rate=2.0)
+    window = noise_trace(cfg, 2.0)
+    recs, _ = run_sim(replace(cfg, transfer_latency_ms=12.0), window, LiveExtras())
+    gaps = handoff_gaps(recs)
+    assert len(gaps) > 20  # 1P:1D: every request is handed off
+    live = LiveExtras(handoff_gap_ms=sorted(gaps)[len(gaps) // 2], handoffs=len(gaps))
+    fitted = fit_transfer_latency(cfg, window, live)
+    assert fitted == pytest.approx(12.0, abs=1.0)
+    assert sim_config(cfg, replace(live, transfer_latency_ms=fitted)).transfer_latency_ms == fitted
+    assert sim_config(cfg, LiveExtras(transfer_latency_ms=7.0)).transfer_latency_ms == cfg.transfer_latency_ms
 
 
 def test_live_noise_splits_steps_with_prefill_from_decode_only_steps() -> None:
