@@ -222,9 +222,9 @@ def _install_vllm_probes(emit: Any) -> None:
     orig_add = LLMEngine.add_request
 
     def add_request(self: Any, request_id: str, *a: Any, **kw: Any) -> Any:
-        t0 = time.monotonic()
+        t0, c0 = time.monotonic(), time.thread_time()
         r = orig_add(self, request_id, *a, **kw)
-        emit("add", t0=t0, req=request_id)
+        emit("add", t0=t0, req=request_id, cpu=time.thread_time() - c0)
         return r
 
     LLMEngine.add_request = add_request
@@ -541,6 +541,7 @@ def analyse_split(run: Run, trace_dir: Path, t_from: float) -> Handoff:
         "to_post": (rd["t0"] - t_sd) * ms,  # B's step pick-up, add, schedule (+ handshake when cold)
         "to_add": ((adds[0]["t0"] - t_sd) * ms) if adds else float("nan"),  # StartDecode -> engine thread adds
         "add": ((adds[0]["t"] - adds[0]["t0"]) * ms) if adds else float("nan"),  # vLLM's add_request
+        "add_cpu": (adds[0].get("cpu", float("nan")) * ms) if adds else float("nan"),  # its engine-thread CPU time
         "add_to_step": ((post_step[0]["t0"] - adds[0]["t"]) * ms) if adds and post_step else float("nan"),
         "step_to_post": ((rd["t0"] - post_step[0]["t0"]) * ms) if post_step else float("nan"),
         "read_post": (rd["t"] - rd["t0"]) * ms,
@@ -699,6 +700,7 @@ def handoff_tables(res: dict, sizes: list[int]) -> str:
             ("to_post", "B: pick-up, add, schedule -> READ posted"),
             ("to_add", "of which: StartDecode -> engine thread adds the request"),
             ("add", "of which: vLLM add_request"),
+            ("add_cpu", "(add_request's CPU time on the engine thread)"),
             ("add_to_step", "of which: added -> step starts"),
             ("step_to_post", "of which: step start -> READ posted (schedule, connector)"),
             ("handshake", "of which NIXL handshake"),
