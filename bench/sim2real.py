@@ -382,11 +382,16 @@ async def probe_live(addr: str, logs: StepLogs) -> LiveExtras:
                       len(short) + len(long))
 
 
-def _emitted_by_a(admitted: Any, prompt: int, max_tokens: int) -> int:
-    """Tokens instance A emits for an ``Admitted`` plan (all of them when unsplit)."""
-    if admitted is None or not admitted.instance_b:
+def _a_tokens(instance_b: str | None, split: int | None, prompt: int, max_tokens: int) -> int:
+    """How many of ``max_tokens`` instance A emits (all of them when the request is not split)."""
+    if not instance_b or split is None:
         return max_tokens
-    return tokens_emitted_by_a(prompt, max_tokens, admitted.split)
+    return tokens_emitted_by_a(prompt, max_tokens, split)
+
+
+def _emitted_by_a(admitted: Any, prompt: int, max_tokens: int) -> int:
+    """Tokens instance A emits for an ``Admitted`` plan."""
+    return _a_tokens(admitted.instance_b, admitted.split, prompt, max_tokens) if admitted else max_tokens
 
 
 def _decoding_instance(admitted: Any, prompt: int, max_tokens: int) -> str | None:
@@ -400,9 +405,7 @@ def _decoding_instance(admitted: Any, prompt: int, max_tokens: int) -> str | Non
 
 def emitted_by_a(rec: RequestRecord) -> int:
     """How many of a record's tokens instance A made (all of them when the request was not split)."""
-    if not rec.instance_b or rec.split is None:
-        return len(rec.token_ts)
-    return min(len(rec.token_ts), tokens_emitted_by_a(rec.prompt_tokens, rec.max_tokens, rec.split))
+    return min(len(rec.token_ts), _a_tokens(rec.instance_b, rec.split, rec.prompt_tokens, rec.max_tokens))
 
 
 def handoff_gaps(records: Sequence[RequestRecord]) -> list[float]:

@@ -108,6 +108,21 @@ def test_tiny_trace_end_to_end(tmp_path: Path) -> None:
     assert 0 < during["prefill_steps"] < during["steps"]
 
 
+def test_split_policy_end_to_end(tmp_path: Path) -> None:
+    """1P:1D: every request is handed off, live and simulated; the probe, the delivery and the handoff cost
+    are measured on the decoding instance and the noise window's handoffs."""
+    cfg = Sim2RealConfig(engine="sim", policy="disagg", limit=8, rate=4.0, max_input=512, max_output=12)
+    result = run(cfg, tmp_path, progress=False)
+    for side in ("live", "sim"):
+        assert result[side]["completed"] == 8, side
+    ex = result["live_extras"]
+    assert ex["gaps"] == 2 * (PROBE_DECODE[1] - 2)  # B's gaps only (A, the prefill instance, made token 0)
+    assert ex["handoffs"] == 8 and ex["handoff_gap_ms"] > 0 and ex["delivery_tokens"] > 8
+    hg = result["handoff_gap_ms"]
+    assert hg["live"][2] == 8 and hg["sim"][2] == 8  # every compared request, on both sides
+    assert "handoff gap" in table(result) and (tmp_path / "sim_disagg.json").is_file()
+
+
 def test_delivery_delays_match_tokens_to_the_steps_that_made_them() -> None:
     steps = {"w0": [1.000, 1.003, 1.006, 1.009], "w1": [1.0015, 1.0045]}
 
