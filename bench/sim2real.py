@@ -350,7 +350,9 @@ async def probe_live(addr: str, logs: StepLogs) -> LiveExtras:
         await asyncio.gather(*(s.collect() for s in streams))
         where = [_decoding_instance(s.admitted, p, o) for s in streams]
         k = where.count(where[0])  # the policy may spread them over the instances
-        ts = streams[0].token_ts[_emitted_by_a(streams[0].admitted, p, o):] if where[0] else []
+        first = streams[0].admitted
+        on_b = where[0] is not None and first is not None and where[0] == first.instance_b
+        ts = streams[0].token_ts[_emitted_by_a(first, p, o) if on_b else 0:] if where[0] else []
         if len(ts) < 2:
             raise RuntimeError("the probe's decoding request made fewer than two tokens on one instance")
         gaps = [(b - a) * 1000.0 for a, b in zip(ts, ts[1:], strict=False)]
