@@ -348,11 +348,10 @@ async def probe_live(addr: str, logs: StepLogs) -> LiveExtras:
         gap there minus the median step there, gaps). A split request decodes on B: only B's gaps count."""
         streams = [c.generate(list(range(1 + i, p + 1 + i)), max_tokens=o, ignore_eos=True) for i in range(n)]
         await asyncio.gather(*(s.collect() for s in streams))
-        where = [_decoding_instance(s.admitted, p, o) for s in streams]
+        where = [_decoding_part(s.admitted, p, o)[0] for s in streams]
         k = where.count(where[0])  # the policy may spread them over the instances
-        first = streams[0].admitted
-        on_b = where[0] is not None and first is not None and where[0] == first.instance_b
-        ts = streams[0].token_ts[_emitted_by_a(first, p, o) if on_b else 0:] if where[0] else []
+        start = _decoding_part(streams[0].admitted, p, o)[1]
+        ts = streams[0].token_ts[start:] if where[0] else []
         if len(ts) < 2:
             raise RuntimeError("the probe's decoding request made fewer than two tokens on one instance")
         gaps = [(b - a) * 1000.0 for a, b in zip(ts, ts[1:], strict=False)]
@@ -396,13 +395,15 @@ def _emitted_by_a(admitted: Any, prompt: int, max_tokens: int) -> int:
     return _a_tokens(admitted.instance_b, admitted.split, prompt, max_tokens) if admitted else max_tokens
 
 
-def _decoding_instance(admitted: Any, prompt: int, max_tokens: int) -> str | None:
-    """Where a request's decode tokens come from: B when B emits any, else A."""
+def _decoding_part(admitted: Any, prompt: int, max_tokens: int) -> tuple[str | None, int]:
+    """Where a request's decode tokens come from and the index of its first token there: B, from the first
+    token B emits, when B emits any; else A, from the first token."""
     if admitted is None:
-        return None
-    if admitted.instance_b and _emitted_by_a(admitted, prompt, max_tokens) < max_tokens:
-        return str(admitted.instance_b)
-    return str(admitted.instance_a)
+        return None, 0
+    ea = _emitted_by_a(admitted, prompt, max_tokens)
+    if admitted.instance_b and ea < max_tokens:
+        return str(admitted.instance_b), ea
+    return str(admitted.instance_a), 0
 
 
 def emitted_by_a(rec: RequestRecord) -> int:
@@ -415,7 +416,7 @@ def handoff_gaps(records: Sequence[RequestRecord]) -> list[float]:
     first token (ms). It holds the handoff (A's message, B's pick-up, the pull) and B's first step."""
     out = []
     for rec in records:
-        ea = emitted_by_a(rec) if rec.instance_b else 0
+        ea = emitted_by_a(rec)  # all of its tokens when unsplit: no gap
         if 1 <= ea < len(rec.token_ts):
             out.append((rec.token_ts[ea] - rec.token_ts[ea - 1]) * 1000.0)
     return out

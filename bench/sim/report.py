@@ -173,9 +173,8 @@ def plot_attainment(curves: Sequence[Curve], mk: str, path: Path) -> None:
             xs = [p["rate"] for p in c.points]
             ys = [p["attainment"] for p in c.points]
             style = "--" if f == "oracle" else "-"
-            lab = c.spec.label if f in ("colocate", "disagg") else f.split(":")[-1]
-            if f == "oracle":
-                lab = f"oracle, {_oracle_kind(c)}"
+            lab = (c.spec.label if f in ("colocate", "disagg") else
+                   f"oracle, {_oracle_kind(c)}" if f == "oracle" else f.split(":")[-1])
             color = COLORS.get(f) or VARIANT_COLORS[variants.index(f) % len(VARIANT_COLORS)]
             ax.plot(xs, ys, style, marker="o", ms=3, color=color, label=f"{lab} ({c.capacity:.2f})")
         ax.axhline(0.9, color="grey", lw=0.8, ls=":")
