@@ -11,7 +11,9 @@ Definitions (all times are client-side, from a monotonic clock):
 - Completed: no error, a finish reason other than ``"abort"``/``"error"``, and at least one token.
 - Meets SLO: completed, TTFT <= ``ttft_slo_ms``, and the request's TBT <= ``tbt_slo_ms``, where the request's TBT
   is its own P99 gap (``tbt_form="p99"``) or its largest gap (``tbt_form="max"``, stricter). A request with a
-  single token has no gap and meets the TBT part.
+  single token has no gap and meets the TBT part. In the P99 form no single gap may exceed
+  ``STALL_FACTOR`` x ``tbt_slo_ms`` either: a P99 over 101 or more gaps ignores the largest one, however
+  long, and a stream that freezes for seconds mid-answer has not met a 100 ms TBT SLO.
 - Attainment: requests meeting their SLO / all requests (failed and unfinished ones count as misses).
 - Goodput: requests meeting their SLO / duration (req/s).
 - Serving capacity: the highest request rate whose attainment is still >= a threshold (90 % by default).
@@ -26,6 +28,9 @@ from typing import Any
 
 TBT_FORMS = ("p99", "max")
 """Accepted ``tbt_form`` values: the request's own P99 gap, or its largest gap."""
+
+STALL_FACTOR = 5.0
+"""P99 form: the longest single gap a request may have, as a multiple of its TBT SLO (a stall)."""
 
 FAILED_FINISH_REASONS = frozenset({"abort", "error"})
 """Finish reasons that mark a request as not completed."""
@@ -142,8 +147,12 @@ def meets_slo(rec: RequestRecord, tbt_form: str = "p99") -> bool:
     ttft = ttft_ms(rec)
     if ttft is None or ttft > rec.ttft_slo_ms:
         return False
-    tbt = request_tbt_ms(rec, tbt_form)
-    return math.isnan(tbt) or tbt <= rec.tbt_slo_ms
+    gaps = tbt_gaps_ms(rec)
+    if not gaps:
+        return True
+    if tbt_form == "max":
+        return max(gaps) <= rec.tbt_slo_ms
+    return percentile(gaps, 99) <= rec.tbt_slo_ms and max(gaps) <= STALL_FACTOR * rec.tbt_slo_ms
 
 
 def _check_form(tbt_form: str) -> None:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from dynaserve.metrics import (
+    STALL_FACTOR,
     RequestRecord,
     format_table,
     is_completed,
@@ -102,6 +103,21 @@ def test_meets_slo_p99_vs_max() -> None:
     assert not meets_slo(r, "max")
     with pytest.raises(ValueError):
         meets_slo(r, "p50")
+
+
+def test_one_stall_fails_the_p99_form() -> None:
+    # 100 gaps of 10 ms and one long one: the P99 gap stays 10.x ms whatever the long gap is, so the P99
+    # form alone would pass a stream that froze for seconds; a gap over STALL_FACTOR x the TBT SLO fails it
+    def stalled(gap_s: float) -> RequestRecord:
+        ts = [0.05 + 0.01 * i for i in range(101)]
+        return rec("x", 0.0, ts + [ts[-1] + gap_s], ttft_slo=60.0, tbt_slo=50.0)
+
+    at_limit, over = stalled(STALL_FACTOR * 0.05 - 0.001), stalled(STALL_FACTOR * 0.05 + 0.001)
+    assert request_tbt_ms(over, "p99") < 11.0
+    assert meets_slo(at_limit, "p99")
+    assert not meets_slo(over, "p99")
+    assert not meets_slo(stalled(30.0), "p99")
+    assert summarize([at_limit, over]).attainment == 0.5
 
 
 def test_meets_slo_failures() -> None:
