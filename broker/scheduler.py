@@ -324,17 +324,15 @@ class DynaServePolicy:
       running sequences (``InstanceState.max_num_seqs``) is A only when every instance is: a new prompt
       there waits for a decode to finish before its prefill can start.
     * Split at s = p when A has prefill queued and another instance B has none (B lost the placement
-      because its decodes slow its prefill rate, or because it is full), has room for the request's KV,
-      and the handoff gap (transfer + the wait for B's step boundary + B's step) stays under ``gap_frac``
-      of the TBT SLO; among such instances B runs the shortest decode step. The request's decode then
-      runs where it delays no prefill, instead of taking step time from A's prefill queue: the
-      prefill:decode split of the cluster follows the load. A full B is allowed: the request waits there
-      for a free slot, which keeps B's batch at its cap, where each decode token costs the least.
+      because its decodes slow its prefill rate), has a free slot (it runs fewer than its engine's cap of
+      sequences less ``full_headroom``) and room for the request's KV, and the handoff gap (transfer + the
+      wait for B's step boundary + B's step) stays under ``gap_frac`` of the TBT SLO; among such instances
+      B runs the shortest decode step. The request's decode then runs where it delays no prefill, instead
+      of taking step time from A's prefill queue: the prefill:decode split of the cluster follows the load.
+      A full B is never chosen: the request would wait there for a slot, seconds when B's decodes are long,
+      and a stream that stalls that long mid-answer misses its TBT SLO (``dynaserve.metrics.STALL_FACTOR``).
     * Only outputs predicted at ``min_output`` tokens or more are split: with 101 or more gaps, the
-      one handoff gap (which includes the wait for a slot on a full B) does not move the request's P99
-      TBT. A prediction is only a guess, and a short output handed to a full B fails its TBT SLO on that
-      one gap; so when B is full, A first decodes up to ``full_b_tokens`` tokens (a decode handoff,
-      s = p + d), no more than A has free slots, and outputs that end by then never move.
+      one handoff gap does not move the request's P99 TBT.
 
     Decode concentration (``concentrate``: "off", "on", or "auto"): on a model whose fixed step cost is
     large next to its per-token cost (Qwen2.5-32B on two A100s: 25 ms of an 8,192-token step's 1.28 s),
@@ -356,7 +354,6 @@ class DynaServePolicy:
     gap_frac: float = 0.8  # handoff gap allowed, as a share of the TBT SLO
     full_headroom: int = 6  # an instance running max_num_seqs - full_headroom decodes or more is full
     min_output: int = 102  # split only outputs predicted to have this many tokens or more
-    full_b_tokens: int = 50  # to a full B, A first decodes up to this many tokens
     concentrate: str = "auto"  # decode concentration: "off", "on" or "auto" (see the class docstring)
     min_gain: float = 1.25  # auto: the first decode must slow an instance's prefill by this factor or more
     slack_frac: float = 0.1  # auto: a request has slack when the tail handoff costs <= this share of its TTFT SLO
@@ -419,7 +416,7 @@ class DynaServePolicy:
         b: InstanceState | None = None
         b_step = _INF
         for inst in idle:
-            if inst is a:
+            if inst is a or _full(inst, headroom):
                 continue
             step = model.step_ms(0, inst.running_seqs + 1, inst.decode_ctx_tokens + p)
             if step < b_step:
@@ -429,13 +426,6 @@ class DynaServePolicy:
         gap = pr.handoff_ms + p * pr.transfer_ms_per_token(b) + 2.0 * max(b_step, b.step_ms)
         if gap > self.gap_frac * slo:
             return Plan.whole(a.id, p, mt)
-        if _full(b, headroom) and a.max_num_seqs:
-            # B is full: the request will wait there for a slot, a gap that only a long output absorbs.
-            # A first emits up to full_b_tokens more tokens (so that short outputs end on A), as many as
-            # A has free slots, so that A itself does not fill up holding them.
-            d = min(self.full_b_tokens, a.max_num_seqs - headroom - a.running_seqs)
-            if d > 0:
-                return Plan.make(a.id, b.id, p, mt, min(p + d, p + mt - 1))
         return Plan.make(a.id, b.id, p, mt, p)
 
 

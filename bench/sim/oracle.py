@@ -14,7 +14,9 @@ instance's own local scheduler budget and step model:
 Then, for every unsplit placement and for A/B pairs among the best ``pairs`` instances per role (A: earliest
 first token; B: prefill-idle, shortest steps) and split points on a grid over [1, p+o] (every kind: prompt
 splits, s = p, decode handoffs), it computes the request's TTFT, the handoff gap (a gap longer than the TBT
-SLO is tolerated only when the request has 101 or more gaps, where one outlier does not move its P99) and
+SLO is tolerated only when the request has 101 or more gaps, where one outlier does not move its P99, and
+never beyond ``STALL_FACTOR`` x the SLO; a B without a free slot, where the request would wait, is no
+candidate) and
 each side's projected completion. Among the plans that meet both SLOs it takes the earliest first token
 and, among plans within 5 % of it, the one with the smaller larger completion (no split on ties): the
 objective of ``dynaserve_slo`` (bench.sim.policies) with exact information and a wider search. When no
@@ -29,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from broker.cluster_state import ClusterState, Pricing, RequestInfo
+from dynaserve.metrics import STALL_FACTOR
 from dynaserve.split import Plan, tokens_emitted_by_a
 
 if TYPE_CHECKING:
@@ -183,6 +186,7 @@ class OraclePolicy:
         slo_tbt = req.tbt_slo_ms / 1000.0
         # one outlier gap does not move the P99 of 101 or more gaps (linear interpolation between ranks)
         gap_tolerant = o - 1 >= 101
+        stall = STALL_FACTOR * slo_tbt
         cands: list[tuple[bool, float, float, Plan]] = []  # (meets the SLOs, TTFT, larger completion, plan)
         ttft_first = {i.id: fc[i.id].prefill_done(fc[i.id].qp + p) for i in sim.instances}
         fits = [i for i in sim.instances if fc[i.id].kv_free >= p + mt]
@@ -199,13 +203,14 @@ class OraclePolicy:
             splits = sorted(grid)
             handoff = pr.handoff_ms / 1000.0
             a_cands = sorted(sim.instances, key=lambda i: ttft_first[i.id])[: self.pairs]
-            b_cands = sorted(fits, key=lambda i: (fc[i.id].qp > 0, fc[i.id].busy_step_ms))[: self.pairs]
+            free = [i for i in fits if i.active < i.max_seqs]  # a full B: the request would wait for a slot
+            b_cands = sorted(free, key=lambda i: (fc[i.id].qp > 0, fc[i.id].busy_step_ms))[: self.pairs]
             for a in a_cands:
                 fa = fc[a.id]
                 for b in b_cands:
                     if a is not b:
                         cands += self._splits(fa, fc[b.id], p, o, mt, splits, a.id, b.id, now, handoff,
-                                              slo_ttft, slo_tbt, gap_tolerant)
+                                              slo_ttft, slo_tbt, stall if gap_tolerant else slo_tbt)
         if not cands:
             return None
         ok = [c for c in cands if c[0]]
@@ -218,7 +223,7 @@ class OraclePolicy:
 
     def _splits(self, fa: _Forecast, fb: _Forecast, p: int, o: int, mt: int, splits: list[int], a_id: str,
                 b_id: str, now: float, handoff: float, slo_ttft: float, slo_tbt: float,
-                gap_tolerant: bool) -> list[tuple[bool, float, float, Plan]]:
+                max_gap: float) -> list[tuple[bool, float, float, Plan]]:
         sim = self._sim
         assert sim is not None
         b_ms = self.pricing.model.b
@@ -247,7 +252,7 @@ class OraclePolicy:
                 end_b = max(fb.drain + (o - ea) * fb.dec_tok_ms / 1000.0,
                             t_h + gap + (o - ea) * fb.step_ms / 1000.0)
             ttft = t1 - now
-            ok = (ttft <= slo_ttft and (gap <= slo_tbt or gap_tolerant)
+            ok = (ttft <= slo_ttft and gap <= max_gap
                   and max(fa.step_ms, fb.step_ms) / 1000.0 <= slo_tbt)
             out.append((ok, ttft, max(end_a, end_b) - now + handoff, Plan.make(a_id, b_id, p, mt, s)))
         return out

@@ -254,19 +254,17 @@ def test_dynaserve_avoids_instances_at_their_running_cap_for_prefill() -> None:
     assert pol.plan(req(500, 10), c, 0.0).a == "w1"
 
 
-def test_dynaserve_full_b_gets_a_decode_handoff_after_a_few_tokens() -> None:
+def test_dynaserve_never_hands_off_to_a_full_b() -> None:
     pol = DynaServePolicy(PRICING)
-    # B = w2 is full (8 running, cap 8 + 6): the request would wait there for a slot; A (w0, cap 256, idle)
-    # first decodes 50 tokens, so outputs of 51 tokens or fewer never leave A
-    c = _offload_cluster(max_num_seqs=14)
-    c.instances["w0"].max_num_seqs = 256
-    assert pol.plan(req(1000, 200), c, 0.0) == Plan("w0", "w2", 1050, KIND_DECODE)
-    # no more tokens than A has free slots (256 - 6 - 230 = 20), so that A does not fill up holding them
-    c.instances["w0"].running_seqs = 230
-    c.instances["w1"].queued_prefill_tokens = 1 << 20  # w0 stays A although 230 decodes slow its prefill
-    assert pol.plan(req(1000, 200), c, 0.0) == Plan("w0", "w2", 1020, KIND_DECODE)
-    # a B with free slots gets the plain PD handoff
+    # B = w2 runs 8 decodes: with a cap of 15 (8 + 6 headroom < 15) it has a free slot and takes the PD
+    # handoff; with a cap of 14 the request would wait there for a slot mid-stream, so it stays whole on A
     assert pol.plan(req(1000, 200), _offload_cluster(max_num_seqs=15), 0.0) == Plan("w0", "w2", 1000, KIND_PD)
+    assert pol.plan(req(1000, 200), _offload_cluster(max_num_seqs=14), 0.0) == Plan("w0", None, 1200, KIND_NONE)
+    # another prefill-idle instance with a free slot takes it instead
+    c = _offload_cluster(max_num_seqs=14)
+    c.instances["w1"].queued_prefill_tokens = 0
+    c.instances["w1"].max_num_seqs = 256
+    assert pol.plan(req(1000, 200), c, 0.0) == Plan("w0", "w1", 1000, KIND_PD)
 
 
 def test_dynaserve_skips_dead_and_full_instances() -> None:
