@@ -50,7 +50,7 @@ def capacity_table(curves: Sequence[Curve]) -> str:
         rows = [(w, groups[(mk, w)]) for w in WORKLOADS if (mk, w) in groups]
         if not rows:
             continue
-        lines += [f"**{MODELS[mk][2]}**, serving capacity in req/s (attainment >= 90 %, TBT P99 per request):", ""]
+        lines += [f"**{MODELS[mk][2]}**, serving capacity in req/s (attainment >= 90 %; TBT: P99 per request, no gap over 5x the SLO):", ""]
         head = ["workload", "best colocate", "best disagg", "dynaserve", *[v.split(":", 1)[1] for v in variants],
                 "oracle", "dynaserve / best baseline", "dynaserve / oracle"]
         head += [f"{v.split(':', 1)[1]} / best baseline" for v in variants]
