@@ -369,9 +369,7 @@ async def probe_live(addr: str, logs: StepLogs) -> LiveExtras:
             for i in range(PROBE_FIRST_TOKENS):
                 s = c.generate([100 + (i + j) % 400 for j in range(n)], max_tokens=1, ignore_eos=True)
                 await s.collect()
-                where = s.admitted.instance_a if s.admitted else None
-                if s.admitted and s.admitted.instance_b and _emitted_by_a(s.admitted, n, 1) == 0:
-                    where = s.admitted.instance_b  # a prompt split: B computes the rest and the token
+                where = _decoding_part(s.admitted, n, 1)[0]  # a prompt split: B computes the rest and the token
                 steps_ms = sum(measured(s.submit_ts, s.token_ts[0], where))
                 out.append((s.token_ts[0] - s.submit_ts) * 1000.0 - steps_ms - fixed - per_seq)
             return out

@@ -184,9 +184,9 @@ class OraclePolicy:
         b_ms = pr.model.b
         slo_ttft = req.ttft_slo_ms / 1000.0
         slo_tbt = req.tbt_slo_ms / 1000.0
-        # one outlier gap does not move the P99 of 101 or more gaps (linear interpolation between ranks)
-        gap_tolerant = o - 1 >= 101
-        stall = STALL_FACTOR * slo_tbt
+        # one outlier gap does not move the P99 of 101 or more gaps (linear interpolation between ranks), but
+        # no gap may be a stall
+        max_gap = STALL_FACTOR * slo_tbt if o - 1 >= 101 else slo_tbt
         cands: list[tuple[bool, float, float, Plan]] = []  # (meets the SLOs, TTFT, larger completion, plan)
         ttft_first = {i.id: fc[i.id].prefill_done(fc[i.id].qp + p) for i in sim.instances}
         fits = [i for i in sim.instances if fc[i.id].kv_free >= p + mt]
@@ -210,7 +210,7 @@ class OraclePolicy:
                 for b in b_cands:
                     if a is not b:
                         cands += self._splits(fa, fc[b.id], p, o, mt, splits, a.id, b.id, now, handoff,
-                                              slo_ttft, slo_tbt, stall if gap_tolerant else slo_tbt)
+                                              slo_ttft, slo_tbt, max_gap)
         if not cands:
             return None
         ok = [c for c in cands if c[0]]
