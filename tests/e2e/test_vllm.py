@@ -113,6 +113,22 @@ def test_aborts_leave_no_held_blocks(control_cluster: LocalCluster) -> None:
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("mode", ["none", "peer"])
+def test_connector_agent_gets_the_ucx_error_mode(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM's NIXL worker builds its agent through the class the connector module installs, and the UCX
+    backend gets the configured error handling mode (``none`` keeps B's READ from waiting on A's progress)."""
+    from dynaserve.env import apply_loopback_kv_env
+
+    apply_loopback_kv_env()
+    import vllm.distributed.kv_transfer.kv_connector.v1.nixl.base_worker as base_worker
+
+    from workers.engines import vllm_connector
+
+    monkeypatch.setattr(vllm_connector, "_ucx_error_mode", mode)
+    agent = base_worker.NixlWrapper(f"ucx-mode-{mode}", base_worker.nixl_agent_config(num_threads=1))
+    assert agent.get_backend_params("UCX")[vllm_connector.UCX_ERROR_MODE_KEY] == mode
+
+
 def test_failed_transfer_recomputes_and_completes() -> None:
     """A advertises a dead handshake port: B's pull fails, B recomputes, the stream is still exact."""
     cluster = vllm_cluster("--vllm-fault-injection", "dead_handoff_port", port=5700)

@@ -152,6 +152,9 @@ def test_validation_errors_surface_as_value_errors() -> None:
         with pytest.raises(ValueError, match="CPU"):
             C.build(VllmEngineConfig, {name: "3-1"})
     assert C.build(VllmEngineConfig, {"cpu_bind": "0", "loop_bind": "1-3"}).loop_bind == "1-3"
+    with pytest.raises(ValueError, match="ucx_error_handling"):
+        C.build(VllmEngineConfig, {"ucx_error_handling": "fast"})
+    assert C.build(VllmEngineConfig, {"ucx_error_handling": "peer"}).ucx_error_handling == "peer"
 
 
 def test_load_toml_errors_name_the_file(tmp_path: Path) -> None:

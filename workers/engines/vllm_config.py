@@ -39,6 +39,7 @@ class VllmEngineConfig:
     loop_bind: str = ""  # CPU cores for the worker's event loop and socket threads, e.g. "1", to keep them off the engine's cores (CPU builds; empty = not bound)
     kv_lease_s: float = 30.0  # handed-off blocks are freed after this long without the reader's confirmation
     kv_pull_timeout_s: float = 5.0  # a B still waiting for A's KV after this long recomputes it locally
+    ucx_error_handling: str = "none"  # UCX error handling of the KV transfer: none (nothing waits on the peer; one host, or a fabric where B's pull timeout suffices) or peer (UCX detects dead peers; NIXL's default)
     seed: int = 0  # sampling seed of the engine
     fault_injection: str = ""  # testing only: scramble_prefix (B overwrites its copy of the handed-off positions) or dead_handoff_port (A advertises a closed handshake port)
 
@@ -47,6 +48,8 @@ class VllmEngineConfig:
             raise ValueError("device must be cpu or cuda")
         if self.max_model_len < 2 or self.kv_cache_bytes <= 0:
             raise ValueError("max_model_len must be >= 2 and kv_cache_bytes > 0")
+        if self.ucx_error_handling not in ("none", "peer"):
+            raise ValueError("ucx_error_handling must be none or peer")
         if self.fault_injection not in ("", "scramble_prefix", "dead_handoff_port"):
             raise ValueError("fault_injection must be empty, scramble_prefix or dead_handoff_port")
         for spec in (self.cpu_bind, self.loop_bind):

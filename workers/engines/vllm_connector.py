@@ -6,6 +6,13 @@ kv_connector_module_path="workers.engines.vllm_connector")`` in the scheduler an
 What it changes on top of the stock connector:
 * NIXL's progress thread is off (the stock agent busy-spins one core per instance); progress is made by
   the worker's polls in vLLM's steps (see the next point for when a step polls).
+* UCX error handling mode ``none`` by default (extra config ``ucx_error_handling_mode``; NIXL's own default
+  is ``peer``). In mode ``peer`` the READ after a notified one towards the same producer waits until the
+  producer makes progress, and with the progress thread off a producer makes progress only between its
+  steps: every handoff then waited for A's running step to end (a 50 ms prefill step on A stretched B's
+  handoff by 50 ms; measured in docs/vllm_engine.md). In mode ``none`` nothing waits on the peer; a dead
+  producer still fails the READ on one host (cma), and B's pull timeout covers the rest. ``peer`` is the
+  choice where UCX must detect dead peers itself (multi-host RDMA).
 * No per-step connector work while no handoff is in flight. The stock worker polls NIXL in every step
   (notifications, transfer states, lease reaping, peer clean-up) and walks the step's connector metadata
   in ``start_load_kv``. Here ``get_transfer_results`` returns at once unless something is in flight (a pull in
@@ -64,6 +71,24 @@ def _agent_config_no_progress_thread(*args: Any, **kwargs: Any) -> Any:
 
 _base_worker.nixl_agent_config = _agent_config_no_progress_thread
 
+UCX_ERROR_MODE_KEY = "ucx_error_handling_mode"  # kv_connector_extra_config key: "none" (default) or "peer"
+_ucx_error_mode = "none"  # of the connector being built (set by DynaServeConnector.__init__, read by _Agent)
+
+
+if _base_worker.NixlWrapper is not None:  # None without NIXL (vLLM then refuses the connector itself)
+
+    class _Agent(_base_worker.NixlWrapper):  # type: ignore[misc, name-defined]
+        """vLLM's NIXL agent whose UCX backend gets the connector's error handling mode (NIXL's agent config
+        cannot carry backend parameters)."""
+
+        def create_backend(self, backend: str, initParams: dict[str, str] | None = None) -> None:  # noqa: N803
+            params = dict(initParams or {})
+            if backend == "UCX":
+                params.setdefault(UCX_ERROR_MODE_KEY, _ucx_error_mode)
+            super().create_backend(backend, params)
+
+    _base_worker.NixlWrapper = _Agent
+
 ROLE_KEY = "dynaserve_role"
 
 IDLE_POLL_S = 0.1  # while nothing is in flight the worker still polls NIXL this often (stray notifications)
@@ -73,6 +98,11 @@ class DynaServeConnector(NixlPullConnector):
     """NIXL pull connector with DynaServe's handoff rules and idle fast paths (module docstring)."""
 
     def __init__(self, vllm_config: Any, role: Any, kv_cache_config: Any) -> None:
+        global _ucx_error_mode
+        mode = str(vllm_config.kv_transfer_config.get_from_extra_config(UCX_ERROR_MODE_KEY, "none"))
+        if mode not in ("none", "peer"):
+            raise ValueError(f"{UCX_ERROR_MODE_KEY} must be none or peer, got {mode!r}")
+        _ucx_error_mode = mode
         affinity = os.sched_getaffinity(0)
         try:
             super().__init__(vllm_config, role, kv_cache_config)

@@ -197,6 +197,7 @@ class VllmEngine:
                 "bidirectional_kv_xfer": True,
                 "kv_recompute_threshold": 0,
                 "kv_lease_duration": cfg.kv_lease_s,
+                "ucx_error_handling_mode": cfg.ucx_error_handling,
             },
         )
         args = EngineArgs(
