@@ -49,6 +49,7 @@ class SimConfig:
     # what a live engine adds to the model (not seen by the schedulers' model; measured, e.g. by bench.sim2real)
     step_overhead_ms: float = 0.0  # host-side work per step, added to every step's duration
     step_overhead_per_seq_ms: float = 0.0  # and per sequence in the step (decodes and prefill chunks)
+    step_overhead_prefill_ms: float = 0.0  # and once more per step with prefill work (added after the noise)
     step_noise: tuple[float, ...] = ()  # measured / modelled step time at evenly spaced quantiles (0 .. 1), as
     # a calibration file's fit_error.ratio_quantiles; every step's modelled time is multiplied by a draw
     step_noise_prefill: tuple[float, ...] = ()  # the same for steps with prefill work, when they differ from
@@ -71,8 +72,8 @@ class SimConfig:
             raise ValueError("report_interval_ms must be > 0")
         if self.link_gbps <= 0 or self.transfer_latency_ms < 0:
             raise ValueError("link_gbps must be > 0 and transfer_latency_ms >= 0")
-        if min(self.step_overhead_ms, self.step_overhead_per_seq_ms, self.path_latency_ms,
-               self.path_latency_per_prompt_token_ms) < 0:
+        if min(self.step_overhead_ms, self.step_overhead_per_seq_ms, self.step_overhead_prefill_ms,
+               self.path_latency_ms, self.path_latency_per_prompt_token_ms) < 0:
             raise ValueError("the step overheads and path latencies must be >= 0")
         for name in ("step_noise", "step_noise_prefill"):
             sn = getattr(self, name)

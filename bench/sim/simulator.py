@@ -98,11 +98,12 @@ def detailed_truth(cfg: SimConfig) -> StepTime:
 def live_truth(truth: StepTime, cfg: SimConfig, seed: int) -> StepTime:
     """``truth`` with what a live engine adds: each step's time times a draw from ``cfg.step_noise`` (linear
     between its quantiles; ``cfg.step_noise_prefill`` instead for steps with prefill chunks, when set), plus
-    ``cfg.step_overhead_ms`` and ``cfg.step_overhead_per_seq_ms`` per sequence in the step. ``truth`` itself
-    without any of them."""
+    ``cfg.step_overhead_ms``, ``cfg.step_overhead_per_seq_ms`` per sequence in the step and
+    ``cfg.step_overhead_prefill_ms`` when it has prefill chunks. ``truth`` itself without any of them."""
     noise, extra, per_seq = cfg.step_noise, cfg.step_overhead_ms, cfg.step_overhead_per_seq_ms
+    extra_p = extra + cfg.step_overhead_prefill_ms
     noise_p = cfg.step_noise_prefill or noise
-    if not noise and not extra and not per_seq:
+    if not noise and not extra and not per_seq and not extra_p:
         return truth
     rng = random.Random(seed)
 
@@ -115,7 +116,7 @@ def live_truth(truth: StepTime, cfg: SimConfig, seed: int) -> StepTime:
         ms = truth(chunks, n, dctx, attn)
         if noise:
             ms *= draw(noise_p if chunks else noise)
-        return ms + extra + per_seq * (n + len(chunks))
+        return ms + (extra_p if chunks else extra) + per_seq * (n + len(chunks))
 
     return step
 

@@ -172,13 +172,17 @@ def test_simulated_handoff_cost_is_fitted_to_the_live_handoff_gap() -> None:
 def test_live_noise_splits_steps_with_prefill_from_decode_only_steps() -> None:
     model = StepLatencyModel(a=2.0, b=0.02)
     dec = [(0, 4, 400, 0.0, model.step_ms(0, 4, 400) * 1.0) for _ in range(300)]
-    pre = [(64, 4, 400, 2048.0, model.step_ms(64, 4, 400, 2048.0) * 1.5) for _ in range(MIN_PREFILL_STEPS)]
+    # steps with prefill: 3 ms over the model for short and long chunks alike (as a ratio: 1.6x and 1.1x)
+    pre = [(c, 4, 400, 0.0, model.step_ms(c, 4, 400) + 3.0) for c in (64, 1024) * (MIN_PREFILL_STEPS // 2)]
     both = live_noise(model, dec + pre)
     assert both["noise_steps"] == 300 and both["noise_prefill_steps"] == MIN_PREFILL_STEPS
-    assert both["step_noise"][100] == pytest.approx(1.0) and both["step_noise_prefill"][100] == pytest.approx(1.5)
+    assert both["step_noise"][100] == pytest.approx(1.0)
+    assert both["step_overhead_prefill_ms"] == pytest.approx(3.0)  # the constant, and a ratio of 1 left
+    assert both["step_noise_prefill"][0] == pytest.approx(1.0) and both["step_noise_prefill"][-1] == pytest.approx(1.0)
     few = live_noise(model, dec + pre[:-1])  # too few steps with prefill: one noise for all
     assert few["noise_steps"] == 300 + MIN_PREFILL_STEPS - 1 and "step_noise_prefill" not in few
-    assert few["step_noise"][-1] == pytest.approx(1.5) and few["step_noise"][0] == pytest.approx(1.0)
+    assert few["step_noise"][-1] == pytest.approx(1.0 + 3.0 / model.step_ms(64, 4, 400), abs=1e-3)  # the short chunks' ratio
+    assert few["step_noise"][0] == pytest.approx(1.0) and "step_overhead_prefill_ms" not in few
     assert live_noise(model, []) == {}
 
 

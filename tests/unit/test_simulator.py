@@ -231,6 +231,11 @@ def test_live_truth_gives_steps_with_prefill_their_own_noise() -> None:
     assert 1.5 <= min(mixed) and max(mixed) <= 2.5 and sorted(mixed)[1000] == pytest.approx(2.0, abs=0.05)
     with pytest.raises(ValueError, match="needs step_noise"):
         SimConfig(step_noise_prefill=(1.0, 1.2))
+    extra = live_truth(base, SimConfig(step_overhead_ms=0.5, step_overhead_prefill_ms=3.0), 3)
+    assert extra([], 4, 400, 0.0) == pytest.approx(base([], 4, 400, 0.0) + 0.5)
+    assert extra([(100, 0)], 4, 400, 0.0) == pytest.approx(base([(100, 0)], 4, 400, 0.0) + 3.5)
+    with pytest.raises(ValueError, match="overheads"):
+        SimConfig(step_overhead_prefill_ms=-1.0)
     with pytest.raises(ValueError, match="step_noise_prefill must be"):
         SimConfig(step_noise=(1.0, 1.1), step_noise_prefill=(1.0,))
 
