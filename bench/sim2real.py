@@ -51,6 +51,10 @@ NOISE_POINTS = 201
 MIN_PREFILL_STEPS = 50
 PREFILL_REST_MIN_MS = 1e-3  # a step with prefill work that beat the model by more than the median extra
 METRICS = ("ttft_p50_ms", "ttft_p99_ms", "tbt_p50_ms", "tbt_p99_ms")
+# the live engines' median measured / modelled step during the compared replay, over the same in the noise
+# window minutes before: past this far from 1 the machine changed speed between the two, and no simulator
+# fed from the window can follow (vLLM on 2 CPU cores: one run measured 1.32; nine others 0.95-1.10)
+DRIFT_LIMIT = 0.15
 
 
 @dataclass(frozen=True)
@@ -564,7 +568,12 @@ def table(result: dict[str, Any]) -> str:
     rows.append(f"| completed | {lv['completed']}/{lv['n']} | {sm['completed']}/{sm['n']} | |" + (" |" if runs else ""))
     if runs:
         rows.append(f"\nlive and sim: medians over {len(runs)} runs; completed: the last run")
-    for r in runs or [result]:
+    for k, r in enumerate(runs or [result], 1):
+        drift = r.get("engine_drift")
+        if drift is not None and abs(drift - 1.0) > DRIFT_LIMIT:
+            rows.append(f"\n{'run ' + str(k) if runs else 'this run'}: the live engines' steps ran {drift:.2f}x "
+                        "their noise window's time against the model during the compared replay (medians): the "
+                        "machine changed speed between the two, and its comparison says so, not the simulator")
         hg, ex = r.get("handoff_gap_ms"), r.get("live_extras", {})
         if hg and hg.get("live") and hg.get("sim"):
             rows.append(f"\nhandoff gap (A's last -> B's first token), median / P90 ms: live {hg['live'][0]:.1f} / "
@@ -575,6 +584,16 @@ def table(result: dict[str, Any]) -> str:
                             else f"simulator's handoff cost {result['config']['transfer_latency_ms']:.2f} ms "
                                  "(configured; no split in the noise window)"))
     return "\n".join(rows)
+
+
+def engine_drift(noise: Sequence[float], during: dict[str, Any]) -> float | None:
+    """The live engines' median measured / modelled step in the compared replay over the noise window's
+    (``noise``: its quantiles; decode-only steps when those with prefill have their own, and those are ~99 %
+    of the replay's steps), or None without both."""
+    q = during.get("ratio_quantiles") or []
+    if not noise or not q:
+        return None
+    return round(q[len(q) // 2] / noise[len(noise) // 2], 3)
 
 
 def compare_runs(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
@@ -609,7 +628,8 @@ def run_once(cfg: Sim2RealConfig, reqs: Sequence[TraceRequest], progress: bool =
         write_records(records_dir / f"{cfg.engine}_{cfg.policy}_sim.jsonl", sim_records)
     one = {"loadavg_before": load_before, "loadavg_after": load_after, "live_wall_s": live_wall,
            "live_extras": extras_json(extras), "step_noise": list(step_noise(cfg, extras)), "steps_during_replay": during,
-           "sim_stats": sim_stats, "live": live.to_dict(), "sim": sim.to_dict(), "compare": compare(live, sim)}
+           "sim_stats": sim_stats, "live": live.to_dict(), "sim": sim.to_dict(), "compare": compare(live, sim),
+           "engine_drift": engine_drift(extras.step_noise, during)}
     gaps = {"live": handoff_gaps(live_records), "sim": handoff_gaps(sim_records)}
     if gaps["live"] or gaps["sim"]:  # split requests: their handoff gaps in the compared replay (median, P90, count)
         one["handoff_gap_ms"] = {k: [round(quantile(v, 0.5), 3), round(quantile(v, 0.9), 3), len(v)] if v else []

@@ -21,6 +21,7 @@ from bench.sim2real import (
     delivery_delays,
     delivery_jitter,
     emitted_by_a,
+    engine_drift,
     fit_transfer_latency,
     handoff_gaps,
     live_noise,
@@ -197,6 +198,12 @@ def test_several_runs_compare_the_medians_of_each_side() -> None:
     result = {"compare": agg, "runs": runs, "live": {"completed": 8, "n": 8}, "sim": {"completed": 8, "n": 8}}
     text = table(result)
     assert "| ttft p50 (ms) | 14.0 | 9.0 | 0.64 | 0.70, 0.93, 0.45 |" in text and "medians over 3 runs" in text
+    assert "changed speed" not in text
+    runs[1]["engine_drift"] = engine_drift([0.8, 0.9, 1.0], {"ratio_quantiles": [1.0, 1.2, 1.5]})  # 1.33
+    runs[2]["engine_drift"] = engine_drift([0.8, 0.9, 1.0], {"ratio_quantiles": [0.9, 1.0, 1.1]})  # 1.11
+    assert runs[1]["engine_drift"] == pytest.approx(1.333, abs=1e-3) and engine_drift([], {}) is None
+    text = table(result)
+    assert "run 2: the live engines' steps ran 1.33x" in text and "run 3:" not in text
     with pytest.raises(ValueError, match="runs"):
         Sim2RealConfig(runs=0)
 
