@@ -434,7 +434,7 @@ def live_noise(model: StepLatencyModel, served: Sequence[Sample]) -> dict[str, A
     MIN_PREFILL_STEPS of the latter, else of all steps together.
 
     Steps with prefill work carry a fixed extra while serving that the model misses, the same for short
-    and long chunks (one measured replay: 2.7-2.9 ms over the model for chunks of up to 1,024 tokens, so
+    and long chunks (one measured window: 2.8-2.9 ms over the model for chunks of up to 1,024 tokens, so
     1.4x the model at 256 tokens or fewer and 1.1x above); as a ratio it would be drawn too small for
     short chunks and too large for long ones. So their median excess over the model is its own constant
     (``step_overhead_prefill_ms``) and their noise is the ratio of what is left."""
@@ -573,7 +573,7 @@ def table(result: dict[str, Any]) -> str:
         if drift is not None and abs(drift - 1.0) > DRIFT_LIMIT:
             rows.append(f"\n{'run ' + str(k) if runs else 'this run'}: the live engines' steps ran {drift:.2f}x "
                         "their noise window's time against the model during the compared replay (medians): the "
-                        "machine changed speed between the two, and its comparison says so, not the simulator")
+                        "machine changed speed between the two, so this run's ratios measure that, not the simulator")
         hg, ex = r.get("handoff_gap_ms"), r.get("live_extras", {})
         if hg and hg.get("live") and hg.get("sim"):
             rows.append(f"\nhandoff gap (A's last -> B's first token), median / P90 ms: live {hg['live'][0]:.1f} / "

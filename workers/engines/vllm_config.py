@@ -22,6 +22,9 @@ def parse_cpu_list(spec: str) -> set[int]:
     return cpus
 
 
+UCX_ERROR_MODES = ("none", "peer")  # UCX error handling modes of the KV transfer (VllmEngineConfig.ucx_error_handling)
+
+
 @dataclass(frozen=True)
 class VllmEngineConfig:
     """The vLLM engine's model and resources (flags --vllm-*; TOML section [vllm])."""
@@ -48,8 +51,8 @@ class VllmEngineConfig:
             raise ValueError("device must be cpu or cuda")
         if self.max_model_len < 2 or self.kv_cache_bytes <= 0:
             raise ValueError("max_model_len must be >= 2 and kv_cache_bytes > 0")
-        if self.ucx_error_handling not in ("none", "peer"):
-            raise ValueError("ucx_error_handling must be none or peer")
+        if self.ucx_error_handling not in UCX_ERROR_MODES:
+            raise ValueError(f"ucx_error_handling must be one of {UCX_ERROR_MODES}")
         if self.fault_injection not in ("", "scramble_prefix", "dead_handoff_port"):
             raise ValueError("fault_injection must be empty, scramble_prefix or dead_handoff_port")
         for spec in (self.cpu_bind, self.loop_bind):

@@ -61,6 +61,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStat
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl import NixlPullConnector
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.metadata import NixlConnectorMetadata
 
+from workers.engines.vllm_config import UCX_ERROR_MODES
+
 _orig_agent_config = _nixl_utils.nixl_agent_config
 
 
@@ -100,8 +102,8 @@ class DynaServeConnector(NixlPullConnector):
     def __init__(self, vllm_config: Any, role: Any, kv_cache_config: Any) -> None:
         global _ucx_error_mode
         mode = str(vllm_config.kv_transfer_config.get_from_extra_config(UCX_ERROR_MODE_KEY, "none"))
-        if mode not in ("none", "peer"):
-            raise ValueError(f"{UCX_ERROR_MODE_KEY} must be none or peer, got {mode!r}")
+        if mode not in UCX_ERROR_MODES:
+            raise ValueError(f"{UCX_ERROR_MODE_KEY} must be one of {UCX_ERROR_MODES}, got {mode!r}")
         _ucx_error_mode = mode
         affinity = os.sched_getaffinity(0)
         try:
