@@ -185,6 +185,7 @@ def sim_config(cfg: Sim2RealConfig, extras: LiveExtras | None = None) -> FittedS
     adds when ``extras`` is given: its measured per-step overhead and message path, and the step noise)."""
     model, kv_bytes = step_model(cfg)
     ex = extras or LiveExtras()
+    live = cfg.noise == "live" and extras is not None  # the noise window's measurements apply
     tokens, seqs, block = cfg.worker_limits
     return FittedSimConfig(
         model="tiny-llama" if cfg.engine == "vllm" else cfg.model, gpu=cfg.gpu, instances=2,
@@ -198,11 +199,11 @@ def sim_config(cfg: Sim2RealConfig, extras: LiveExtras | None = None) -> FittedS
         kv_alloc="on_demand" if cfg.engine == "vllm" else "reserve", ground_truth="linear", max_sim_s=3600.0,
         fixed_model=model, fixed_kv_bytes=kv_bytes, fixed_kv_tokens=cfg.kv_capacity_tokens,
         step_overhead_ms=ex.step_overhead_ms, step_overhead_per_seq_ms=ex.step_overhead_per_seq_ms,
-        step_overhead_prefill_ms=ex.step_overhead_prefill_ms if cfg.noise == "live" and extras is not None else 0.0,
+        step_overhead_prefill_ms=ex.step_overhead_prefill_ms if live else 0.0,
         path_latency_ms=ex.path_latency_ms, path_latency_per_prompt_token_ms=ex.path_latency_per_prompt_token_ms,
         step_noise=step_noise(cfg, extras) if extras is not None else (),
-        step_noise_prefill=ex.step_noise_prefill if cfg.noise == "live" and extras is not None else (),
-        delivery_jitter_ms=ex.delivery_jitter_ms if cfg.noise == "live" and extras is not None else (),
+        step_noise_prefill=ex.step_noise_prefill if live else (),
+        delivery_jitter_ms=ex.delivery_jitter_ms if live else (),
     )
 
 
