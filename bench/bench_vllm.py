@@ -232,9 +232,9 @@ def _install_vllm_probes(emit: Any) -> None:
     orig_read = NixlPullConnectorWorker._read_blocks
 
     def _read_blocks(self: Any, *a: Any, **kw: Any) -> Any:
-        t0 = time.monotonic()
+        t0, c0 = time.monotonic(), time.thread_time()
         r = orig_read(self, *a, **kw)
-        emit("read_post", t0=t0, req=str(kw.get("request_id", "")))
+        emit("read_post", t0=t0, req=str(kw.get("request_id", "")), cpu=time.thread_time() - c0)
         return r
 
     NixlPullConnectorWorker._read_blocks = _read_blocks
@@ -545,6 +545,7 @@ def analyse_split(run: Run, trace_dir: Path, t_from: float) -> Handoff:
         "add_to_step": ((post_step[0]["t0"] - adds[0]["t"]) * ms) if adds and post_step else float("nan"),
         "step_to_post": ((rd["t0"] - post_step[0]["t0"]) * ms) if post_step else float("nan"),
         "read_post": (rd["t"] - rd["t0"]) * ms,
+        "read_post_cpu": rd.get("cpu", float("nan")) * ms,  # B's engine-thread CPU time inside the post
         "read_seen": (dn["t"] - rd["t"]) * ms,
         "to_decode": (dec["t0"] - dn["t"]) * ms,
         "decode": (dec["t"] - dec["t0"]) * ms,
@@ -705,6 +706,7 @@ def handoff_tables(res: dict, sizes: list[int]) -> str:
             ("step_to_post", "of which: step start -> READ posted (schedule, connector)"),
             ("handshake", "of which NIXL handshake"),
             ("read_post", "READ post (the copy runs inside it)"),
+            ("read_post_cpu", "(the post's CPU time on B's engine thread)"),
             ("read_seen", "post -> completion seen"),
             ("to_decode", "-> B's first step starts"),
             ("handoff_workers", "= handoff, workers"),

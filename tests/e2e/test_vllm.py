@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import signal
 from collections.abc import Iterator
 
 import pytest
@@ -31,9 +32,10 @@ def prompt(seed: int, n: int = P_LEN) -> list[int]:
     return [(i * 37 + seed * 101) % (VOCAB - 3) + 3 for i in range(n)]
 
 
-def vllm_cluster(*worker_args: str, port: int = 5600) -> LocalCluster:
-    """Two vLLM workers; clusters alive at the same time need distinct NIXL handshake ports."""
-    return start_cluster("dynaserve", workers=2, engine="vllm", broker_args=["--allow-forced-splits"],
+def vllm_cluster(*worker_args: str, port: int = 5600, workers: int = 2,
+                 broker_args: tuple[str, ...] | list[str] = ("--allow-forced-splits",)) -> LocalCluster:
+    """vLLM workers (two by default); clusters alive at the same time need distinct NIXL handshake ports."""
+    return start_cluster("dynaserve", workers=workers, engine="vllm", broker_args=list(broker_args),
                          worker_args=list(worker_args), ready_timeout_s=240.0, side_channel_base_port=port)
 
 
@@ -183,5 +185,86 @@ def test_prefill_order_follows_ttft_deadlines(order: str, tmp_path: pytest.TempP
             await wait_idle(cluster, 30)
 
         asyncio.run(main())
+    finally:
+        cluster.stop()
+
+
+KILLS = [  # (split, victim, tokens read before the kill), run in this order on one cluster of three workers
+    (P_LEN, "a", 1),  # classic PD: A dies right after its handoff (B may still be pulling from it)
+    (P_LEN + 5, "b", 40),  # decode handoff: B dies while it decodes; the last worker takes the request over
+]
+
+
+def test_killed_vllm_workers_streams_complete_exactly() -> None:
+    """kill -9 vLLM workers mid-request (UCX error handling ``none``): every stream still equals the
+    failure-free greedy run, the broker re-plans where needed, and the survivors hold no blocks."""
+    cluster = vllm_cluster(port=5900, workers=3, broker_args=[
+        "--allow-forced-splits", "--worker-timeout-ms", "3000", "--heartbeat-ms", "50"])
+    try:
+        async def main() -> None:
+            async with DynaServeClient(cluster.client_addr) as c:
+                for i, (split, victim, after) in enumerate(KILLS):
+                    p = prompt(seed=70 + i)
+                    ref = await asyncio.wait_for(
+                        c.generate(p, max_tokens=O_LEN, ignore_eos=True, force_split=P_LEN + O_LEN).collect(), 120)
+                    stream = c.generate(p, max_tokens=O_LEN, ignore_eos=True, force_split=split)
+                    got: list[int] = []
+                    async for tok in stream:
+                        got.append(tok.token)
+                        if len(got) == after:
+                            adm = stream.admitted
+                            assert adm is not None and adm.instance_b is not None, adm
+                            cluster.kill(adm.instance_a if victim == "a" else adm.instance_b, signal.SIGKILL)
+                    assert got == ref, (split, victim)
+                    assert stream.finish_reason == "length"
+                st = await c.status()
+                assert st.stats["failed"] == 0 and st.stats["replanned"] >= 1, st.stats
+            loads = await wait_idle(cluster, 60)
+            assert len(loads) == 1, loads
+            for inst, ld in loads.items():
+                assert ld["held_blocks"] == 0 and ld["kv_used_tokens"] == 0, (inst, ld)
+
+        asyncio.run(asyncio.wait_for(main(), 300))
+    finally:
+        cluster.stop()
+
+
+def test_a_killed_before_b_pulls_stream_completes_exactly() -> None:
+    """B is stopped while A decodes its part, A hands off and is killed, then B resumes, so B's pull meets a
+    dead producer the two had already shaken hands with. Either the READ fails at once (NIXL reports the
+    remote disconnected) and vLLM recomputes the positions, or B's connector first tries to handshake again
+    and B's pull timeout ends the wait; in both cases B recomputes locally and the stream still equals the
+    failure-free run, without the broker re-planning anything."""
+    cluster = vllm_cluster(port=6000, broker_args=[
+        "--allow-forced-splits", "--worker-timeout-ms", "3000", "--heartbeat-ms", "50"])
+    try:
+        async def main() -> None:
+            p, split = prompt(seed=80), P_LEN + 60
+            async with DynaServeClient(cluster.client_addr) as c:
+                ref = await asyncio.wait_for(
+                    c.generate(p, max_tokens=O_LEN, ignore_eos=True, force_split=P_LEN + O_LEN).collect(), 120)
+                warm = c.generate(prompt(seed=81), max_tokens=20, ignore_eos=True, force_split=P_LEN + 5)
+                await asyncio.wait_for(warm.collect(), 120)  # B has pulled from A once: the handshake is done
+                stream = c.generate(p, max_tokens=O_LEN, ignore_eos=True, force_split=split)
+                got: list[int] = []
+                async for tok in stream:
+                    got.append(tok.token)
+                    adm = stream.admitted
+                    assert adm is not None and adm.instance_b is not None
+                    assert (adm.instance_a, adm.instance_b) == (warm.admitted.instance_a, warm.admitted.instance_b)
+                    if len(got) == 10:
+                        cluster.kill(adm.instance_b, signal.SIGSTOP)
+                    elif len(got) == split - P_LEN + 1:  # A's last token: its handoff is on the way to B
+                        cluster.kill(adm.instance_a, signal.SIGKILL)
+                        cluster.kill(adm.instance_b, signal.SIGCONT)
+                assert got == ref
+                assert stream.finish_reason == "length"
+                assert (await c.status()).stats["replanned"] == 0
+            loads = await wait_idle(cluster, 60)
+            assert len(loads) == 1, loads
+            for inst, ld in loads.items():
+                assert ld["held_blocks"] == 0 and ld["kv_used_tokens"] == 0, (inst, ld)
+
+        asyncio.run(asyncio.wait_for(main(), 300))
     finally:
         cluster.stop()
