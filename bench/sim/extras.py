@@ -5,6 +5,7 @@ Usage::
     python -m bench.sim.extras speed [--instances 16] [--hours 1] [--rate 20]
     python -m bench.sim.extras timeline --workload azure_conv --rate 90 --policies colocate,dynaserve
     python -m bench.sim.extras model-error --workload azure_conv --rate 90
+    python -m bench.sim.extras twin --model qwen2.5-32b --workload arxiv --rate 13
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from matplotlib.figure import Figure
 from bench.sim.config import SimConfig
 from bench.sim.policies import build_policy
 from bench.sim.simulator import Simulator
-from bench.sim.study import Spec, run_point
+from bench.sim.study import DEADLINE, Spec, run_point
 from bench.sim.workloads import MAX_TOKENS, TBT_SLO_MS, WORKLOADS, ttft_slo
 from bench.traces import poisson_from_lengths
 from dynaserve.predictor import HistoryPredictor
@@ -77,6 +78,28 @@ def model_error(workload: str, rate: float, policies: Sequence[str]) -> list[str
     return lines
 
 
+TWIN_VARIANTS: tuple[tuple[str, tuple[tuple[str, object], ...], tuple[tuple[str, object], ...], str], ...] = (
+    ("history predictor (DynaServe)", (), (), "history"),
+    ("true lengths + exact state (the oracle's twin)", (), (("exact_state", True),), "noisy:0.0"),
+    ("true lengths", (), (), "noisy:0.0"),
+    ("history predictor + exact state", (), (("exact_state", True),), "history"),
+    ("true lengths, min_output=0", (("min_output", 0),), (), "noisy:0.0"),
+    ("history predictor, min_output=0", (("min_output", 0),), (), "history"),
+)
+
+
+def twin(model: str, workload: str, rate: float) -> list[str]:
+    """The dynaserve policy (deadline-ordered prefill) at one rate with each piece of perfect information
+    alone, and with its output-length gate (``min_output``) off: which one moves attainment."""
+    lines = ["| dynaserve policy with | attainment | split kinds |", "|---|---|---|"]
+    for label, options, sim, predictor in TWIN_VARIANTS:
+        spec = Spec("dynaserve", label, "dynaserve", options=options, sim=(DEADLINE, *sim), predictor=predictor)
+        pt = run_point(model, workload, spec, rate, None)
+        kinds = ", ".join(f"{k} {v}" for k, v in sorted(pt["split_kinds"].items()))
+        lines.append(f"| {label} | {pt['attainment']:.3f} | {kinds} |")
+    return lines
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.sim.extras", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -94,11 +117,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     me.add_argument("--workload", default="azure_conv")
     me.add_argument("--rate", type=float, required=True)
     me.add_argument("--policies", default="colocate,balance,dynaserve")
+    tw = sub.add_parser("twin")
+    tw.add_argument("--model", default="qwen2.5-32b")
+    tw.add_argument("--workload", default="arxiv")
+    tw.add_argument("--rate", type=float, required=True)
     args = ap.parse_args(argv)
     if args.cmd == "speed":
         print("\n".join(speed(args.instances, args.hours, args.rate, args.policies.split(","))))
     elif args.cmd == "timeline":
         print(timeline(args.workload, args.rate, args.policies.split(","), Path(args.out)))
+    elif args.cmd == "twin":
+        print("\n".join(twin(args.model, args.workload, args.rate)))
     else:
         print("\n".join(model_error(args.workload, args.rate, args.policies.split(","))))
     return 0
