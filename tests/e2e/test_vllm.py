@@ -195,18 +195,36 @@ KILLS = [  # (split, victim, tokens read before the kill), run in this order on 
 ]
 
 
+def kill_cluster(port: int, workers: int) -> LocalCluster:
+    """vLLM workers whose death the broker notices within 3 s."""
+    return vllm_cluster(port=port, workers=workers, broker_args=[
+        "--allow-forced-splits", "--worker-timeout-ms", "3000", "--heartbeat-ms", "50"])
+
+
+async def unsplit(c: DynaServeClient, toks: list[int]) -> list[int]:
+    """The failure-free greedy reference: the whole request on one instance."""
+    return await asyncio.wait_for(
+        c.generate(toks, max_tokens=O_LEN, ignore_eos=True, force_split=P_LEN + O_LEN).collect(), 120)
+
+
+async def assert_one_clean_survivor(cluster: LocalCluster) -> None:
+    """The broker has dropped the killed workers, and the one left holds no blocks and no KV."""
+    loads = await wait_idle(cluster, 60)
+    assert len(loads) == 1, loads
+    for inst, ld in loads.items():
+        assert ld["held_blocks"] == 0 and ld["kv_used_tokens"] == 0, (inst, ld)
+
+
 def test_killed_vllm_workers_streams_complete_exactly() -> None:
     """kill -9 vLLM workers mid-request (UCX error handling ``none``): every stream still equals the
     failure-free greedy run, the broker re-plans where needed, and the survivors hold no blocks."""
-    cluster = vllm_cluster(port=5900, workers=3, broker_args=[
-        "--allow-forced-splits", "--worker-timeout-ms", "3000", "--heartbeat-ms", "50"])
+    cluster = kill_cluster(5900, 3)
     try:
         async def main() -> None:
             async with DynaServeClient(cluster.client_addr) as c:
                 for i, (split, victim, after) in enumerate(KILLS):
                     p = prompt(seed=70 + i)
-                    ref = await asyncio.wait_for(
-                        c.generate(p, max_tokens=O_LEN, ignore_eos=True, force_split=P_LEN + O_LEN).collect(), 120)
+                    ref = await unsplit(c, p)
                     stream = c.generate(p, max_tokens=O_LEN, ignore_eos=True, force_split=split)
                     got: list[int] = []
                     async for tok in stream:
@@ -219,10 +237,7 @@ def test_killed_vllm_workers_streams_complete_exactly() -> None:
                     assert stream.finish_reason == "length"
                 st = await c.status()
                 assert st.stats["failed"] == 0 and st.stats["replanned"] >= 1, st.stats
-            loads = await wait_idle(cluster, 60)
-            assert len(loads) == 1, loads
-            for inst, ld in loads.items():
-                assert ld["held_blocks"] == 0 and ld["kv_used_tokens"] == 0, (inst, ld)
+            await assert_one_clean_survivor(cluster)
 
         asyncio.run(asyncio.wait_for(main(), 300))
     finally:
@@ -235,23 +250,27 @@ def test_a_killed_before_b_pulls_stream_completes_exactly() -> None:
     remote disconnected) and vLLM recomputes the positions, or B's connector first tries to handshake again
     and B's pull timeout ends the wait; in both cases B recomputes locally and the stream still equals the
     failure-free run, without the broker re-planning anything."""
-    cluster = vllm_cluster(port=6000, broker_args=[
-        "--allow-forced-splits", "--worker-timeout-ms", "3000", "--heartbeat-ms", "50"])
+    cluster = kill_cluster(6000, 2)
     try:
         async def main() -> None:
             p, split = prompt(seed=80), P_LEN + 60
             async with DynaServeClient(cluster.client_addr) as c:
-                ref = await asyncio.wait_for(
-                    c.generate(p, max_tokens=O_LEN, ignore_eos=True, force_split=P_LEN + O_LEN).collect(), 120)
+                ref = await unsplit(c, p)
+                # an idle cluster: a forced split takes the first instance by id as A (equal loads), so the
+                # warm-up and the request below get the same pair
+                await wait_idle(cluster, 60)
                 warm = c.generate(prompt(seed=81), max_tokens=20, ignore_eos=True, force_split=P_LEN + 5)
                 await asyncio.wait_for(warm.collect(), 120)  # B has pulled from A once: the handshake is done
+                await wait_idle(cluster, 60)
+                assert warm.admitted is not None
+                pair = (warm.admitted.instance_a, warm.admitted.instance_b)
                 stream = c.generate(p, max_tokens=O_LEN, ignore_eos=True, force_split=split)
                 got: list[int] = []
                 async for tok in stream:
                     got.append(tok.token)
                     adm = stream.admitted
                     assert adm is not None and adm.instance_b is not None
-                    assert (adm.instance_a, adm.instance_b) == (warm.admitted.instance_a, warm.admitted.instance_b)
+                    assert (adm.instance_a, adm.instance_b) == pair
                     if len(got) == 10:
                         cluster.kill(adm.instance_b, signal.SIGSTOP)
                     elif len(got) == split - P_LEN + 1:  # A's last token: its handoff is on the way to B
@@ -260,10 +279,7 @@ def test_a_killed_before_b_pulls_stream_completes_exactly() -> None:
                 assert got == ref
                 assert stream.finish_reason == "length"
                 assert (await c.status()).stats["replanned"] == 0
-            loads = await wait_idle(cluster, 60)
-            assert len(loads) == 1, loads
-            for inst, ld in loads.items():
-                assert ld["held_blocks"] == 0 and ld["kv_used_tokens"] == 0, (inst, ld)
+            await assert_one_clean_survivor(cluster)
 
         asyncio.run(asyncio.wait_for(main(), 300))
     finally:
