@@ -131,6 +131,32 @@ def test_connector_agent_gets_the_ucx_error_mode(mode: str, monkeypatch: pytest.
     assert agent.get_backend_params("UCX")[vllm_connector.UCX_ERROR_MODE_KEY] == mode
 
 
+def test_handshake_probe_fails_a_dead_side_channel_without_calling_the_handshake() -> None:
+    """B's handshake towards a producer whose side channel is closed (a dead A) fails on the TCP probe, and
+    vLLM's handshake, which would wait out its 5 s receive timeout, is never called."""
+    import socket
+
+    from workers.engines.vllm_connector import probed
+
+    calls: list[tuple] = []
+
+    def handshake(host: str, port: int, *rest: object) -> str:
+        calls.append((host, port, *rest))
+        return "agents"
+
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        open_port = listening.getsockname()[1]
+        assert probed(handshake)("127.0.0.1", open_port, 1, "engine-a") == "agents"
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    with pytest.raises(RuntimeError, match=f"127.0.0.1:{closed_port} does not answer"):
+        probed(handshake)("127.0.0.1", closed_port, 1, "engine-a")
+    assert calls == [("127.0.0.1", open_port, 1, "engine-a")]
+
+
 def test_failed_transfer_recomputes_and_completes() -> None:
     """A advertises a dead handshake port: B's pull fails, B recomputes, the stream is still exact."""
     cluster = vllm_cluster("--vllm-fault-injection", "dead_handoff_port", port=5700)

@@ -35,6 +35,10 @@ What it changes on top of the stock connector:
 * The thread that builds it keeps its CPU affinity. vLLM's NIXL worker pins that thread to the last core
   of each NUMA node (a core it reserves for transfers, assuming a worker process of its own); in-process
   that thread is the engine thread, which would then run every forward pass on that one core.
+* A handshake first checks that the producer's side channel accepts a TCP connection
+  (``HANDSHAKE_PROBE_S``). vLLM's handshake talks to it over a ZeroMQ REQ socket, which keeps
+  reconnecting to a closed port until its 5 s receive timeout; a producer that died after its handoff
+  would cost B's request that long before the recompute. A dead process's port refuses at once.
 * A consumer claims exactly the positions its producer computed (``remote_num_tokens``), never more.
   After a decode handoff B's sequence is one token longer than that (it ends with A's last token, whose
   position A never computed); the stock connector would claim the whole prompt, and vLLM would then
@@ -51,8 +55,10 @@ bidirectional path, pulls k positions and computes the rest.
 from __future__ import annotations
 
 import os
+import socket
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import vllm.distributed.kv_transfer.kv_connector.v1.nixl.base_worker as _base_worker
 from vllm.distributed import nixl_utils as _nixl_utils
@@ -96,6 +102,26 @@ ROLE_KEY = "dynaserve_role"
 IDLE_POLL_S = 0.1  # while nothing is in flight the worker still polls NIXL this often (stray notifications)
 
 
+HANDSHAKE_PROBE_S = 1.0  # the producer's side channel must accept a TCP connection within this
+
+_T = TypeVar("_T")
+
+
+def probed(handshake: Callable[..., _T], timeout_s: float = HANDSHAKE_PROBE_S) -> Callable[..., _T]:
+    """``handshake(host, port, ...)`` that fails at once when ``host:port`` does not accept a TCP connection
+    within ``timeout_s`` (a dead producer), instead of after vLLM's 5 s receive timeout."""
+
+    def run(host: str, port: int, *args: Any, **kwargs: Any) -> _T:
+        try:
+            with socket.create_connection((host, port), timeout=timeout_s):
+                pass
+        except OSError as exc:
+            raise RuntimeError(f"NIXL side channel {host}:{port} does not answer: {exc}") from exc
+        return handshake(host, port, *args, **kwargs)
+
+    return run
+
+
 class DynaServeConnector(NixlPullConnector):
     """NIXL pull connector with DynaServe's handoff rules and idle fast paths (module docstring)."""
 
@@ -110,6 +136,9 @@ class DynaServeConnector(NixlPullConnector):
             super().__init__(vllm_config, role, kv_cache_config)
         finally:
             os.sched_setaffinity(0, affinity)  # undo the NIXL worker's pin of this thread (module docstring)
+        if self.connector_worker is not None:  # submitted to the handshake executor through this attribute
+            w = self.connector_worker
+            w._nixl_handshake = probed(w._nixl_handshake)  # type: ignore[method-assign]
         self._next_idle_poll = 0.0  # worker side: perf_counter time of the next full poll while idle
         self._polled = True  # worker side: this step's get_transfer_results polled NIXL
 
