@@ -10,7 +10,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from bench.sim.study import MODELS, ORACLE_SEARCH, Curve, best
+from bench.sim.study import MODELS, ORACLE_DYNASERVE, ORACLE_SEARCH, Curve, best
 from bench.sim.workloads import WORKLOADS
 
 KINDS = ("none", "prompt", "pd", "decode")
@@ -31,7 +31,9 @@ def _group(curves: Sequence[Curve]) -> dict[tuple[str, str], list[Curve]]:
 
 def _oracle_kind(c: Curve) -> str:
     """Which of the oracle's perfect-information policies a curve is."""
-    return "search" if c.spec.label == ORACLE_SEARCH else "exact dynaserve"
+    if c.spec.label == ORACLE_SEARCH:
+        return "search"
+    return "exact dynaserve" + c.spec.label.removeprefix(ORACLE_DYNASERVE)
 
 
 def _oracle_cell(c: Curve) -> str:

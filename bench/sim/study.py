@@ -99,18 +99,26 @@ def baseline_specs(quick: bool) -> list[Spec]:
 
 ORACLE_SEARCH = "oracle search"
 ORACLE_DYNASERVE = "dynaserve, exact lengths and state"
+# the same with other settings of decode concentration: only outputs of 102 tokens or more on a host, and
+# hosts filled to 80 % of their KV instead of 70 %
+ORACLE_DYNASERVE_GATED = "dynaserve, exact lengths and state, host gate 102"
+ORACLE_DYNASERVE_FULLER = "dynaserve, exact lengths and state, hosts 80 % full"
 
 
 def main_specs(quick: bool) -> list[Spec]:
-    """The baselines, DynaServe (its global policy and its local scheduler) and the oracle: the better of
-    two perfect-information policies (both with DynaServe's local scheduler, the exact state of every
-    instance and true output lengths), the per-request split search of bench.sim.oracle and DynaServe's own
-    placement."""
+    """The baselines, DynaServe (its global policy and its local scheduler) and the oracle: the best of
+    perfect-information policies (all with DynaServe's local scheduler, the exact state of every instance
+    and true output lengths): the per-request split search of bench.sim.oracle and DynaServe's own
+    placement in three configurations of decode concentration."""
     return [
         *baseline_specs(quick),
         Spec("dynaserve", "dynaserve", "dynaserve", sim=(DEADLINE,)),
         Spec("oracle", ORACLE_SEARCH, "oracle", sim=(DEADLINE,), predictor="max_tokens"),
         Spec("oracle", ORACLE_DYNASERVE, "dynaserve", sim=(DEADLINE, ("exact_state", True)), predictor="noisy:0.0"),
+        Spec("oracle", ORACLE_DYNASERVE_GATED, "dynaserve", options=(("host_min_output", 102),),
+             sim=(DEADLINE, ("exact_state", True)), predictor="noisy:0.0"),
+        Spec("oracle", ORACLE_DYNASERVE_FULLER, "dynaserve", options=(("host_kv_frac", 0.2),),
+             sim=(DEADLINE, ("exact_state", True)), predictor="noisy:0.0"),
     ]
 
 
@@ -300,14 +308,27 @@ def curve_from_dict(d: dict[str, Any]) -> Curve:
 
 def run_study(workloads: Sequence[str], models: Sequence[str], quick: bool, jobs: int, out: Path,
               extra_specs: Sequence[Spec] = (), ablations: bool = True,
-              overrides: dict[str, Any] | None = None) -> list[Curve]:
+              overrides: dict[str, Any] | None = None, only: Sequence[str] = ()) -> list[Curve]:
+    """Run the study and write ``results.json.gz`` under ``out``. With ``only`` (spec labels), run just those
+    configurations on the rate grids of the study already in ``out`` and put their curves in place of the
+    ones it has for the same labels; every other curve is kept as it is."""
     limit = QUICK_LIMIT if quick else None
     work: list[tuple[str, str, Spec, tuple[float, ...], int | None]] = []
-    with Pool(processes=jobs) as pool:
-        refs = {(m, w): r for m, w, r in tqdm(
-            pool.imap_unordered(reference_rate, [(m, w, limit, tuple((overrides or {}).items()))
-                                                 for m in models for w in workloads]),
-            total=len(models) * len(workloads), desc="reference rates", unit="workload")}
+    kept: list[Curve] = []
+    if only:
+        with gzip.open(out / RESULTS, "rt") as fh:
+            old = json.load(fh)
+        if old["meta"]["quick"] != quick or (old["meta"]["overrides"] or {}) != (overrides or {}):
+            raise ValueError(f"{out / RESULTS} was run with other settings (quick / --set); run the whole study")
+        refs = {tuple(k.split("/", 1)): r for k, r in old["meta"]["reference_rates"].items()}
+        kept = [c for c in map(curve_from_dict, old["curves"]) if c.spec.label not in only
+                or c.model not in models or c.workload not in workloads]
+    else:
+        with Pool(processes=jobs) as pool:
+            refs = {(m, w): r for m, w, r in tqdm(
+                pool.imap_unordered(reference_rate, [(m, w, limit, tuple((overrides or {}).items()))
+                                                     for m in models for w in workloads]),
+                total=len(models) * len(workloads), desc="reference rates", unit="workload")}
     for m in models:
         for w in workloads:
             rates = rate_grid(refs[(m, w)], quick)
@@ -316,6 +337,11 @@ def run_study(workloads: Sequence[str], models: Sequence[str], quick: bool, jobs
             if ablations and w in ABLATION_WORKLOADS and m == models[0]:
                 for spec in ablation_specs():
                     work.append((m, w, spec, rates, limit))
+    if only:
+        work = [j for j in work if j[2].label in only]
+        missing = set(only) - {j[2].label for j in work}
+        if missing:
+            raise ValueError(f"no configuration labelled {', '.join(sorted(missing))}")
     if overrides:
         work = [(m, w, with_sim(spec, **overrides), r, lim) for m, w, spec, r, lim in work]
     # the slow ones first, so the pool stays busy to the end
@@ -324,9 +350,11 @@ def run_study(workloads: Sequence[str], models: Sequence[str], quick: bool, jobs
     with Pool(processes=jobs) as pool:
         for c in tqdm(pool.imap_unordered(run_curve, work), total=len(work), desc="study", unit="curve"):
             curves.append(c)
+    curves += kept
     curves.sort(key=lambda c: (c.model, c.workload, c.spec.family, c.spec.label))
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"overrides": overrides or {}, "reference_rates": {f"{m}/{w}": r for (m, w), r in refs.items()}, "quick": quick, "instances": INSTANCES, "max_tokens": MAX_TOKENS, "tbt_slo_ms": TBT_SLO_MS,
+    meta = {"overrides": overrides or {}, "reference_rates": {f"{m}/{w}": r for (m, w), r in refs.items()},
+            "quick": quick, "instances": INSTANCES, "max_tokens": MAX_TOKENS, "tbt_slo_ms": TBT_SLO_MS,
             "limit": limit, "sim_defaults": asdict(SimConfig())}
     with gzip.open(out / RESULTS, "wt") as fh:
         json.dump({"meta": meta, "curves": [curve_to_dict(c) for c in curves]}, fh, separators=(",", ":"), default=str)
@@ -348,6 +376,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="SimConfig override for every run (e.g. prefill_order=deadline, eager_pull=true)")
     ap.add_argument("--report-only", action="store_true", help="redo tables and plots from results.json.gz")
+    ap.add_argument("--only", action="append", default=[], metavar="LABEL",
+                    help="re-run only this configuration (by label; repeatable) into the study already in --out")
     args = ap.parse_args(argv)
     from bench.sim.report import write_report
 
@@ -368,7 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         extra = [Spec(f"variant:{v}", v, v) for v in args.variants.split(",") if v]
         overrides = dict(_parse_set(x) for x in args.set)
         t0 = time.perf_counter()
-        curves = run_study(wl, ms, args.quick, args.jobs, out, extra, not args.no_ablations, overrides)
+        curves = run_study(wl, ms, args.quick, args.jobs, out, extra, not args.no_ablations, overrides, args.only)
         print(f"simulated {sum(len(c.points) for c in curves)} points in {time.perf_counter() - t0:.0f} s")
     print(write_report(curves, out))
     return 0

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import gzip
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bench.sim.study import _refine
+from bench.sim import study
+from bench.sim.study import RESULTS, Curve, _refine, curve_to_dict
 from dynaserve.metrics import serving_capacity
 
 
@@ -50,3 +54,43 @@ def test_refine_leaves_curves_without_a_crossing_alone() -> None:
         at2(r)
     _refine(at2, pts2, 4)
     assert (len(asked), len(asked2)) == (2, 2)
+
+
+def _fake_curve(job: tuple[str, str, study.Spec, tuple[float, ...], int | None]) -> Curve:
+    model, workload, spec, rates, _ = job
+    return Curve(model, workload, spec, [{"rate": r, "attainment": 1.0, "goodput": r, "new": True} for r in rates])
+
+
+def _old_study(out: Path, quick: bool = True) -> None:
+    specs = study.main_specs(quick)
+    curves = [Curve(m, w, sp, [{"rate": 1.0, "attainment": 1.0, "goodput": 1.0}])
+              for m in ("llama3-8b", "qwen2.5-32b") for w in ("azure_conv", "arxiv") for sp in specs]
+    meta = {"quick": quick, "overrides": {}, "reference_rates": {f"{m}/{w}": 10.0 for m in ("llama3-8b", "qwen2.5-32b")
+                                                                  for w in ("azure_conv", "arxiv")}}
+    out.mkdir(parents=True, exist_ok=True)
+    with gzip.open(out / RESULTS, "wt") as fh:
+        json.dump({"meta": meta, "curves": [curve_to_dict(c) for c in curves]}, fh)
+
+
+def test_only_reruns_the_named_configurations_into_the_existing_study(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(study, "run_curve", _fake_curve)
+    _old_study(tmp_path)
+    label = study.ORACLE_DYNASERVE_GATED
+    curves = study.run_study(["arxiv"], ["qwen2.5-32b"], True, 1, tmp_path, ablations=False, only=[label])
+    with gzip.open(tmp_path / RESULTS, "rt") as fh:
+        saved = json.load(fh)
+    assert len(saved["curves"]) == len(curves) == 4 * len(study.main_specs(True))  # nothing lost, nothing added
+    new = [c for c in curves if c.points[0].get("new")]
+    assert [(c.model, c.workload, c.spec.label) for c in new] == [("qwen2.5-32b", "arxiv", label)]
+    assert [p["rate"] for p in new[0].points] == list(study.rate_grid(10.0, True))  # the study's own grid
+    assert saved["meta"]["reference_rates"]["llama3-8b/azure_conv"] == 10.0
+
+
+def test_only_refuses_unknown_labels_and_other_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(study, "run_curve", _fake_curve)
+    _old_study(tmp_path)
+    with pytest.raises(ValueError, match="no configuration labelled nope"):
+        study.run_study(["arxiv"], ["qwen2.5-32b"], True, 1, tmp_path, ablations=False, only=["nope"])
+    with pytest.raises(ValueError, match="other settings"):
+        study.run_study(["arxiv"], ["qwen2.5-32b"], False, 1, tmp_path, ablations=False, only=["dynaserve"])
