@@ -338,7 +338,10 @@ class DynaServePolicy:
     large next to its per-token cost (Qwen2.5-32B on two A100s: 25 ms of an 8,192-token step's 1.28 s),
     the first decode on an instance slows its prefill 1.37x, because from then on every
     step must end within the TBT SLO (chunks of ~450 tokens instead of 8,192). With concentration every
-    request predicted to decode ``min_output`` tokens or more goes to the instance that already decodes
+    request predicted to decode ``host_min_output`` tokens or more (lower than ``min_output``: B emits
+    the first token, so the client sees no handoff gap, and a decode of a few dozen tokens already slows a
+    prefilling instance; but very short outputs, such as code completions, are cheaper left where they are
+    than the TTFT the tail handoff costs them) goes to the instance that already decodes
     the most (more than A, its decode-only step under ``host_frac`` of the TBT budget, ``host_kv_frac``
     of its KV still free after the request): a prompt split
     that leaves B the last ``tail`` prompt tokens, so that B emits the first token and the client sees
@@ -362,6 +365,7 @@ class DynaServePolicy:
     host_frac: float = 0.6  # concentration: a host's decode-only step stays under this share of the TBT budget
     host_kv_frac: float = 0.3  # concentration: a host keeps this share of its KV free after taking the request
     tail: int = 64  # concentration: prompt tokens B computes (B emits the first token)
+    host_min_output: int = 32  # concentration: only outputs predicted at this many tokens or more go to a host
     name: str = "dynaserve"
     _gains: dict[float, float] = field(default_factory=dict, init=False, repr=False, compare=False)
     _slack_share: float = field(default=0.0, init=False, repr=False, compare=False)
@@ -405,7 +409,7 @@ class DynaServePolicy:
         if a is None:
             return None
         model = pr.model
-        if self.concentrate != "off" and self._concentrating(req, a) and o >= self.min_output and mt > 1:
+        if self.concentrate != "off" and self._concentrating(req, a) and o >= self.host_min_output and mt > 1:
             host = self._decode_host(a, cluster, p, need, slo)
             if host is not None:
                 if p <= self.tail:  # too short to be worth a handoff: all of it on the host

@@ -83,14 +83,16 @@ TWIN_VARIANTS: tuple[tuple[str, tuple[tuple[str, object], ...], tuple[tuple[str,
     ("true lengths + exact state (the oracle's twin)", (), (("exact_state", True),), "noisy:0.0"),
     ("true lengths", (), (), "noisy:0.0"),
     ("history predictor + exact state", (), (("exact_state", True),), "history"),
-    ("true lengths, min_output=0", (("min_output", 0),), (), "noisy:0.0"),
-    ("history predictor, min_output=0", (("min_output", 0),), (), "history"),
+    ("history predictor, host gate 102", (("host_min_output", 102),), (), "history"),
+    ("true lengths + exact state, host gate 102", (("host_min_output", 102),), (("exact_state", True),),
+     "noisy:0.0"),
 )
 
 
 def twin(model: str, workload: str, rate: float) -> list[str]:
     """The dynaserve policy (deadline-ordered prefill) at one rate with each piece of perfect information
-    alone, and with its output-length gate (``min_output``) off: which one moves attainment."""
+    alone, and with decode concentration's output gate (``host_min_output``) at 102 tokens: which one
+    moves attainment."""
     lines = ["| dynaserve policy with | attainment | split kinds |", "|---|---|---|"]
     for label, options, sim, predictor in TWIN_VARIANTS:
         spec = Spec("dynaserve", label, "dynaserve", options=options, sim=(DEADLINE, *sim), predictor=predictor)

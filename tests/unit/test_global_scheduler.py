@@ -553,10 +553,16 @@ def test_concentration_only_moves_decodes_to_busier_instances() -> None:
     assert plan is not None and (plan.kind, plan.a) == (KIND_NONE, "w0")
 
 
-def test_concentration_keeps_short_outputs_and_auto_skips_cheap_first_decodes() -> None:
+def test_concentration_takes_short_outputs_unless_gated_and_auto_skips_cheap_first_decodes() -> None:
     c = cluster(inst("w0"), inst("w1", running_seqs=10, queued_prefill_tokens=50))
     short = DynaServePolicy(PRICING, concentrate="on").plan(req(1000, 400, predicted=50), c, 0.0)
-    assert short is not None and (short.kind, short.a) == (KIND_NONE, "w0")
+    assert short is not None and (short.kind, short.a, short.b) == (KIND_PROMPT, "w0", "w1")  # under min_output
+    tiny = DynaServePolicy(PRICING, concentrate="on").plan(req(1000, 400, predicted=20), c, 0.0)
+    assert tiny is not None and (tiny.kind, tiny.a) == (KIND_NONE, "w0")  # under host_min_output
+    gated = DynaServePolicy(PRICING, concentrate="on", host_min_output=102).plan(req(1000, 400, predicted=50), c, 0.0)
+    assert gated is not None and (gated.kind, gated.a) == (KIND_NONE, "w0")
+    one = DynaServePolicy(PRICING, concentrate="on").plan(req(1000, 1, predicted=1), c, 0.0)
+    assert one is not None and (one.kind, one.a) == (KIND_NONE, "w0")  # nothing to decode: stays whole
     default = DynaServePolicy(PRICING).plan(req(1000, 400), c, 0.0)
     assert default is not None and default.kind == KIND_NONE  # auto: the first decode costs 1.05x, off
 
