@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import signal
 from collections.abc import Iterator
 
 import pytest
 
-from dynaserve.client import DynaServeClient
+from dynaserve.client import DynaServeClient, RequestStream
 from dynaserve.cluster import ClusterConfig, LocalCluster
+from dynaserve.protocol import Admitted
 
 os.environ.setdefault("UCX_NET_DEVICES", "lo")
 
@@ -39,6 +41,24 @@ def start_cluster(policy: str, workers: int = 2, **kw: object) -> LocalCluster:
 async def instance_loads(cluster: LocalCluster) -> dict[str, dict]:
     async with DynaServeClient(cluster.client_addr) as c:
         return (await c.status()).stats["instances"]
+
+
+async def collect_killing(cluster: LocalCluster, stream: RequestStream, after: int,
+                          victim: str) -> tuple[list[int], Admitted]:
+    """A stream's tokens, with its instance A or B (``victim``: "a" / "b") killed -9 once ``after`` arrived,
+    and the placement it had then (a re-plan admits the rest anew)."""
+    got: list[int] = []
+    killed: Admitted | None = None
+    async for tok in stream:
+        got.append(tok.token)
+        if len(got) == after:
+            killed = stream.admitted
+            assert killed is not None
+            name = killed.instance_a if victim == "a" else killed.instance_b
+            assert name is not None, killed
+            cluster.kill(name, signal.SIGKILL)
+    assert killed is not None, f"the stream ended after {len(got)} tokens, before the kill"
+    return got, killed
 
 
 async def wait_idle(cluster: LocalCluster, timeout: float = 10.0) -> dict[str, dict]:

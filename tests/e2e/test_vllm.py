@@ -16,7 +16,7 @@ import pytest
 
 from dynaserve.client import DynaServeClient
 from dynaserve.cluster import LocalCluster
-from tests.conftest import start_cluster, wait_idle
+from tests.conftest import collect_killing, start_cluster, wait_idle
 from workers.engines.vllm_config import VllmEngineConfig
 
 pytestmark = [
@@ -252,13 +252,8 @@ def test_killed_vllm_workers_streams_complete_exactly() -> None:
                     p = prompt(seed=70 + i)
                     ref = await unsplit(c, p)
                     stream = c.generate(p, max_tokens=O_LEN, ignore_eos=True, force_split=split)
-                    got: list[int] = []
-                    async for tok in stream:
-                        got.append(tok.token)
-                        if len(got) == after:
-                            adm = stream.admitted
-                            assert adm is not None and adm.instance_b is not None, adm
-                            cluster.kill(adm.instance_a if victim == "a" else adm.instance_b, signal.SIGKILL)
+                    got, killed = await collect_killing(cluster, stream, after, victim)
+                    assert killed.instance_b is not None, killed
                     assert got == ref, (split, victim)
                     assert stream.finish_reason == "length"
                 st = await c.status()

@@ -4,12 +4,11 @@ tokens the client already has, so the stream completes with exactly the failure-
 from __future__ import annotations
 
 import asyncio
-import signal
 
 import pytest
 
 from dynaserve.client import DynaServeClient
-from tests.conftest import make_prompt, start_cluster, wait_idle
+from tests.conftest import collect_killing, make_prompt, start_cluster, wait_idle
 from workers.engines.sim import reference_tokens
 
 pytestmark = pytest.mark.integration
@@ -35,15 +34,7 @@ def test_killed_worker_stream_completes_exactly(split: int, victim: str, after: 
             prompt = make_prompt(P_LEN, seed=split)
             async with DynaServeClient(cluster.client_addr) as c:
                 stream = c.generate(prompt, max_tokens=O_LEN, ignore_eos=True, force_split=split)
-                got: list[int] = []
-                async for tok in stream:
-                    got.append(tok.token)
-                    if len(got) == after:
-                        adm = stream.admitted
-                        assert adm is not None
-                        name = adm.instance_a if victim == "a" else adm.instance_b
-                        assert name is not None
-                        cluster.kill(name, signal.SIGKILL)
+                got, _ = await collect_killing(cluster, stream, after, victim)
                 assert got == reference_tokens(prompt, O_LEN)
                 assert stream.finish_reason == "length"
                 st = await c.status()
