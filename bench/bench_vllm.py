@@ -775,6 +775,10 @@ def _bare_main(conn: Any, model: str, mode: str, log_path: str, cores: str = "")
         llm = ex.submit(LLMEngine.from_engine_args, args).result()
     else:
         llm = LLMEngine.from_engine_args(args)
+    from workers.engines.hugepages import advise_tensors
+
+    # the KV cache on huge pages, as the DynaServe connector puts it (it is not a connector here)
+    advise_tensors(llm.engine_core.engine_core.model_executor.driver_worker.worker.model_runner.kv_caches)
     if mode == "main":
         step = llm.step
     else:

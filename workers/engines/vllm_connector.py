@@ -32,6 +32,8 @@ What it changes on top of the stock connector:
   lease expiry or an abort, so every finished B would stay listed).
 * ``expire(req_id)`` ends a producer's hold on handed-off blocks now (an abort of a request whose KV
   nobody will read), instead of waiting for the lease.
+* Host KV caches (the CPU build) are put on huge pages before NIXL registers them
+  (workers.engines.hugepages): on 4 KiB pages a READ of A's blocks ran at 0.66-0.81 of a raw READ.
 * The thread that builds it keeps its CPU affinity. vLLM's NIXL worker pins that thread to the last core
   of each NUMA node (a core it reserves for transfers, assuming a worker process of its own); in-process
   that thread is the engine thread, which would then run every forward pass on that one core.
@@ -54,6 +56,7 @@ bidirectional path, pulls k positions and computes the rest.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -67,7 +70,10 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStat
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl import NixlPullConnector
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.metadata import NixlConnectorMetadata
 
+from workers.engines.hugepages import advise_tensors
 from workers.engines.vllm_config import UCX_ERROR_MODES
+
+log = logging.getLogger("dynaserve.vllm")
 
 _orig_agent_config = _nixl_utils.nixl_agent_config
 
@@ -141,6 +147,13 @@ class DynaServeConnector(NixlPullConnector):
             w._nixl_handshake = probed(w._nixl_handshake)  # type: ignore[method-assign]
         self._next_idle_poll = 0.0  # worker side: perf_counter time of the next full poll while idle
         self._polled = True  # worker side: this step's get_transfer_results polled NIXL
+
+    def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
+        """Host KV caches go on huge pages before NIXL registers them (workers.engines.hugepages)."""
+        advised, collapsed = advise_tensors(kv_caches.values())
+        if advised:
+            log.info("KV cache: %d MiB advised for huge pages, %d MiB collapsed now", advised >> 20, collapsed >> 20)
+        super().register_kv_caches(kv_caches)
 
     # ------------------------------------------------------------------ scheduler side
 
