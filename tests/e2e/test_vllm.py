@@ -133,7 +133,8 @@ def test_connector_agent_gets_the_ucx_error_mode(mode: str, monkeypatch: pytest.
 
 def test_handshake_probe_fails_a_dead_side_channel_without_calling_the_handshake() -> None:
     """B's handshake towards a producer whose side channel is closed (a dead A) fails on the TCP probe, and
-    vLLM's handshake, which would wait out its 5 s receive timeout, is never called."""
+    vLLM's handshake, which would wait out its 5 s receive timeout, is never called. Every failed handshake
+    reports its producer."""
     import socket
 
     from workers.engines.vllm_connector import probed
@@ -152,14 +153,29 @@ def test_handshake_probe_fails_a_dead_side_channel_without_calling_the_handshake
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         closed_port = s.getsockname()[1]
+    failed: list[str] = []
     with pytest.raises(RuntimeError, match=f"127.0.0.1:{closed_port} does not answer"):
-        probed(handshake)("127.0.0.1", closed_port, 1, "engine-a")
+        probed(handshake, failed=failed.append)("127.0.0.1", closed_port, 1, "engine-a")
     assert calls == [("127.0.0.1", open_port, 1, "engine-a")]
+
+    def refused(host: str, port: int, *rest: object, **kw: object) -> str:
+        raise RuntimeError("handshake refused")
+
+    with socket.socket() as listening:  # the port answers, the handshake itself fails
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        with pytest.raises(RuntimeError, match="refused"):
+            probed(refused, failed=failed.append)("127.0.0.1", listening.getsockname()[1], 1,
+                                                  expected_engine_id="engine-b")
+    assert failed == ["engine-a", "engine-b"]  # each failure names its producer, for the engine's recompute
 
 
 def test_failed_transfer_recomputes_and_completes() -> None:
-    """A advertises a dead handshake port: B's pull fails, B recomputes, the stream is still exact."""
-    cluster = vllm_cluster("--vllm-fault-injection", "dead_handoff_port", port=5700)
+    """A advertises a dead handshake port: B's pull fails, B recomputes, the stream is still exact. B's pull
+    timeout is far beyond the client's wait, so every split kind, the prompt split included, must recompute
+    on the failed handshake itself."""
+    cluster = vllm_cluster("--vllm-fault-injection", "dead_handoff_port", "--vllm-kv-pull-timeout-s", "600",
+                           port=5700)
     try:
         async def main() -> None:
             p = prompt(seed=9)

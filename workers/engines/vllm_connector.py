@@ -40,7 +40,9 @@ What it changes on top of the stock connector:
 * A handshake first checks that the producer's side channel accepts a TCP connection
   (``HANDSHAKE_PROBE_S``). vLLM's handshake talks to it over a ZeroMQ REQ socket, which keeps
   reconnecting to a closed port until its 5 s receive timeout; a producer that died after its handoff
-  would cost B's request that long before the recompute. A dead process's port refuses at once.
+  would cost B's request that long before the recompute. A dead process's port refuses at once. A failed
+  handshake is reported to the engine (``on_producer_failure``), which recomputes the requests waiting on
+  that producer at once.
 * A consumer claims exactly the positions its producer computed (``remote_num_tokens``), never more.
   After a decode handoff B's sequence is one token longer than that (it ends with A's last token, whose
   position A never computed); the stock connector would claim the whole prompt, and vLLM would then
@@ -113,17 +115,25 @@ HANDSHAKE_PROBE_S = 1.0  # the producer's side channel must accept a TCP connect
 _T = TypeVar("_T")
 
 
-def probed(handshake: Callable[..., _T], timeout_s: float = HANDSHAKE_PROBE_S) -> Callable[..., _T]:
-    """``handshake(host, port, ...)`` that fails at once when ``host:port`` does not accept a TCP connection
-    within ``timeout_s`` (a dead producer), instead of after vLLM's 5 s receive timeout."""
+def probed(handshake: Callable[..., _T], timeout_s: float = HANDSHAKE_PROBE_S,
+           failed: Callable[[str], None] | None = None) -> Callable[..., _T]:
+    """``handshake(host, port, remote_tp_size, expected_engine_id, ...)`` that fails at once when
+    ``host:port`` does not accept a TCP connection within ``timeout_s`` (a dead producer), instead of after
+    vLLM's 5 s receive timeout. A handshake that fails either way calls ``failed(expected_engine_id)``."""
 
     def run(host: str, port: int, *args: Any, **kwargs: Any) -> _T:
         try:
-            with socket.create_connection((host, port), timeout=timeout_s):
-                pass
-        except OSError as exc:
-            raise RuntimeError(f"NIXL side channel {host}:{port} does not answer: {exc}") from exc
-        return handshake(host, port, *args, **kwargs)
+            try:
+                with socket.create_connection((host, port), timeout=timeout_s):
+                    pass
+            except OSError as exc:
+                raise RuntimeError(f"NIXL side channel {host}:{port} does not answer: {exc}") from exc
+            return handshake(host, port, *args, **kwargs)
+        except Exception:
+            engine_id = kwargs.get("expected_engine_id", args[1] if len(args) > 1 else None)
+            if failed is not None and engine_id is not None:
+                failed(str(engine_id))
+            raise
 
     return run
 
@@ -144,9 +154,17 @@ class DynaServeConnector(NixlPullConnector):
             os.sched_setaffinity(0, affinity)  # undo the NIXL worker's pin of this thread (module docstring)
         if self.connector_worker is not None:  # submitted to the handshake executor through this attribute
             w = self.connector_worker
-            w._nixl_handshake = probed(w._nixl_handshake)  # type: ignore[method-assign]
+            w._nixl_handshake = probed(w._nixl_handshake, failed=self._producer_failed)  # type: ignore[method-assign]
+        # set by the engine: called (on a handshake thread) with the engine id of a producer whose handshake
+        # failed. vLLM fails the waiting pulls of PD and decode handoffs itself, but not those of prompt
+        # splits (its bidirectional path), which would wait out the engine's pull timeout.
+        self.on_producer_failure: Callable[[str], None] | None = None
         self._next_idle_poll = 0.0  # worker side: perf_counter time of the next full poll while idle
         self._polled = True  # worker side: this step's get_transfer_results polled NIXL
+
+    def _producer_failed(self, engine_id: str) -> None:
+        if self.on_producer_failure is not None:
+            self.on_producer_failure(engine_id)
 
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
         """Host KV caches go on huge pages before NIXL registers them (workers.engines.hugepages)."""

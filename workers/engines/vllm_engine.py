@@ -97,6 +97,7 @@ class _Req:
     b_prompt: list[int] = field(default_factory=list)  # role B: the true token sequence it continues from
     b_max_tokens: int = 0
     b_deadline: float = 0.0  # role B: recompute locally if A's KV has not arrived by then
+    b_producer: str = ""  # role B: A's vLLM engine id (its handshake failing also means recompute)
     vllm_id: str = ""  # the id we gave vLLM (changes when B falls back to recomputing)
     internal_id: str = ""  # vLLM's internal id (its scheduler and the connector key requests by it)
 
@@ -162,7 +163,8 @@ class VllmEngine:
         # abort) and, when the engine thread ships its own outputs, by the engine thread: one lock for both
         self._lock = threading.Lock()
         self._ship: Callable[[StepOutput], None] | None = None
-        self._next_pull_check = math.inf  # earliest deadline of a B's pull (monotonic s)
+        self._next_pull_check = math.inf  # earliest deadline of a B's pull (monotonic s); 0 after a failed handshake
+        self._failed_producers: set[str] = set()  # engine ids of producers whose handshake failed since the last check
         self.last_step_ms = 0.0
         self.transfer_failures = 0
         self._exec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-step")
@@ -216,6 +218,9 @@ class VllmEngine:
         self.sched = core.scheduler
         self.sched.local = self.local
         self.connector = self.sched.connector
+        from vllm.distributed.kv_transfer.kv_transfer_state import get_kv_transfer_group
+
+        get_kv_transfer_group().on_producer_failure = self._producer_failed  # the worker side's connector
         vcfg = core.vllm_config
         mcfg = vcfg.model_config
         self.block_size = vcfg.cache_config.block_size
@@ -318,6 +323,7 @@ class VllmEngine:
         max_tokens = desc.emit_tokens
         req.b_prompt, req.b_max_tokens = list(prompt), max_tokens
         req.b_deadline = time.monotonic() + self.cfg.kv_pull_timeout_s
+        req.b_producer = str(kv.get("remote_engine_id", ""))
         self._next_pull_check = min(self._next_pull_check, req.b_deadline)
         if self.cfg.fault_injection == "scramble_prefix":
             # B's tokens for the pulled positions no longer matter if B really continues from A's KV
@@ -367,18 +373,28 @@ class VllmEngine:
     def housekeeping(self, now: float) -> StepOutput:
         return StepOutput()  # vLLM polls transfers and leases inside its steps
 
+    def _producer_failed(self, engine_id: str) -> None:
+        """From a handshake thread: the handshake with producer ``engine_id`` failed (dead A); the next check
+        recomputes the requests still waiting for its KV."""
+        with self._lock:
+            self._failed_producers.add(engine_id)
+            self._next_pull_check = 0.0
+
     def _check_pulls(self, out: StepOutput) -> None:
-        """B requests whose KV has not arrived in time (failed handshake or read, dead A): recompute."""
+        """B requests whose KV has not arrived in time or whose producer's handshake failed (failed read,
+        dead A): recompute."""
         from vllm.v1.request import RequestStatus
 
         mono = time.monotonic()
         if mono < self._next_pull_check:
             return  # no B's deadline has passed (the check runs every step: keep it O(1) then)
         self._next_pull_check = math.inf
+        dead, self._failed_producers = self._failed_producers, set()
         for rid, req in self.reqs.items():
             if req.desc.role != ROLE_B or req.state != RUNNING or not req.b_deadline:
                 continue
-            if mono < req.b_deadline:
+            failed = req.b_producer in dead
+            if mono < req.b_deadline and not failed:
                 self._next_pull_check = min(self._next_pull_check, req.b_deadline)
                 continue
             vreq = self.sched.requests.get(req.internal_id)
@@ -387,8 +403,9 @@ class VllmEngine:
                 continue
             req.b_deadline = 0.0
             self.transfer_failures += 1
-            out.failures.append((rid, "kv_transfer_recompute", f"no KV from A after {self.cfg.kv_pull_timeout_s} s"))
-            log.warning("request %s: KV pull did not complete; recomputing locally", rid)
+            why = "the handshake with A failed" if failed else f"no KV from A after {self.cfg.kv_pull_timeout_s} s"
+            out.failures.append((rid, "kv_transfer_recompute", why))
+            log.warning("request %s: %s; recomputing locally", rid, why)
             self._ops.append(("abort", req.vllm_id))
             self._add_op(req, req.b_prompt, self._params(req.desc, req.b_max_tokens, None))
 
