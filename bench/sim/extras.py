@@ -6,23 +6,41 @@ Usage::
     python -m bench.sim.extras timeline --workload azure_conv --rate 90 --policies colocate,dynaserve
     python -m bench.sim.extras model-error --workload azure_conv --rate 90
     python -m bench.sim.extras twin --model qwen2.5-32b --workload arxiv --rate 13
+    python -m bench.sim.extras resolution --cells qwen2.5-32b/mooncake_conv,llama3-8b/azure_conv --seeds 5
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
+import json
+import statistics
 import time
 from collections.abc import Sequence
+from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from tqdm import tqdm
 
 from bench.sim.config import SimConfig
 from bench.sim.policies import build_policy
 from bench.sim.simulator import Simulator
-from bench.sim.study import DEADLINE, Spec, run_point
+from bench.sim.study import (
+    DEADLINE,
+    RESULTS,
+    Curve,
+    Spec,
+    best,
+    capacity_curve,
+    curve_from_dict,
+    main_specs,
+    rate_grid,
+    reference_rate,
+    run_point,
+)
 from bench.sim.workloads import MAX_TOKENS, TBT_SLO_MS, WORKLOADS, ttft_slo
 from bench.traces import poisson_from_lengths
 from dynaserve.predictor import HistoryPredictor
@@ -102,6 +120,60 @@ def twin(model: str, workload: str, rate: float) -> list[str]:
     return lines
 
 
+def _resolution_curve(job: tuple[str, str, Spec, tuple[float, ...], int]) -> tuple[int, Curve]:
+    model, workload, spec, rates, seed = job
+    return seed, capacity_curve(model, workload, spec, rates, None, jitter=(JITTER_MS, seed) if seed else None)
+
+
+JITTER_MS = 1.0
+
+
+def resolution(cells: Sequence[tuple[str, str]], seeds: int, study: Path, jobs: int) -> list[str]:
+    """How far a capacity moves when every arrival moves by up to ``JITTER_MS`` (seeds 1..``seeds``; seed 0
+    is the trace as the study runs it): the best colocation and disaggregation configurations of the study
+    (when its results are there), DynaServe, each perfect-information policy of the oracle, and the oracle
+    (the best of them per seed). Rates: the study's own grid for the cell (from ``study``'s results,
+    else a fresh reference rate)."""
+    refs: dict[str, float] = {}
+    done: list[Curve] = []
+    if (study / RESULTS).exists():
+        with gzip.open(study / RESULTS, "rt") as fh:
+            data = json.load(fh)
+        refs, done = data["meta"]["reference_rates"], [curve_from_dict(d) for d in data["curves"]]
+    specs = [sp for sp in main_specs(False) if sp.family in ("dynaserve", "oracle")]
+    cell_specs: dict[tuple[str, str], list[Spec]] = {}
+    work = []
+    for model, workload in cells:
+        ref = refs.get(f"{model}/{workload}") or reference_rate((model, workload, None, ()))[2]
+        here = [c for c in done if (c.model, c.workload) == (model, workload)]
+        baselines = [b.spec for b in (best(here, "colocate"), best(here, "disagg")) if b is not None]
+        cell_specs[(model, workload)] = [*baselines, *specs]
+        work += [(model, workload, sp, rate_grid(ref, False), seed) for sp in cell_specs[(model, workload)]
+                 for seed in range(seeds + 1)]
+    caps: dict[tuple[str, str, str, int], float] = {}
+    with Pool(processes=jobs) as pool:
+        for seed, c in tqdm(pool.imap_unordered(_resolution_curve, work), total=len(work), desc="resolution",
+                            unit="curve"):
+            caps[(c.model, c.workload, c.spec.label, seed)] = c.capacity
+    lines = [f"Capacity (req/s) with every arrival moved by up to {JITTER_MS:g} ms; seed 0 = the trace as the "
+             f"study runs it. Spread = (max - min) / median over seeds 0-{seeds}.", "",
+             "| model | workload | policy | seed 0 | seeds 1-" + f"{seeds}: min / median / max | spread |",
+             "|---|---|---|---|---|---|"]
+    for model, workload in cells:
+        rows = {sp.label: [caps[(model, workload, sp.label, k)] for k in range(seeds + 1)]
+                for sp in cell_specs[(model, workload)]}
+        oracle = [max(rows[sp.label][k] for sp in specs if sp.family == "oracle") for k in range(seeds + 1)]
+        rows["oracle (best of the four)"] = oracle
+        rows["dynaserve / oracle"] = [d / o if o else 0.0 for d, o in zip(rows["dynaserve"], oracle, strict=True)]
+        for label, vals in rows.items():
+            rest = vals[1:]
+            med = statistics.median(vals)
+            spread = (max(vals) - min(vals)) / med if med else 0.0
+            lines.append(f"| {model} | {workload} | {label} | {vals[0]:.3f} | {min(rest):.3f} / "
+                         f"{statistics.median(rest):.3f} / {max(rest):.3f} | {spread:.1%} |")
+    return lines
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.sim.extras", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -123,8 +195,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     tw.add_argument("--model", default="qwen2.5-32b")
     tw.add_argument("--workload", default="arxiv")
     tw.add_argument("--rate", type=float, required=True)
+    rs = sub.add_parser("resolution")
+    rs.add_argument("--cells", default="qwen2.5-32b/mooncake_conv", help="comma-separated MODEL/WORKLOAD")
+    rs.add_argument("--seeds", type=int, default=5)
+    rs.add_argument("--study", default="docs/study", help="the study whose rate grids to use")
+    rs.add_argument("--jobs", type=int, default=2)
     args = ap.parse_args(argv)
-    if args.cmd == "speed":
+    if args.cmd == "resolution":
+        cells = [tuple(c.split("/", 1)) for c in args.cells.split(",") if c]
+        print("\n".join(resolution(cells, args.seeds, Path(args.study), args.jobs)))  # type: ignore[arg-type]
+    elif args.cmd == "speed":
         print("\n".join(speed(args.instances, args.hours, args.rate, args.policies.split(","))))
     elif args.cmd == "timeline":
         print(timeline(args.workload, args.rate, args.policies.split(","), Path(args.out)))

@@ -34,7 +34,15 @@ from bench.sim.config import SimConfig
 from bench.sim.policies import build_policy
 from bench.sim.predictors import NoisyOraclePredictor
 from bench.sim.simulator import Simulator
-from bench.sim.workloads import MAX_TOKENS, TBT_SLO_MS, WORKLOADS, base_trace, ttft_slo, work_estimate_ms
+from bench.sim.workloads import (
+    MAX_TOKENS,
+    TBT_SLO_MS,
+    WORKLOADS,
+    base_trace,
+    jittered,
+    ttft_slo,
+    work_estimate_ms,
+)
 from bench.traces import scale
 from dynaserve.metrics import serving_capacity, summarize
 from dynaserve.predictor import HistoryPredictor, MaxTokensPredictor, OutputPredictor
@@ -167,10 +175,13 @@ def sim_config(model_key: str, spec: Spec, **extra: Any) -> SimConfig:
 
 
 def run_point(model_key: str, workload: str, spec: Spec, rate: float, limit: int | None,
-              detail: bool = False, **extra: Any) -> dict[str, Any]:
-    """Simulate one (model, workload, policy, rate) point; returns its summary."""
+              detail: bool = False, jitter: tuple[float, int] | None = None, **extra: Any) -> dict[str, Any]:
+    """Simulate one (model, workload, policy, rate) point; returns its summary. ``jitter`` = (ms, seed)
+    moves every arrival of the rescaled trace by up to ``ms`` (bench.sim.workloads.jittered)."""
     cfg = sim_config(model_key, spec, **extra)
     trace = scale(base_trace(workload, limit), rate=rate)
+    if jitter is not None:
+        trace = jittered(trace, *jitter)
     sim = Simulator(cfg, build_policy(spec.policy, cfg.pricing(), **dict(spec.options)), make_predictor(spec.predictor),
                     sample_interval_s=0.5 if detail else None)
     t0 = time.perf_counter()
@@ -195,15 +206,21 @@ def run_point(model_key: str, workload: str, spec: Spec, rate: float, limit: int
 
 
 def run_curve(job: tuple[str, str, Spec, tuple[float, ...], int | None]) -> Curve:
+    """``capacity_curve`` of one study job (a tuple, for a process pool)."""
+    return capacity_curve(*job)
+
+
+def capacity_curve(model_key: str, workload: str, spec: Spec, rates: tuple[float, ...], limit: int | None,
+                   jitter: tuple[float, int] | None = None) -> Curve:
     """All rates of one configuration in increasing order, extended down while the lowest rate misses 90 %
-    and up while the highest still meets it; stops after two rates below 50 % attainment."""
-    model_key, workload, spec, rates, limit = job
+    and up while the highest still meets it; stops after two rates below 50 % attainment; then the step
+    where attainment crosses 90 % is bisected. ``jitter``: see ``run_point``."""
     curve = Curve(model_key, workload, spec)
     pts: dict[float, dict[str, Any]] = {}
 
     def at(r: float) -> dict[str, Any]:
         if r not in pts:
-            pts[r] = run_point(model_key, workload, spec, r, limit)
+            pts[r] = run_point(model_key, workload, spec, r, limit, jitter=jitter)
         return pts[r]
 
     lo = rates[0]

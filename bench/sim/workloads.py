@@ -11,10 +11,12 @@ step-latency model), so a 1k-token prompt on Llama-3-8B gets ~0.52 s and a 8k-to
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+
+import numpy as np
 
 from bench.traces import TraceRequest, load_trace, poisson_from_lengths, scale
 from dynaserve.costmodel import StepLatencyModel
@@ -109,3 +111,16 @@ def work_estimate_ms(model: StepLatencyModel, reqs: tuple[TraceRequest, ...], ba
         tot += prefill_alone_ms(model, r.input_tokens) - model.a
         tot += r.output_tokens * (model.a / batch + model.c + model.d * ctx)
     return tot / max(1, len(reqs))
+
+
+def jittered(reqs: Sequence[TraceRequest], ms: float, seed: int) -> list[TraceRequest]:
+    """Every arrival moved by its own uniform draw from [-ms, +ms] (seeded), order restored, none before 0.
+
+    With ``ms`` of a millisecond or so this is the same workload to any reader (the mean rate moves by
+    less than a part in ten thousand); what a measured capacity does under it is the resolution of the
+    measurement (``python -m bench.sim.extras resolution``)."""
+    rng = np.random.default_rng(seed)
+    shift = rng.uniform(-ms / 1000.0, ms / 1000.0, len(reqs))
+    moved = [TraceRequest(max(0.0, r.arrival_s + float(d)), r.input_tokens, r.output_tokens)
+             for r, d in zip(reqs, shift, strict=True)]
+    return sorted(moved, key=lambda r: r.arrival_s)

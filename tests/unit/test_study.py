@@ -1,4 +1,4 @@
-"""The study's capacity search (pure parts: no simulation)."""
+"""The study's capacity search (pure parts, and one small simulation for the jittered arrivals)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import pytest
 
 from bench.sim import study
 from bench.sim.study import RESULTS, Curve, _refine, curve_to_dict
+from bench.sim.workloads import jittered
+from bench.traces import TraceRequest
 from dynaserve.metrics import serving_capacity
 
 
@@ -94,3 +96,33 @@ def test_only_refuses_unknown_labels_and_other_settings(tmp_path: Path, monkeypa
         study.run_study(["arxiv"], ["qwen2.5-32b"], True, 1, tmp_path, ablations=False, only=["nope"])
     with pytest.raises(ValueError, match="other settings"):
         study.run_study(["arxiv"], ["qwen2.5-32b"], False, 1, tmp_path, ablations=False, only=["dynaserve"])
+
+
+def test_jittered_moves_each_arrival_within_the_bound_and_keeps_the_requests() -> None:
+    reqs = [TraceRequest(0.0005 * i, 100 + i, 10 + i) for i in range(200)]
+    out = jittered(reqs, 1.0, seed=3)
+    assert out == jittered(reqs, 1.0, seed=3) and out != jittered(reqs, 1.0, seed=4)  # seeded
+    assert [r.arrival_s for r in out] == sorted(r.arrival_s for r in out) and out[0].arrival_s >= 0.0
+    by_len = {r.input_tokens: r for r in reqs}
+    assert sorted(r.input_tokens for r in out) == sorted(by_len)  # the same requests
+    moved = [abs(r.arrival_s - by_len[r.input_tokens].arrival_s) for r in out]
+    assert max(moved) <= 0.001 and sum(m > 0 for m in moved) > 150
+    assert [r.output_tokens - r.input_tokens for r in out] == [-90] * 200
+
+
+def test_run_point_simulates_the_jittered_trace(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[list[float]] = []
+    real_run = study.Simulator.run
+
+    def spy(self: Any, trace: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append([r.arrival_s for r in trace])
+        return real_run(self, trace, *args, **kwargs)
+
+    monkeypatch.setattr(study.Simulator, "run", spy)
+    spec = study.Spec("dynaserve", "dynaserve", "dynaserve", sim=(study.DEADLINE,))
+    for jitter in (None, (1.0, 1), (1.0, 1)):
+        pt = study.run_point("llama3-8b", "azure_code", spec, 2.0, 40, jitter=jitter)
+        assert pt["completed"] == 40
+    plain, a, b = seen
+    assert a == b != plain
+    assert max(abs(x - y) for x, y in zip(sorted(a), plain, strict=True)) <= 0.001
