@@ -30,6 +30,7 @@ from bench.sim.policies import build_policy
 from bench.sim.simulator import Simulator
 from bench.sim.study import (
     DEADLINE,
+    MODELS,
     RESULTS,
     Curve,
     Spec,
@@ -203,6 +204,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.cmd == "resolution":
         cells = [tuple(c.split("/", 1)) for c in args.cells.split(",") if c]
+        for cell in cells:
+            if len(cell) != 2 or cell[0] not in MODELS or cell[1] not in WORKLOADS:
+                ap.error(f"--cells: {'/'.join(cell)!r} is not MODEL/WORKLOAD with MODEL in {', '.join(MODELS)} "
+                         f"and WORKLOAD in {', '.join(WORKLOADS)}")
         print("\n".join(resolution(cells, args.seeds, Path(args.study), args.jobs)))  # type: ignore[arg-type]
     elif args.cmd == "speed":
         print("\n".join(speed(args.instances, args.hours, args.rate, args.policies.split(","))))

@@ -33,7 +33,7 @@ What it changes on top of the stock connector:
 * ``expire(req_id)`` ends a producer's hold on handed-off blocks now (an abort of a request whose KV
   nobody will read), instead of waiting for the lease.
 * Host KV caches (the CPU build) are put on huge pages before NIXL registers them
-  (workers.engines.hugepages): on 4 KiB pages a READ of A's blocks ran at 0.66-0.81 of a raw READ.
+  (workers.engines.hugepages): B's READ of 1000 tokens took 6.2 ms on 4 KiB pages, 3.2-4.3 ms on huge pages.
 * The thread that builds it keeps its CPU affinity. vLLM's NIXL worker pins that thread to the last core
   of each NUMA node (a core it reserves for transfers, assuming a worker process of its own); in-process
   that thread is the engine thread, which would then run every forward pass on that one core.
