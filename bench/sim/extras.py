@@ -12,8 +12,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
 import statistics
 import time
 from collections.abc import Sequence
@@ -36,7 +34,7 @@ from bench.sim.study import (
     Spec,
     best,
     capacity_curve,
-    curve_from_dict,
+    load_results,
     main_specs,
     rate_grid,
     reference_rate,
@@ -138,9 +136,8 @@ def resolution(cells: Sequence[tuple[str, str]], seeds: int, study: Path, jobs: 
     refs: dict[str, float] = {}
     done: list[Curve] = []
     if (study / RESULTS).exists():
-        with gzip.open(study / RESULTS, "rt") as fh:
-            data = json.load(fh)
-        refs, done = data["meta"]["reference_rates"], [curve_from_dict(d) for d in data["curves"]]
+        meta, done = load_results(study)
+        refs = meta["reference_rates"]
     specs = [sp for sp in main_specs(False) if sp.family in ("dynaserve", "oracle")]
     cell_specs: dict[tuple[str, str], list[Spec]] = {}
     work = []
@@ -203,6 +200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rs.add_argument("--jobs", type=int, default=2)
     args = ap.parse_args(argv)
     if args.cmd == "resolution":
+        if args.seeds < 1:
+            ap.error("--seeds must be 1 or more (seed 0, the trace unmoved, always runs)")
         cells = [tuple(c.split("/", 1)) for c in args.cells.split(",") if c]
         for cell in cells:
             if len(cell) != 2 or cell[0] not in MODELS or cell[1] not in WORKLOADS:

@@ -323,6 +323,13 @@ def curve_from_dict(d: dict[str, Any]) -> Curve:
     return Curve(d["model"], d["workload"], spec, d["points"])
 
 
+def load_results(out: Path) -> tuple[dict[str, Any], list[Curve]]:
+    """The meta data and the curves of the study written under ``out``."""
+    with gzip.open(out / RESULTS, "rt") as fh:
+        data = json.load(fh)
+    return data["meta"], [curve_from_dict(d) for d in data["curves"]]
+
+
 def run_study(workloads: Sequence[str], models: Sequence[str], quick: bool, jobs: int, out: Path,
               extra_specs: Sequence[Spec] = (), ablations: bool = True,
               overrides: dict[str, Any] | None = None, only: Sequence[str] = ()) -> list[Curve]:
@@ -333,13 +340,12 @@ def run_study(workloads: Sequence[str], models: Sequence[str], quick: bool, jobs
     work: list[tuple[str, str, Spec, tuple[float, ...], int | None]] = []
     kept: list[Curve] = []
     if only:
-        with gzip.open(out / RESULTS, "rt") as fh:
-            old = json.load(fh)
-        if old["meta"]["quick"] != quick or (old["meta"]["overrides"] or {}) != (overrides or {}):
+        old_meta, old_curves = load_results(out)
+        if old_meta["quick"] != quick or (old_meta["overrides"] or {}) != (overrides or {}):
             raise ValueError(f"{out / RESULTS} was run with other settings (quick / --set); run the whole study")
-        refs = {tuple(k.split("/", 1)): r for k, r in old["meta"]["reference_rates"].items()}
-        kept = [c for c in map(curve_from_dict, old["curves"]) if c.spec.label not in only
-                or c.model not in models or c.workload not in workloads]
+        refs = {tuple(k.split("/", 1)): r for k, r in old_meta["reference_rates"].items()}
+        kept = [c for c in old_curves if c.spec.label not in only or c.model not in models
+                or c.workload not in workloads]
     else:
         with Pool(processes=jobs) as pool:
             refs = {(m, w): r for m, w, r in tqdm(
@@ -400,9 +406,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     out = Path(args.out)
     if args.report_only:
-        with gzip.open(out / RESULTS, "rt") as fh:
-            data = json.load(fh)
-        curves = [curve_from_dict(d) for d in data["curves"]]
+        curves = load_results(out)[1]
     else:
         wl = [w for w in args.workloads.split(",") if w]
         ms = [m for m in args.models.split(",") if m]
