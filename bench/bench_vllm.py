@@ -741,8 +741,9 @@ def _bare_main(conn: Any, model: str, mode: str, log_path: str, cores: str = "")
     """Bare vLLM: in-process LLMEngine with VllmEngine's EngineArgs minus the connector and scheduler_cls.
 
     mode "main": built and stepped in the main thread (a plain loop); mode "thread": built in the main
-    thread, each step() in one worker thread (ThreadPoolExecutor(max_workers=1)); mode "engine_thread":
-    built and stepped in that one worker thread, the way VllmEngine runs it. Nothing else of DynaServe.
+    thread, each step() handed to one worker thread (ThreadPoolExecutor(max_workers=1)) and waited for; mode
+    "engine_thread": built and stepped in that one worker thread, whose own loop steps back to back, the way
+    VllmEngine's step bursts run. Nothing else of DynaServe.
     vLLM's log goes to ``log_path``. ``cores`` (if set) binds every thread that runs vLLM to those cores
     with one compute thread per core, exactly as VllmEngine binds its engine thread (``--vllm-cpu-bind``).
     """
@@ -779,27 +780,17 @@ def _bare_main(conn: Any, model: str, mode: str, log_path: str, cores: str = "")
 
     # the KV cache on huge pages, as the DynaServe connector puts it (it is not a connector here)
     advise_tensors(llm.engine_core.engine_core.model_executor.driver_worker.worker.model_runner.kv_caches)
-    if mode == "main":
-        step = llm.step
-    else:
+    if mode == "thread":  # each step handed to the worker thread and waited for
         def step() -> Any:
             return ex.submit(llm.step).result()
-    llm.add_request("warmup", {"prompt_token_ids": [3] * 16}, SamplingParams(max_tokens=2, ignore_eos=True))
-    while llm.has_unfinished_requests():
-        step()
-    core = llm.engine_core.engine_core
-    conn.send(("ready", core.scheduler.kv_cache_config.num_blocks * core.vllm_config.cache_config.block_size))
-    n_run = 0
-    while True:
-        cmd = conn.recv()
-        if cmd[0] == "stop":
-            break
-        _, prompts, max_tokens = cmd
-        n_run += 1
+    else:  # "main", and "engine_thread", whose whole run loop is submitted to the worker thread below
+        step = llm.step
+
+    def run(prompts: list[list[int]], max_tokens: int, tag: str) -> tuple[list, list[float]]:
         submit: dict[str, float] = {}
         ts: dict[str, list[float]] = {}
         for i, p in enumerate(prompts):
-            rid = f"r{n_run}-{i}"
+            rid = f"{tag}-{i}"
             submit[rid] = time.monotonic()
             ts[rid] = []
             llm.add_request(rid, {"prompt_token_ids": p}, SamplingParams(
@@ -816,7 +807,24 @@ def _bare_main(conn: Any, model: str, mode: str, log_path: str, cores: str = "")
                 steps.append(ms)
             for o in outs:
                 ts[o.request_id] += [t] * len(o.outputs[0].token_ids)
-        conn.send(([(submit[r], ts[r]) for r in submit], steps))
+        return [(submit[r], ts[r]) for r in submit], steps
+
+    def go(prompts: list[list[int]], max_tokens: int, tag: str) -> tuple[list, list[float]]:
+        if mode == "engine_thread":  # the whole loop on the engine thread, as VllmEngine's step bursts run
+            return ex.submit(run, prompts, max_tokens, tag).result()
+        return run(prompts, max_tokens, tag)
+
+    go([[3] * 16], 2, "warmup")
+    core = llm.engine_core.engine_core
+    conn.send(("ready", core.scheduler.kv_cache_config.num_blocks * core.vllm_config.cache_config.block_size))
+    n_run = 0
+    while True:
+        cmd = conn.recv()
+        if cmd[0] == "stop":
+            break
+        _, prompts, max_tokens = cmd
+        n_run += 1
+        conn.send(go(prompts, max_tokens, f"r{n_run}"))
 
 
 def records(runs: list[tuple[float, list[float]]], p: int, o: int, tag: str) -> list[Any]:
