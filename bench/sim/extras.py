@@ -119,12 +119,13 @@ def twin(model: str, workload: str, rate: float) -> list[str]:
     return lines
 
 
+JITTER_MS = 1.0  # how far the resolution check moves each arrival, at most
+
+
 def _resolution_curve(job: tuple[str, str, Spec, tuple[float, ...], int]) -> tuple[int, Curve]:
     model, workload, spec, rates, seed = job
     return seed, capacity_curve(model, workload, spec, rates, None, jitter=(JITTER_MS, seed) if seed else None)
 
-
-JITTER_MS = 1.0
 
 
 def resolution(cells: Sequence[tuple[str, str]], seeds: int, study: Path, jobs: int) -> list[str]:
