@@ -157,9 +157,11 @@ def choose_step_model(step_model_file: str, model: str, gpu: str = "a100", tp: i
 
 
 def open_step_log(path: str | Path) -> TextIO:
-    """Open a step log for appending (line-buffered, so a killed worker loses at most one line); a new or
-    empty file gets the header."""
-    fh = open(path, "a", buffering=1)  # noqa: SIM115 - the worker keeps it open for its lifetime
+    """Open a step log for appending; a new or empty file gets the header. Writes are buffered (a write per
+    line would be a system call on the engine's thread at every step): the writer flushes when it wants its
+    lines readable (the worker: before the tokens of a step that ends a request leave), and a killed writer
+    loses what it had not flushed."""
+    fh = open(path, "a")  # noqa: SIM115 - the worker keeps it open for its lifetime
     if fh.tell() == 0:
         fh.write(STEP_LOG_HEADER)
     return fh

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from dataclasses import dataclass
 
@@ -72,6 +73,7 @@ class Worker:
         self.steps = 0
         self.metrics = WorkerMetrics(config.instance_id)
         self._step_log = open_step_log(config.step_log) if config.step_log else None
+        self._step_log_lock = threading.Lock()
 
     def stop(self) -> None:
         self._stop.set()
@@ -173,10 +175,8 @@ class Worker:
         engine that ships its steps itself (Engine.set_shipper)."""
         if out.step_ms > 0:
             self.steps += 1
-        if self._step_log is not None and out.step_ms > 0:  # logged before its tokens leave: a reader that saw
-            # a token finds the step that made it
-            self._step_log.write(format_step(time.monotonic(), out.step_ms, out.prefill_tokens, out.decode_seqs,
-                                             out.decode_ctx_tokens, out.prefill_attn))
+        if self._step_log is not None:
+            self._log_step(out)
         if out.entries:
             assert self.chan is not None
             self.chan.send([P.encode_token_entries(P.TokenBatch.TYPE, out.entries)])
@@ -185,6 +185,17 @@ class Worker:
         for rid, code, message in out.failures:
             self._send(P.MicroFailed(rid, code, message))
         self.metrics.on_output(out)
+
+    def _log_step(self, out: StepOutput) -> None:
+        """Log a step (buffered), and flush the log before the tokens or the handoff of a step that ends a
+        micro-request leave: a reader that saw a request end on this worker finds every step that ran for it."""
+        assert self._step_log is not None
+        with self._step_log_lock:  # the engine's thread and the loop both ship
+            if out.step_ms > 0:
+                self._step_log.write(format_step(time.monotonic(), out.step_ms, out.prefill_tokens, out.decode_seqs,
+                                                 out.decode_ctx_tokens, out.prefill_attn))
+            if out.handoffs or any(entry[2] is not None for entry in out.entries):
+                self._step_log.flush()
 
     def _report(self) -> None:
         ld = self.engine.load()
