@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from bench.sim.config import SimConfig
-from bench.sim.policies import build_policy
+from bench.sim.policies import build_policy, policy_names
 from bench.sim.simulator import Simulator
 from bench.sim.study import (
     DEADLINE,
@@ -173,6 +173,15 @@ def resolution(cells: Sequence[tuple[str, str]], seeds: int, study: Path, jobs: 
     return lines
 
 
+def _policy_list(text: str) -> list[str]:
+    """``--policies``: comma-separated names that :func:`build_policy` knows."""
+    names = [n for n in text.split(",") if n]
+    for name in names:
+        if name not in policy_names():
+            raise argparse.ArgumentTypeError(f"unknown policy {name!r}; known: {', '.join(policy_names())}")
+    return names
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.sim.extras", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -180,19 +189,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     sp.add_argument("--instances", type=int, default=16)
     sp.add_argument("--hours", type=float, default=1.0)
     sp.add_argument("--rate", type=float, default=20.0)
-    sp.add_argument("--policies", default="colocate,balance,dynaserve")
+    sp.add_argument("--policies", type=_policy_list, default="colocate,balance,dynaserve")
     tl = sub.add_parser("timeline")
-    tl.add_argument("--workload", default="azure_conv")
+    tl.add_argument("--workload", choices=list(WORKLOADS), default="azure_conv")
     tl.add_argument("--rate", type=float, required=True)
-    tl.add_argument("--policies", default="balance,dynaserve")
+    tl.add_argument("--policies", type=_policy_list, default="balance,dynaserve")
     tl.add_argument("--out", default="docs/study")
     me = sub.add_parser("model-error")
-    me.add_argument("--workload", default="azure_conv")
+    me.add_argument("--workload", choices=list(WORKLOADS), default="azure_conv")
     me.add_argument("--rate", type=float, required=True)
-    me.add_argument("--policies", default="colocate,balance,dynaserve")
+    me.add_argument("--policies", type=_policy_list, default="colocate,balance,dynaserve")
     tw = sub.add_parser("twin")
-    tw.add_argument("--model", default="qwen2.5-32b")
-    tw.add_argument("--workload", default="arxiv")
+    tw.add_argument("--model", choices=list(MODELS), default="qwen2.5-32b")
+    tw.add_argument("--workload", choices=list(WORKLOADS), default="arxiv")
     tw.add_argument("--rate", type=float, required=True)
     rs = sub.add_parser("resolution")
     rs.add_argument("--cells", default="qwen2.5-32b/mooncake_conv", help="comma-separated MODEL/WORKLOAD")
@@ -210,13 +219,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                          f"and WORKLOAD in {', '.join(WORKLOADS)}")
         print("\n".join(resolution(cells, args.seeds, Path(args.study), args.jobs)))  # type: ignore[arg-type]
     elif args.cmd == "speed":
-        print("\n".join(speed(args.instances, args.hours, args.rate, args.policies.split(","))))
+        print("\n".join(speed(args.instances, args.hours, args.rate, args.policies)))
     elif args.cmd == "timeline":
-        print(timeline(args.workload, args.rate, args.policies.split(","), Path(args.out)))
+        print(timeline(args.workload, args.rate, args.policies, Path(args.out)))
     elif args.cmd == "twin":
         print("\n".join(twin(args.model, args.workload, args.rate)))
     else:
-        print("\n".join(model_error(args.workload, args.rate, args.policies.split(","))))
+        print("\n".join(model_error(args.workload, args.rate, args.policies)))
     return 0
 
 

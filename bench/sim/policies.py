@@ -16,6 +16,11 @@ from broker.scheduler import POLICIES, GlobalPolicy, make_policy
 SIM_POLICIES: dict[str, Any] = {"oracle": OraclePolicy}
 
 
+def policy_names() -> list[str]:
+    """Every name :func:`build_policy` knows, sorted."""
+    return sorted({*POLICIES, *SIM_POLICIES})
+
+
 def build_policy(name: str, pricing: Pricing, **options: Any) -> GlobalPolicy:
     """A broker policy by name, or one of :data:`SIM_POLICIES`."""
     if name in POLICIES:
@@ -23,5 +28,5 @@ def build_policy(name: str, pricing: Pricing, **options: Any) -> GlobalPolicy:
     try:
         cls = SIM_POLICIES[name]
     except KeyError:
-        raise ValueError(f"unknown policy {name!r}; choose one of {sorted({*POLICIES, *SIM_POLICIES})}") from None
+        raise ValueError(f"unknown policy {name!r}; choose one of {policy_names()}") from None
     return cls(pricing=pricing, **options)  # type: ignore[no-any-return]

@@ -23,7 +23,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from multiprocessing import Pool
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from typing import Any
 from tqdm import tqdm
 
 from bench.sim.config import SimConfig
-from bench.sim.policies import build_policy
+from bench.sim.policies import build_policy, policy_names
 from bench.sim.predictors import NoisyOraclePredictor
 from bench.sim.simulator import Simulator
 from bench.sim.workloads import (
@@ -323,6 +323,10 @@ def curve_from_dict(d: dict[str, Any]) -> Curve:
     return Curve(d["model"], d["workload"], spec, d["points"])
 
 
+class StudyInputError(ValueError):
+    """A study cannot run with these arguments (the message says why)."""
+
+
 def load_results(out: Path) -> tuple[dict[str, Any], list[Curve]]:
     """The meta data and the curves of the study written under ``out``."""
     with gzip.open(out / RESULTS, "rt") as fh:
@@ -342,7 +346,8 @@ def run_study(workloads: Sequence[str], models: Sequence[str], quick: bool, jobs
     if only:
         old_meta, old_curves = load_results(out)
         if old_meta["quick"] != quick or (old_meta["overrides"] or {}) != (overrides or {}):
-            raise ValueError(f"{out / RESULTS} was run with other settings (quick / --set); run the whole study")
+            raise StudyInputError(f"{out / RESULTS} was run with other settings (quick / --set); run the whole "
+                                  "study")
         refs = {tuple(k.split("/", 1)): r for k, r in old_meta["reference_rates"].items()}
         kept = [c for c in old_curves if c.spec.label not in only or c.model not in models
                 or c.workload not in workloads]
@@ -361,10 +366,11 @@ def run_study(workloads: Sequence[str], models: Sequence[str], quick: bool, jobs
                 for spec in ablation_specs():
                     work.append((m, w, spec, rates, limit))
     if only:
-        work = [j for j in work if j[2].label in only]
+        all_work, work = work, [j for j in work if j[2].label in only]
         missing = set(only) - {j[2].label for j in work}
         if missing:
-            raise ValueError(f"no configuration labelled {', '.join(sorted(missing))}")
+            raise StudyInputError(f"no configuration labelled {', '.join(sorted(missing))}; known: "
+                                  f"{', '.join(sorted({j[2].label for j in all_work}))}")
     if overrides:
         work = [(m, w, with_sim(spec, **overrides), r, lim) for m, w, spec, r, lim in work]
     # the slow ones first, so the pool stays busy to the end
@@ -405,6 +411,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from bench.sim.report import write_report
 
     out = Path(args.out)
+    if (args.report_only or args.only) and not (out / RESULTS).exists():
+        ap.error(f"{'--report-only' if args.report_only else '--only'} needs a study already run into --out, "
+                 f"and {out / RESULTS} does not exist")
     if args.report_only:
         curves = load_results(out)[1]
     else:
@@ -416,10 +425,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         for m in ms:
             if m not in MODELS:
                 ap.error(f"unknown model setup {m!r}; known: {', '.join(MODELS)}")
+        known_policies = policy_names()
+        for v in args.variants.split(","):
+            if v and v not in known_policies:
+                ap.error(f"--variants: unknown policy {v!r}; known: {', '.join(known_policies)}")
         extra = [Spec(f"variant:{v}", v, v) for v in args.variants.split(",") if v]
         overrides = dict(_parse_set(x) for x in args.set)
+        sim_fields = [f.name for f in fields(SimConfig)]
+        for key in overrides:
+            if key not in sim_fields:
+                ap.error(f"--set: {key!r} is not a SimConfig field; fields: {', '.join(sim_fields)}")
         t0 = time.perf_counter()
-        curves = run_study(wl, ms, args.quick, args.jobs, out, extra, not args.no_ablations, overrides, args.only)
+        try:
+            curves = run_study(wl, ms, args.quick, args.jobs, out, extra, not args.no_ablations, overrides,
+                               args.only)
+        except StudyInputError as exc:
+            ap.error(str(exc))
         print(f"simulated {sum(len(c.points) for c in curves)} points in {time.perf_counter() - t0:.0f} s")
     print(write_report(curves, out))
     return 0

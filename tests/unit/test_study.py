@@ -126,3 +126,41 @@ def test_run_point_simulates_the_jittered_trace(monkeypatch: pytest.MonkeyPatch)
     plain, a, b = seen
     assert a == b != plain
     assert max(abs(x - y) for x, y in zip(sorted(a), plain, strict=True)) <= 0.001
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--report-only"], "--report-only needs a study already run into --out"),
+    (["--only", "dynaserve"], "--only needs a study already run into --out"),
+    (["--set", "no_such_field=1"], "'no_such_field' is not a SimConfig field"),
+    (["--variants", "no_such_policy"], "unknown policy 'no_such_policy'"),
+    (["--workloads", "no_such_trace"], "unknown workload 'no_such_trace'"),
+])
+def test_study_cli_refuses_bad_arguments_with_a_message(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], says: str) -> None:
+    with pytest.raises(SystemExit) as exc:
+        study.main([*argv, "--out", str(tmp_path / "empty")])
+    assert exc.value.code == 2 and says in capsys.readouterr().err
+    assert not (tmp_path / "empty").exists()  # refused before anything ran
+
+
+def test_study_cli_only_names_the_known_labels(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _old_study(tmp_path)
+    with pytest.raises(SystemExit):
+        study.main(["--quick", "--only", "nope", "--out", str(tmp_path), "--workloads", "arxiv", "--models",
+                    "qwen2.5-32b", "--no-ablations"])
+    err = capsys.readouterr().err
+    assert "no configuration labelled nope; known:" in err and "dynaserve" in err
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["twin", "--model", "nope", "--rate", "1"], "argument --model: invalid choice: 'nope'"),
+    (["timeline", "--workload", "mooncake", "--rate", "1"], "argument --workload: invalid choice: 'mooncake'"),
+    (["model-error", "--rate", "1", "--policies", "colocate,nope"], "unknown policy 'nope'"),
+])
+def test_extras_cli_refuses_unknown_names_with_a_message(
+        capsys: pytest.CaptureFixture[str], argv: list[str], says: str) -> None:
+    from bench.sim import extras
+
+    with pytest.raises(SystemExit) as exc:
+        extras.main(argv)
+    assert exc.value.code == 2 and says in capsys.readouterr().err
