@@ -23,11 +23,12 @@ def main(argv: list[str] | None = None) -> None:
         cfg = C.build(BrokerConfig, C.load_toml(ns.config).get("broker"), ns)
         if cfg.step_model:
             load_step_model(cfg.step_model)  # a bad file fails here, with its reason
+        broker = Broker(cfg)  # unknown policy, predictor, model, GPU or tensor-parallel degree: fails here
     except ValueError as exc:
         parser.error(str(exc))
     logging.basicConfig(level=log_level(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
     async def _run() -> None:
-        broker = Broker(cfg)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, broker.stop)

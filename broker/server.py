@@ -77,6 +77,8 @@ class BrokerConfig:
             raise ValueError("need 0 < heartbeat_ms < worker_timeout_ms")
         if self.ttft_slo_ms <= 0 or self.ttft_prefill_factor < 0:
             raise ValueError("need ttft_slo_ms > 0 and ttft_prefill_factor >= 0")
+        if self.prefill_instances < 1:
+            raise ValueError(f"prefill_instances must be 1 or more, got {self.prefill_instances}")
 
 
 @dataclass

@@ -67,6 +67,19 @@ class ClusterConfig:
             raise ValueError("transport must be tcp or ipc")
         if not 0 <= self.http_port <= 65535 or not 0 <= self.metrics_base_port <= 65535 - 1 - self.workers:
             raise ValueError("http_port and metrics_base_port (+ workers) must be valid ports (0 = off)")
+        if self.model_dir and not Path(self.model_dir).expanduser().is_dir():
+            raise ValueError(f"model_dir: no directory at {self.model_dir}")
+
+
+def _last_line(path: Path, tail_bytes: int = 4096) -> str:
+    """The last non-empty line of a log (a process that exits on bad arguments says why there), or ''."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(max(0, fh.seek(0, os.SEEK_END) - tail_bytes))
+            lines = fh.read().decode(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return next((ln.strip() for ln in reversed(lines) if ln.strip()), "")
 
 
 @dataclass
@@ -267,7 +280,10 @@ class LocalCluster:
     def check_alive(self) -> None:
         for name, proc in self.procs.items():
             if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited with code {proc.returncode}; log: {self.run_dir}/{name}.log")
+                log_path = Path(f"{self.run_dir}/{name}.log")
+                last = _last_line(log_path)
+                raise RuntimeError(f"{name} exited with code {proc.returncode}{': ' + last if last else ''}; "
+                                   f"log: {log_path}")
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Signal one process's whole group (e.g. kill -9 a worker)."""

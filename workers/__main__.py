@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import signal
+from pathlib import Path
 
 from dynaserve import config as C
 from dynaserve.aio import run_event_loop
@@ -30,17 +31,20 @@ def main(argv: list[str] | None = None) -> None:
         wcfg = C.build(WorkerConfig, toml.get("worker"), ns)
         scfg = C.build(SimEngineConfig, toml.get("sim"), ns, prefix="sim_")
         vcfg = C.build(VllmEngineConfig, toml.get("vllm"), ns, prefix="vllm_")
+        sched_cfg = LocalSchedulerConfig(
+            tbt_slo_ms=wcfg.tbt_slo_ms, margin=wcfg.margin, max_batched_tokens=wcfg.max_batched_tokens,
+            max_num_seqs=wcfg.max_num_seqs, prefill_order=wcfg.prefill_order,
+            demote_late=wcfg.demote_late,
+        )
     except ValueError as exc:
         parser.error(str(exc))
-    logging.basicConfig(level=log_level(), format=f"%(asctime)s {wcfg.instance_id} %(levelname)s %(message)s")
-    apply_loopback_kv_env()
-    sched_cfg = LocalSchedulerConfig(
-        tbt_slo_ms=wcfg.tbt_slo_ms, margin=wcfg.margin, max_batched_tokens=wcfg.max_batched_tokens,
-        max_num_seqs=wcfg.max_num_seqs, prefill_order=wcfg.prefill_order,
-        demote_late=wcfg.demote_late,
-    )
     if wcfg.engine not in ("sim", "vllm"):
         parser.error(f"unknown engine {wcfg.engine!r} (choose sim or vllm)")
+    model = Path(vcfg.model).expanduser()
+    if wcfg.engine == "vllm" and not model.is_dir() and vcfg.model.startswith(("/", ".", "~")):
+        parser.error(f"--vllm-model: no model directory at {vcfg.model} (a path; anything else is a model hub id)")
+    logging.basicConfig(level=log_level(), format=f"%(asctime)s {wcfg.instance_id} %(levelname)s %(message)s")
+    apply_loopback_kv_env()
     if wcfg.step_model:
         try:
             load_step_model(wcfg.step_model)  # a bad file fails here, before an engine starts

@@ -22,6 +22,7 @@ from dynaserve import security
 from dynaserve.calibration import format_step, open_step_log
 from dynaserve.sockets import Channel, make_socket
 from workers.engine import Engine, EngineError, StepOutput
+from workers.kv import TRANSPORT_KINDS
 from workers.local_scheduler import PREFILL_ORDERS
 from workers.metrics import WorkerMetrics
 
@@ -52,6 +53,8 @@ class WorkerConfig:
     def __post_init__(self) -> None:
         if not self.instance_id or len(self.instance_id) > 64:
             raise ValueError("instance_id must be 1..64 characters")
+        if self.kv_transport not in TRANSPORT_KINDS:
+            raise ValueError(f"kv_transport must be one of {', '.join(TRANSPORT_KINDS)}")
         if self.pool not in ("any", "prefill", "decode"):
             raise ValueError("pool must be any, prefill or decode")
         if self.prefill_order not in PREFILL_ORDERS:

@@ -202,3 +202,58 @@ def test_configs_are_frozen() -> None:
     cfg = BrokerConfig()
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.policy = "colocate"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--policy", "nope"], "unknown policy 'nope'"),
+    (["--concentrate", "nope"], "concentrate must be one of"),
+    (["--predictor", "nope"], "unknown predictor 'nope'"),
+    (["--model", "nope"], "unknown model 'nope'"),
+    (["--gpu", "nope"], "unknown gpu 'nope'"),
+    (["--tp", "0"], "tp must be a positive int"),
+    (["--prefill-instances", "0"], "prefill_instances must be 1 or more"),
+])
+def test_broker_cli_refuses_bad_settings_before_serving(
+        argv: list[str], says: str, capsys: pytest.CaptureFixture[str]) -> None:
+    import broker.__main__ as broker_main
+
+    with pytest.raises(SystemExit) as exc:
+        broker_main.main(argv)
+    assert exc.value.code == 2 and says in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--tbt-slo-ms", "-1"], "tbt_slo_ms must be > 0"),
+    (["--kv-transport", "nope"], "kv_transport must be one of nixl"),
+    (["--engine", "vllm", "--vllm-model", "/no/such/model"], "no model directory at /no/such/model"),
+    (["--engine", "nope"], "unknown engine 'nope'"),
+])
+def test_worker_cli_refuses_bad_settings_before_an_engine_starts(
+        argv: list[str], says: str, capsys: pytest.CaptureFixture[str]) -> None:
+    import workers.__main__ as worker_main
+
+    with pytest.raises(SystemExit) as exc:
+        worker_main.main(argv)
+    assert exc.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_cluster_refuses_a_missing_model_dir() -> None:
+    from dynaserve.cluster import ClusterConfig
+
+    with pytest.raises(ValueError, match="model_dir: no directory at /no/such/model"):
+        ClusterConfig(engine="vllm", model_dir="/no/such/model")
+
+
+def test_a_process_that_exits_at_start_is_reported_with_its_last_log_line(tmp_path: Path) -> None:
+    """A broker refusing its arguments: the cluster's error carries the broker's own message."""
+    from dynaserve.cluster import ClusterConfig, LocalCluster
+
+    cluster = LocalCluster(ClusterConfig(engine="sim", transport="ipc", http_port=0), run_dir=tmp_path,
+                           broker_args=["--policy", "nope"])
+    try:
+        cluster.start_broker()
+        cluster.procs["broker"].wait(60)
+        with pytest.raises(RuntimeError, match=r"broker exited with code 2: .*unknown policy 'nope'.*; log: "):
+            cluster.check_alive()
+    finally:
+        cluster.stop()
