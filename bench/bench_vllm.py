@@ -5,7 +5,8 @@ against bare vLLM, and memory per process. One run, three phases, markdown table
     /tmp on first use, tokenizer copied from the tiny model) on a two-worker vLLM cluster (LocalCluster,
     engine vllm, ipc, broker flag --allow-forced-splits). For each prompt length p, a PD split (s = p,
     max_tokens = 2: A emits token 1, B pulls A's KV for positions [0, p) and its first step computes
-    position p and emits token 2, a plain decode step), an unsplit run of a prompt of the same length
+    position p and emits token 2, a plain decode step), the same split with the broker's relay alone (the
+    shim drops A's direct StartDecode to B while a flag file exists), an unsplit run of a prompt of the same length
     (max_tokens = 8: its token gaps are single decode steps at that context), and a raw NIXL READ of the
     same blocks between two processes of this benchmark, in rotating order. The first split of the run
     (first contact of B with A) is reported separately.
@@ -68,6 +69,7 @@ os.environ.setdefault("UCX_NET_DEVICES", "lo")
 os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
 
 TRACE_ENV = "DYNASERVE_BENCH_TRACE_DIR"
+RELAY_ONLY_FLAG = "relay-only"  # while this file is in the trace directory, A sends no direct StartDecode
 WIDE_DIR = Path(tempfile.gettempdir()) / "dynaserve-wide-llama"
 WIDE_SHAPE = {"layers": 8, "heads": 8, "kv_heads": 8, "head_dim": 64, "hidden": 512, "intermediate": 1024}
 WIDE_KV_BYTES_PER_TOKEN = 2 * 8 * 8 * 64 * 4  # K and V, 8 layers, 8 KV heads, head_dim 64, fp32 = 32 KiB
@@ -297,10 +299,39 @@ def _worker_shim(argv: list[str]) -> None:
     orig_sd = ve.VllmEngine.start_decode
 
     def start_decode(self: Any, req_id: str, kv: dict, num_tokens: int, tokens: list[int], now: float) -> None:
-        emit("start_decode", req=req_id, n=num_tokens)
-        return orig_sd(self, req_id, kv, num_tokens, tokens, now)
+        t = time.monotonic()
+        orig_sd(self, req_id, kv, num_tokens, tokens, now)  # raises for a copy that comes second
+        emit("start_decode", t=t, req=req_id, n=num_tokens)
 
     ve.VllmEngine.start_decode = start_decode
+    orig_run_steps = ve.VllmEngine._run_steps
+
+    def run_steps(self: Any, post: Any) -> None:
+        emit("burst")
+        orig_run_steps(self, post)
+
+    ve.VllmEngine._run_steps = run_steps
+    import workers.server as ws
+
+    orig_direct = ws.Worker._send_direct
+    relay_only = Path(os.environ[TRACE_ENV]) / RELAY_ONLY_FLAG
+
+    def send_direct(self: Any, *a: Any) -> None:
+        if relay_only.exists():  # the benchmark compares with the broker's relay alone
+            return
+        t0 = time.monotonic()
+        orig_direct(self, *a)
+        emit("direct_sent", t0=t0)
+
+    orig_ship = ws.Worker._ship
+
+    def ship(self: Any, out: Any) -> None:
+        if out.handoffs:
+            emit("ship", n=len(out.handoffs))
+        orig_ship(self, out)
+
+    ws.Worker._send_direct = send_direct
+    ws.Worker._ship = ship
     from workers.__main__ import main
 
     main(argv)
@@ -501,6 +532,7 @@ class Handoff:
     p: int
     cold: bool
     gap_ms: float  # client: B's first token - A's token
+    path: str = "direct"  # how B got its StartDecode: direct from A (and relayed), or relayed by the broker only
     inner: dict[str, float] = field(default_factory=dict)  # breakdown inside the workers, ms
     telemetry: dict[str, float] = field(default_factory=dict)
     ok: bool = True
@@ -532,14 +564,21 @@ def analyse_split(run: Run, trace_dir: Path, t_from: float) -> Handoff:
     t_a = a_done[0]["t"]
     dec = b_steps[0]  # B's first step: position p, token 2
     rd, dn = reads[0], done[0]
+    ships = [e for e in ev_a if e["k"] == "ship" and e["t"] >= t_a]
+    sends = [e for e in ev_a if e["k"] == "direct_sent" and e["t0"] >= t_a]
     adds = [e for e in ev_b if e["k"] == "add" and e["req"] == rid and e["t0"] >= t_sd]
+    bursts = [e for e in ev_b if e["k"] == "burst" and e["t"] >= t_sd]
     post_step = [e for e in ev_b if e["k"] == "step" and e["t0"] <= rd["t0"] <= e["t"]]  # the step posting the READ
     ms = 1000.0
     h.inner = {
         "relay_a_b": (t_sd - t_a) * ms,
+        "a_ship": ((ships[0]["t"] - t_a) * ms) if ships else float("nan"),  # step end -> A's shell ships
+        "ship_to_b": ((t_sd - ships[0]["t"]) * ms) if ships else float("nan"),  # -> B takes the StartDecode
+        "direct_send": ((sends[0]["t"] - sends[0]["t0"]) * ms) if sends else float("nan"),
         "handshake": sum(e["t"] - e["t0"] for e in hs) * ms,
         "to_post": (rd["t0"] - t_sd) * ms,  # B's step pick-up, add, schedule (+ handshake when cold)
         "to_add": ((adds[0]["t0"] - t_sd) * ms) if adds else float("nan"),  # StartDecode -> engine thread adds
+        "to_burst": ((bursts[0]["t"] - t_sd) * ms) if bursts else float("nan"),  # -> the engine thread runs
         "add": ((adds[0]["t"] - adds[0]["t0"]) * ms) if adds else float("nan"),  # vLLM's add_request
         "add_cpu": (adds[0].get("cpu", float("nan")) * ms) if adds else float("nan"),  # its engine-thread CPU time
         "add_to_step": ((post_step[0]["t0"] - adds[0]["t"]) * ms) if adds and post_step else float("nan"),
@@ -610,18 +649,27 @@ async def phase_handoff(args: argparse.Namespace, bar: Any, mem: dict) -> dict:
                 for p in order:
                     seed += 1
                     bar.set_postfix_str(f"rep {rep + 1}/{args.reps}, p={p}")
-                    steps = [("split", None), ("unsplit", None), ("raw", None)]
+                    steps = [("split", "direct"), ("unsplit", None), ("split", "relay"), ("raw", None)]
                     b_core = engine_core(b_instance)
-                    k = rep % 3
-                    for what, _ in steps[k:] + steps[:k]:
+                    k = rep % len(steps)
+                    for what, path in steps[k:] + steps[:k]:
                         if what == "split":
+                            flag = trace_dir / RELAY_ONLY_FLAG
+                            if path == "relay":
+                                flag.touch()
                             t_from = time.monotonic()
-                            run = await one_request(client, prompt_ids(p, seed), 2, p)
+                            try:
+                                run = await one_request(client, prompt_ids(p, seed + (7 if path == "relay" else 0)),
+                                                        2, p)
+                            finally:
+                                flag.unlink(missing_ok=True)
                             if run.kind != "pd" or len(run.token_ts) != 2:
                                 res["errors"].append(f"split p={p}: kind {run.kind}, {len(run.token_ts)} tokens")
                             b_instance = run.b or b_instance
                             await wait_idle(cluster.client_addr, 60)
-                            res["splits"].append(analyse_split(run, trace_dir, t_from))
+                            h = analyse_split(run, trace_dir, t_from)
+                            h.path = path
+                            res["splits"].append(h)
                         elif what == "unsplit":
                             run = await one_request(client, prompt_ids(p, seed + 50000), 8, p + 8)
                             if run.kind != "none":
@@ -651,7 +699,7 @@ async def phase_handoff(args: argparse.Namespace, bar: Any, mem: dict) -> dict:
 
 def handoff_tables(res: dict, sizes: list[int]) -> str:
     lines = []
-    warm = [h for h in res["splits"] if not h.cold and h.ok]
+    warm = [h for h in res["splits"] if not h.cold and h.ok and h.path == "direct"]
     cold = [h for h in res["splits"] if h.cold]
     lines.append("#### KV handoff (PD split, s = p, max_tokens = 2) against a raw NIXL READ of the same blocks\n")
     lines.append(
@@ -697,9 +745,13 @@ def handoff_tables(res: dict, sizes: list[int]) -> str:
                  "excluded); vLLM descriptors: per handoff, from NIXL's telemetry; unsplit TBT over every gap of "
                  "the unsplit runs; raw READs: median of all timed READs; raw = the per-(layer, block) READ.")
     lines.append("\n#### Where the handoff time goes (inside the workers, medians, ms)\n")
-    cols = [("relay_a_b", "A step end -> B StartDecode (A ships, broker relays)"),
+    cols = [("relay_a_b", "A step end -> B StartDecode (A ships to B directly)"),
+            ("a_ship", "of which: A step end -> A's shell ships the handoff"),
+            ("direct_send", "of which: A sends the direct StartDecode"),
+            ("ship_to_b", "of which: A ships -> B's engine takes the StartDecode"),
             ("to_post", "B: pick-up, add, schedule -> READ posted"),
             ("to_add", "of which: StartDecode -> engine thread adds the request"),
+            ("to_burst", "(of which: StartDecode -> the engine thread starts a burst)"),
             ("add", "of which: vLLM add_request"),
             ("add_cpu", "(add_request's CPU time on the engine thread)"),
             ("add_to_step", "of which: added -> step starts"),
@@ -730,9 +782,38 @@ def handoff_tables(res: dict, sizes: list[int]) -> str:
         lines.append(f"\nFirst contact (p={cold[0].p}): client A->B gap {cold[0].gap_ms:.1f} ms, handoff in the "
                      f"workers {cold[0].inner['handoff_workers']:.1f} ms, of which NIXL handshake "
                      f"{cold[0].inner['handshake']:.1f} ms.")
+    lines.append(direct_vs_relay_table(res, sizes))
     bad = [h for h in res["splits"] if not h.ok]
     if bad:
         lines.append(f"\n{len(bad)} handoff(s) could not be broken down: " + "; ".join(h.note for h in bad))
+    return "\n".join(lines)
+
+
+def direct_vs_relay_table(res: dict, sizes: list[int]) -> str:
+    """The same handoff with A's direct StartDecode and with the broker's relay alone, alternating in one run."""
+    by = {path: [h for h in res["splits"] if not h.cold and h.ok and h.path == path] for path in ("direct", "relay")}
+    lines = ["\n#### Direct StartDecode (A -> B) against the broker's relay alone (alternating, same run; medians, ms)\n",
+             "| prompt tokens | handoffs (direct / relay) | A step end -> B StartDecode: direct; relay "
+             "| handoff, workers: direct; relay | handoff, client: direct; relay "
+             "| raw / handoff (workers): direct; relay | raw / handoff (client): direct; relay |",
+             "|" + "---|" * 7]
+    for p in sizes:
+        d = [h for h in by["direct"] if h.p == p]
+        r = [h for h in by["relay"] if h.p == p]
+        if not d or not r:
+            continue
+        tbt = med(res["unsplit_tbt"][p])
+        raw_l = med(res["raw"][(p, "layers")])
+
+        def pair(fn: Any, d: list[Handoff] = d, r: list[Handoff] = r) -> tuple[float, float]:
+            return med([fn(h) for h in d]), med([fn(h) for h in r])
+
+        hop = pair(lambda h: h.inner["relay_a_b"])
+        inner = pair(lambda h: h.inner["handoff_workers"])
+        client = pair(lambda h, tbt=tbt: h.gap_ms - tbt)
+        lines.append(f"| {p} | {len(d)} / {len(r)} | {hop[0]:.2f}; {hop[1]:.2f} | {inner[0]:.1f}; {inner[1]:.1f} "
+                     f"| {client[0]:.1f}; {client[1]:.1f} | **{raw_l / inner[0]:.2f}**; {raw_l / inner[1]:.2f} "
+                     f"| {raw_l / client[0]:.2f}; {raw_l / client[1]:.2f} |")
     return "\n".join(lines)
 
 

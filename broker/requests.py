@@ -36,6 +36,9 @@ class BrokerRequest:
     owner: str = ""  # User-Id (client certificate name) of the key that submitted it; "" with CURVE off
     generated: list[int] = field(default_factory=list)  # tokens relayed to the client so far
     handed_off: bool = False
+    # B's token entries that reached the broker before A's HandoffReady (B started from A's direct
+    # StartDecode): relayed after A's last tokens, which come before the HandoffReady on A's socket
+    held_b: list[list] = field(default_factory=list)
     replans: int = 0  # times this request was re-planned after losing an instance
 
     @property

@@ -4,6 +4,11 @@ Sockets: a client-facing ROUTER (SubmitRequest / AbortRequest in; Admitted / Tok
 and a worker-facing ROUTER (RegisterWorker / LoadReport / TokenBatch / HandoffReady / MicroFailed in;
 RegisterAck / DispatchMicro / StartDecode / AbortMicro out). Every decision is made by the pure policy in
 broker.scheduler; this module only moves messages and keeps the request table.
+
+Handoffs: A's descriptor names B's handoff inbox (``peer_addr``, from B's registration), so A sends its
+StartDecode to B directly, and its HandoffReady here, which the broker relays to B as before (B acts on
+the first copy). B may therefore start before the broker has seen the handoff: B's tokens are held until
+A's HandoffReady arrives, which A sends after its own last tokens, so the client's stream stays in order.
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ class BrokerConfig:
     allow_remote_bind: bool = False  # permit binding to non-loopback addresses
     max_replans: int = 3  # times a request may be re-planned after losing an instance before it fails
     allow_forced_splits: bool = False  # honour SubmitRequest.force_split (debugging, split experiments)
+    direct_handoff: bool = True  # A sends StartDecode to B's handoff inbox as well as through the broker
     metrics_port: int = 0  # Prometheus metrics on http://127.0.0.1:PORT/metrics; 0 = off
     curve_dir: str = ""  # CURVE key directory (scripts/keygen.py): authenticate and encrypt; empty = off
 
@@ -119,6 +125,7 @@ class Broker:
         self.metrics = BrokerMetrics(self)
         self.last_seen: dict[str, float] = {}
         self.vocabs: dict[str, int] = {}
+        self.handoff_addrs: dict[str, str] = {}  # instance -> its handoff inbox (RegisterWorker.handoff_addr)
         self.reports: dict[str, P.LoadReport] = {}
         self.boot_id = uuid.uuid4().hex
         self._stop = asyncio.Event()
@@ -255,7 +262,8 @@ class Broker:
         stats["max_model_len"] = self._max_prompt()
         stats["instances"] = {
             iid: {**{k: v for k, v in dataclasses.asdict(r).items() if k not in ("instance_id", "seq")},
-                  "max_num_seqs": self.cluster.instances[iid].max_num_seqs}
+                  "max_num_seqs": self.cluster.instances[iid].max_num_seqs,
+                  "handoff_addr": self.handoff_addrs.get(iid, "")}
             for iid, r in self.reports.items() if iid in self.cluster.instances
         }
         return stats
@@ -355,6 +363,7 @@ class Broker:
         self.cluster.remove(inst_id)
         self.last_seen.pop(inst_id, None)
         self.vocabs.pop(inst_id, None)
+        self.handoff_addrs.pop(inst_id, None)
         self.reports.pop(inst_id, None)
         self._lose_instance(inst_id, why, now)
 
@@ -417,9 +426,10 @@ class Broker:
                                                 req.sampling, req.ttft_slo_ms, req.tbt_slo_ms, req.arrival))]
         else:
             s, ea = plan.split, tokens_emitted_by_a(p, o, plan.split)
+            inbox = self.handoff_addrs.get(plan.b, "") if self.cfg.direct_handoff else ""
             descs = [
                 (plan.a, P.MicroDescriptor(req.iid, P.ROLE_A, req.prompt, s, 0, s, ea, plan.b, req.sampling,
-                                           req.ttft_slo_ms, req.tbt_slo_ms, req.arrival)),
+                                           req.ttft_slo_ms, req.tbt_slo_ms, req.arrival, inbox)),
                 (plan.b, P.MicroDescriptor(req.iid, P.ROLE_B, req.prompt, s, s, p + o, o - ea, plan.a,
                                            req.sampling, req.ttft_slo_ms, req.tbt_slo_ms, req.arrival)),
             ]
@@ -497,7 +507,7 @@ class Broker:
             return
         self.last_seen[inst_id] = now
         if isinstance(msg, P.TokenBatch):
-            self._on_tokens(msg.entries)
+            self._on_tokens(msg.entries, inst_id)
         elif isinstance(msg, P.LoadReport):
             self.cluster.report(
                 inst_id, now, queued_prefill_tokens=msg.queued_prefill_tokens, running_seqs=msg.running_seqs,
@@ -514,6 +524,9 @@ class Broker:
             req.handed_off = True
             if not self._send_worker(req.plan.b, P.StartDecode(msg.req_id, msg.kv, msg.num_tokens, msg.tokens)):
                 self._declare_dead(req.plan.b, "is unreachable", now)
+            elif req.held_b:  # B started from A's direct StartDecode: its tokens follow A's now
+                held, req.held_b = req.held_b, []
+                self._on_tokens(held, req.plan.b)
         elif isinstance(msg, P.MicroFailed):
             if msg.code == "kv_transfer_recompute":
                 self.stats.kv_recomputes += 1
@@ -537,13 +550,17 @@ class Broker:
             kv_bytes_per_token=msg.kv_bytes_per_token, pool=msg.pool, max_num_seqs=msg.max_num_seqs, last_report=now,
         ))
         self.vocabs[inst_id] = msg.vocab_size
+        if msg.handoff_addr:
+            self.handoff_addrs[inst_id] = msg.handoff_addr
+        else:
+            self.handoff_addrs.pop(inst_id, None)
         self.last_seen[inst_id] = now
         log.info("worker %s registered (%s, %s, %d KV tokens)", inst_id, msg.engine, msg.model,
                  msg.kv_capacity_tokens)
         self._send_worker(inst_id, P.RegisterAck(inst_id, True, "", self.cfg.heartbeat_ms))
         self._drain_queue(now)
 
-    def _on_tokens(self, entries: list[list]) -> None:
+    def _on_tokens(self, entries: list[list], sender: str) -> None:
         out: dict[bytes, list[list]] = {}
         table = self.table.by_iid
         relayed, now = self.metrics.on_relay, time.monotonic()
@@ -551,6 +568,9 @@ class Broker:
             iid, toks, finish = entry[0], entry[1], entry[2]
             req = table.get(iid)
             if req is None:
+                continue
+            if not req.handed_off and req.plan is not None and req.plan.b == sender:
+                req.held_b.append(entry)  # B ahead of A's HandoffReady (direct handoff): keep the order
                 continue
             if toks:
                 relayed(iid, req.arrival, now)

@@ -179,8 +179,13 @@ class LocalCluster:
             "-m", "workers", "--broker-addr", self.worker_addr, "--instance-id", instance_id,
             "--tbt-slo-ms", str(cfg.tbt_slo_ms), *self._engine_args(self.instance_ids.index(instance_id)),
             *self.metrics_flag(1 + self.instance_ids.index(instance_id)), *self.step_model_flags(), *self.curve_flags(),
-            *self.step_log_flags(instance_id), *self.worker_args,
+            *self.step_log_flags(instance_id), *self.handoff_flags(instance_id), *self.worker_args,
         ])
+
+    def handoff_flags(self, instance_id: str) -> list[str]:
+        """The worker's handoff inbox beside the broker's sockets (ipc); tcp keeps the worker's default."""
+        return ["--handoff-bind", f"ipc://{self.run_dir}/handoff-{instance_id}.sock"] \
+            if self.config.transport == "ipc" else []
 
     def step_log_path(self, instance_id: str) -> Path | None:
         """The step log of ``instance_id`` (None when step logs are off)."""

@@ -10,6 +10,7 @@ Message groups by destination:
   broker -> client: Admitted, TokenStream, ErrorReply, StatusReply
   worker -> broker: RegisterWorker, LoadReport, TokenBatch, HandoffReady, MicroFailed
   broker -> worker: RegisterAck, DispatchMicro, StartDecode, AbortMicro, Shutdown
+  worker A -> worker B (direct handoff, a copy of what the broker relays): StartDecode
 """
 
 from __future__ import annotations
@@ -207,7 +208,9 @@ class MicroDescriptor:
 
     The instance computes KV positions ``[start, end)`` of the sequence and emits ``emit_tokens`` tokens.
     ``prompt`` is always the full prompt. For role B, ``start`` equals the split point and the instance
-    waits for a StartDecode carrying A's KV parameters before it computes anything.
+    waits for a StartDecode carrying A's KV parameters before it computes anything. For role A,
+    ``peer_addr`` is B's handoff inbox (RegisterWorker.handoff_addr): A sends its StartDecode there
+    directly as well as to the broker; empty = through the broker only.
     """
 
     req_id: str
@@ -222,6 +225,7 @@ class MicroDescriptor:
     ttft_slo_ms: float
     tbt_slo_ms: float
     arrival: float
+    peer_addr: str = ""
 
 
 # --------------------------------------------------------------------------------------------
@@ -326,6 +330,7 @@ class RegisterWorker(Message):
     kv_bytes_per_token: int = 0
     pool: str = "any"
     max_num_seqs: int = 0  # the engine's cap of running sequences (0: none known)
+    handoff_addr: str = ""  # where peers send StartDecode directly (a PULL socket); empty = none
 
 
 @dataclass(slots=True)
@@ -397,7 +402,11 @@ class DispatchMicro(Message):
 
 @dataclass(slots=True)
 class StartDecode(Message):
-    """Broker -> worker B: A finished; pull its KV with ``kv`` and continue after A's ``tokens``."""
+    """Broker -> worker B: A finished; pull its KV with ``kv`` and continue after A's ``tokens``.
+
+    Also sent by worker A straight to B's handoff inbox (the same fields), ahead of the broker's copy; B
+    acts on whichever arrives first and drops the other.
+    """
 
     TYPE: ClassVar[int] = 42
     req_id: str
@@ -449,6 +458,7 @@ CLIENT_TO_BROKER = (SubmitRequest, AbortRequest, StatusRequest)
 WORKER_TO_BROKER = (RegisterWorker, LoadReport, TokenBatch, HandoffReady, MicroFailed)
 BROKER_TO_WORKER = (RegisterAck, DispatchMicro, StartDecode, AbortMicro, Shutdown)
 BROKER_TO_CLIENT = (Admitted, TokenStream, ErrorReply, StatusReply)
+WORKER_TO_WORKER = (StartDecode,)
 
 _packer = msgpack.Packer(use_bin_type=True)
 

@@ -6,6 +6,8 @@ import asyncio
 import os
 import random
 import signal
+import socket
+import urllib.request
 from collections.abc import Iterator
 
 import pytest
@@ -77,6 +79,48 @@ async def wait_idle(cluster: LocalCluster, timeout: float = 10.0) -> dict[str, d
                 return loads
             await asyncio.sleep(0.05)
     return loads
+
+
+def free_base_port(n: int) -> int:
+    """A port p such that p .. p+n-1 are free on 127.0.0.1."""
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, 60000 - n)
+        socks: list[socket.socket] = []
+        try:
+            for i in range(n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", base + i))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port range")
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples called ``name`` whose labels include ``labels``."""
+    total, found = 0.0, False
+    want = [f'{k}="{v}"' for k, v in labels.items()]
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        series, value = line.rsplit(" ", 1)
+        if series.split("{", 1)[0] != name or not all(w in series for w in want):
+            continue
+        total += float(value)
+        found = True
+    assert found, f"metric {name} {labels} not found"
+    return total
+
+
+def scrape(url: str) -> str:
+    """The body of a Prometheus endpoint."""
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return resp.read().decode()
 
 
 @pytest.fixture(scope="module")

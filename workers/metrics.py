@@ -49,6 +49,10 @@ class WorkerMetrics(MetricsExporter):
                                     lab, buckets=XFER_BUCKETS, registry=r).labels(*w)
         self.kv_failures = Counter("dynaserve:worker_kv_transfer_failures",
                                    "KV pulls that failed (the request was recomputed)", lab, registry=r).labels(*w)
+        started = Counter("dynaserve:worker_handoffs_started",
+                          "B micro-requests started, by the StartDecode copy that came first: direct from A, "
+                          "or relayed by the broker", ["worker", "path"], registry=r)
+        self.handoffs_started = {path: started.labels(instance_id, path) for path in ("direct", "relay")}
         self._load = [(name, Gauge(f"dynaserve:worker_{name}", help_, lab, registry=r).labels(*w))
                       for name, help_ in _LOAD_GAUGES]
 

@@ -4,6 +4,13 @@ A DEALER socket (identity = instance id) talks to the broker's worker ROUTER. On
 messages and hands them to the engine; the main loop runs engine steps, ships every step's tokens in one
 TokenBatch, sends handoffs and failures, and reports load every heartbeat. The worker re-registers when
 the broker says it does not know it (e.g. after a broker restart).
+
+Direct handoffs: the worker binds a PULL socket, its handoff inbox (``handoff_bind``), and names it when
+it registers. As A, it sends every handoff's StartDecode to B's inbox (the descriptor's ``peer_addr``,
+through one PUSH socket per peer) right before its HandoffReady to the broker, which relays a second copy.
+As B, it starts on the first copy and drops the other (``_direct``). A copy for a request this worker
+does not hold as a waiting B (aborted, or the broker's dispatch not yet here) is dropped: the broker's
+copy, which follows that dispatch on the same socket, is the one that counts.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ class WorkerConfig:
     metrics_port: int = 0  # Prometheus metrics on http://127.0.0.1:PORT/metrics; 0 = off
     curve_dir: str = ""  # CURVE key directory: uses workers/<instance_id>.key_secret and broker.key; empty = off
     step_log: str = ""  # append every engine step (time, measured ms, batch composition) to this file; empty = off
+    handoff_bind: str = "tcp://127.0.0.1:*"  # handoff inbox: peers send StartDecode here directly (port * = any free; the host must be one peers reach); empty = through the broker only (also with CURVE on)
 
     def __post_init__(self) -> None:
         if not self.instance_id or len(self.instance_id) > 64:
@@ -59,6 +67,8 @@ class WorkerConfig:
             raise ValueError("pool must be any, prefill or decode")
         if self.prefill_order not in PREFILL_ORDERS:
             raise ValueError(f"prefill_order must be one of {PREFILL_ORDERS}")
+        if self.handoff_bind and not self.handoff_bind.startswith(("tcp://", "ipc://")):
+            raise ValueError(f"handoff_bind must be a tcp:// or ipc:// address, got {self.handoff_bind!r}")
 
 
 class Worker:
@@ -77,6 +87,13 @@ class Worker:
         self.metrics = WorkerMetrics(config.instance_id)
         self._step_log = open_step_log(config.step_log) if config.step_log else None
         self._step_log_lock = threading.Lock()
+        self.inbox: Channel | None = None  # handoff inbox (PULL), None when off
+        self.handoff_addr = ""  # its address as peers connect to it
+        # B instance -> (its handoff inbox, a PUSH socket connected to it); used by the engine thread and the loop
+        self._peers: dict[str, tuple[str, zmq.Socket]] = {}
+        self._peers_lock = threading.Lock()
+        self._handoff_to: dict[str, tuple[str, str]] = {}  # A's req_id -> (B's instance, B's handoff inbox)
+        self._direct: set[str] = set()  # B requests started by A's direct StartDecode (the broker's copy follows)
 
     def stop(self) -> None:
         self._stop.set()
@@ -95,7 +112,7 @@ class Worker:
         self._send(P.RegisterWorker(
             self.cfg.instance_id, info.kind, info.model, info.kv_capacity_tokens, info.block_size,
             info.max_model_len, self.cfg.kv_transport, info.vocab_size, info.eos_token_id,
-            info.kv_bytes_per_token, self.cfg.pool, info.max_num_seqs,
+            info.kv_bytes_per_token, self.cfg.pool, info.max_num_seqs, self.handoff_addr,
         ))
 
     async def run(self) -> None:
@@ -106,6 +123,11 @@ class Worker:
         shipper = self.engine.set_shipper(self._ship)
         self.chan = Channel(sock, self._on_frames, "broker", threadsafe=shipper)
         self.chan.attach()
+        if self.cfg.handoff_bind and not self.cfg.curve_dir:
+            inbox = make_socket(self.ctx, zmq.PULL, bind=self.cfg.handoff_bind)
+            self.handoff_addr = inbox.getsockopt_string(zmq.LAST_ENDPOINT)
+            self.inbox = Channel(inbox, self._on_peer_frames, "handoff inbox")
+            self.inbox.attach()
         self.metrics.serve(self.cfg.metrics_port)
         try:
             self._register()
@@ -120,6 +142,12 @@ class Worker:
             self.metrics.close()
             if self._step_log is not None:
                 self._step_log.close()
+            if self.inbox is not None:
+                self.inbox.close()
+            with self._peers_lock:
+                for _, peer in self._peers.values():
+                    peer.close(0)
+                self._peers.clear()
             self.chan.close(100)
             self.ctx.term()
 
@@ -135,16 +163,28 @@ class Worker:
             return
         now = time.monotonic()
         if isinstance(msg, P.DispatchMicro):
+            desc = msg.desc
+            if desc.role == P.ROLE_A and desc.peer_addr and desc.peer:
+                self._handoff_to[desc.req_id] = (desc.peer, desc.peer_addr)  # before the engine can hand off
+                self._peer_socket(desc.peer, desc.peer_addr)  # connect now, not on the handoff's critical path
             try:
-                self.engine.add(msg.desc, now)
+                self.engine.add(desc, now)
             except EngineError as exc:
-                self._send(P.MicroFailed(msg.desc.req_id, exc.code, str(exc)))
+                self._handoff_to.pop(desc.req_id, None)
+                self._send(P.MicroFailed(desc.req_id, exc.code, str(exc)))
         elif isinstance(msg, P.StartDecode):
+            if msg.req_id in self._direct:  # started on A's direct copy already
+                self._direct.discard(msg.req_id)
+                return
             try:
                 self.engine.start_decode(msg.req_id, msg.kv, msg.num_tokens, msg.tokens, now)
             except EngineError as exc:
                 self._send(P.MicroFailed(msg.req_id, exc.code, str(exc)))
+            else:
+                self.metrics.handoffs_started["relay"].inc()
         elif isinstance(msg, P.AbortMicro):
+            self._direct.discard(msg.req_id)
+            self._handoff_to.pop(msg.req_id, None)
             self.engine.abort(msg.req_id)
         elif isinstance(msg, P.RegisterAck):
             self._registering = False
@@ -162,6 +202,8 @@ class Worker:
                 stale = self.engine.active_ids()
                 for rid in stale:
                     self.engine.abort(rid)
+                self._direct.clear()
+                self._handoff_to.clear()
                 if stale:
                     log.warning("broker does not know this worker: dropped %d micro-requests", len(stale))
                 self.registered.clear()
@@ -173,6 +215,54 @@ class Worker:
             self.stop()
         self._wake.set()
 
+    def _on_peer_frames(self, frames: list[bytes]) -> None:
+        """A StartDecode straight from A (its copy through the broker follows and is then dropped)."""
+        try:
+            if len(frames) != 1:
+                raise P.ProtocolError("malformed", f"a {len(frames)}-frame message")
+            msg = P.decode(frames[0], P.WORKER_TO_WORKER)
+        except P.ProtocolError as exc:
+            log.warning("bad frame on the handoff inbox: %s", exc)
+            return
+        assert isinstance(msg, P.StartDecode)
+        try:
+            self.engine.start_decode(msg.req_id, msg.kv, msg.num_tokens, msg.tokens, time.monotonic())
+        except EngineError as exc:  # not a waiting B here (aborted, or its dispatch not yet here)
+            log.debug("direct StartDecode for %s dropped: %s", msg.req_id, exc)
+            return
+        self._direct.add(msg.req_id)
+        self.metrics.handoffs_started["direct"].inc()
+
+    def _peer_socket(self, instance: str, addr: str) -> zmq.Socket | None:
+        """The PUSH socket to ``instance``'s handoff inbox at ``addr`` (connected on first use; a new one when
+        the instance came back at another address); None when it cannot be made."""
+        with self._peers_lock:
+            known = self._peers.get(instance)
+            if known is not None and known[0] == addr:
+                return known[1]
+            if known is not None:
+                known[1].close(0)
+                del self._peers[instance]
+            try:
+                sock = make_socket(self.ctx, zmq.PUSH, connect=addr, hwm=1000)
+            except zmq.ZMQError as exc:
+                log.warning("cannot connect to the handoff inbox %s of %s: %s", addr, instance, exc)
+                return None
+            self._peers[instance] = (addr, sock)
+            return sock
+
+    def _send_direct(self, instance: str, addr: str, msg: P.StartDecode) -> None:
+        """Send A's StartDecode to B's handoff inbox (engine thread or loop); a failure only loses this copy."""
+        frame = P.encode(msg)
+        sock = self._peer_socket(instance, addr)
+        if sock is None:
+            return
+        with self._peers_lock:
+            try:
+                sock.send(frame, zmq.NOBLOCK)
+            except zmq.ZMQError as exc:  # full queue (B not reading) or closed: the broker's copy still goes
+                log.warning("direct handoff of %s to %s not sent (%s); the broker relays it", msg.req_id, addr, exc)
+
     def _ship(self, out: StepOutput) -> None:
         """Send a step's tokens, handoffs and failures; called on the loop, and on the engine's own thread by an
         engine that ships its steps itself (Engine.set_shipper)."""
@@ -183,7 +273,14 @@ class Worker:
         if out.entries:
             assert self.chan is not None
             self.chan.send([P.encode_token_entries(P.TokenBatch.TYPE, out.entries)])
+        if self._handoff_to:  # an A that ends without a handoff (a stop token) forgets its B
+            for entry in out.entries:
+                if entry[2] is not None and entry[2] != P.FINISH_HANDOFF:
+                    self._handoff_to.pop(entry[0], None)
         for h in out.handoffs:
+            to = self._handoff_to.pop(h.req_id, None)
+            if to is not None:
+                self._send_direct(*to, P.StartDecode(h.req_id, h.kv, h.num_tokens, h.tokens))
             self._send(P.HandoffReady(h.req_id, h.kv, h.num_tokens, h.tokens))
         for rid, code, message in out.failures:
             self._send(P.MicroFailed(rid, code, message))

@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
-import random
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -26,7 +24,7 @@ from dynaserve.cluster import LocalCluster
 from dynaserve.frontend.config import FrontendConfig
 from dynaserve.frontend.text import render_simple_chat
 from dynaserve.tokenizer import ByteTokenizer
-from tests.conftest import make_prompt, start_cluster, wait_idle
+from tests.conftest import free_base_port, make_prompt, metric_value, start_cluster, wait_idle
 from workers.engines.sim import reference_tokens
 
 pytestmark = pytest.mark.integration
@@ -35,30 +33,10 @@ MODEL = "llama3-8b"
 TOK = ByteTokenizer(32000)
 
 
-def _free_base_port(n: int) -> int:
-    """A port p such that p .. p+n-1 are free on 127.0.0.1."""
-    rng = random.Random()
-    for _ in range(200):
-        base = rng.randrange(20000, 60000 - n)
-        socks: list[socket.socket] = []
-        try:
-            for i in range(n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", base + i))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port range")
-
-
 @pytest.fixture(scope="module")
 def http_cluster() -> Iterator[LocalCluster]:
     """Two workers, the front end on a free port, metrics on the next three (broker, w0, w1)."""
-    base = _free_base_port(4)
+    base = free_base_port(4)
     cluster = start_cluster("dynaserve", http_port=base, metrics_base_port=base + 1,
                             broker_args=["--allow-forced-splits"])
     yield cluster
@@ -93,22 +71,6 @@ def _post_raw(url: str, data: bytes) -> tuple[int, dict]:
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
-
-
-def _metric(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples called ``name`` whose labels include ``labels``."""
-    total, found = 0.0, False
-    want = [f'{k}="{v}"' for k, v in labels.items()]
-    for line in text.splitlines():
-        if line.startswith("#") or not line.startswith(name):
-            continue
-        series, value = line.rsplit(" ", 1)
-        if series.split("{", 1)[0] != name or not all(w in series for w in want):
-            continue
-        total += float(value)
-        found = True
-    assert found, f"metric {name} {labels} not found"
-    return total
 
 
 def test_completion_matches_simulated_tokens(oai: openai.OpenAI) -> None:
@@ -245,8 +207,8 @@ def test_metrics_of_frontend_broker_and_workers(oai: openai.OpenAI, http_cluster
     broker_url, w_urls = f"http://127.0.0.1:{base}/metrics", [f"http://127.0.0.1:{base + 1 + i}/metrics"
                                                               for i in range(2)]
     before = _get(broker_url)[1].decode()
-    finished0 = _metric(before, "dynaserve:broker_requests_total", outcome="finished")
-    aborted0 = _metric(before, "dynaserve:broker_requests_total", outcome="aborted")
+    finished0 = metric_value(before, "dynaserve:broker_requests_total", outcome="finished")
+    aborted0 = metric_value(before, "dynaserve:broker_requests_total", outcome="aborted")
     oai.completions.create(model=MODEL, prompt="metrics", max_tokens=8, temperature=0,
                            extra_body={"ignore_eos": True})
     with pytest.raises(openai.BadRequestError):  # rejected by the broker
@@ -262,35 +224,35 @@ def test_metrics_of_frontend_broker_and_workers(oai: openai.OpenAI, http_cluster
 
     asyncio.run(sdk_requests())
     fe = _get(f"{http_cluster.http_url}/metrics")[1].decode()
-    assert _metric(fe, "dynaserve:frontend_requests_total", endpoint="completions", status="200") >= 1
-    assert _metric(fe, "dynaserve:frontend_requests_total", endpoint="completions", status="400") >= 1
-    assert _metric(fe, "dynaserve:frontend_time_to_first_token_seconds_count", endpoint="completions") >= 1
-    assert _metric(fe, "dynaserve:frontend_generation_tokens_total", endpoint="completions") >= 8
-    assert _metric(fe, "dynaserve:frontend_requests_in_flight") == 0
+    assert metric_value(fe, "dynaserve:frontend_requests_total", endpoint="completions", status="200") >= 1
+    assert metric_value(fe, "dynaserve:frontend_requests_total", endpoint="completions", status="400") >= 1
+    assert metric_value(fe, "dynaserve:frontend_time_to_first_token_seconds_count", endpoint="completions") >= 1
+    assert metric_value(fe, "dynaserve:frontend_generation_tokens_total", endpoint="completions") >= 8
+    assert metric_value(fe, "dynaserve:frontend_requests_in_flight") == 0
 
     deadline = time.monotonic() + 5.0  # the SDK's abort reaches the broker asynchronously
     after = _get(broker_url)[1].decode()
-    while (_metric(after, "dynaserve:broker_requests_total", outcome="aborted") < aborted0 + 1
+    while (metric_value(after, "dynaserve:broker_requests_total", outcome="aborted") < aborted0 + 1
            and time.monotonic() < deadline):
         time.sleep(0.05)
         after = _get(broker_url)[1].decode()
-    assert _metric(after, "dynaserve:broker_requests_total", outcome="finished") >= finished0 + 2
-    assert _metric(after, "dynaserve:broker_requests_total", outcome="aborted") >= aborted0 + 1
-    assert _metric(after, "dynaserve:broker_rejected_requests_total", code="prompt_too_long") >= 1
-    assert _metric(after, "dynaserve:broker_split_decisions_total", kind="pd") >= 1
-    assert _metric(after, "dynaserve:broker_time_to_first_token_seconds_count") >= 2
-    assert _metric(after, "dynaserve:broker_time_between_tokens_seconds_count") >= 7
-    assert _metric(after, "dynaserve:broker_requests_queued") == 0
-    assert _metric(after, "dynaserve:broker_workers") == 2
+    assert metric_value(after, "dynaserve:broker_requests_total", outcome="finished") >= finished0 + 2
+    assert metric_value(after, "dynaserve:broker_requests_total", outcome="aborted") >= aborted0 + 1
+    assert metric_value(after, "dynaserve:broker_rejected_requests_total", code="prompt_too_long") >= 1
+    assert metric_value(after, "dynaserve:broker_split_decisions_total", kind="pd") >= 1
+    assert metric_value(after, "dynaserve:broker_time_to_first_token_seconds_count") >= 2
+    assert metric_value(after, "dynaserve:broker_time_between_tokens_seconds_count") >= 7
+    assert metric_value(after, "dynaserve:broker_requests_queued") == 0
+    assert metric_value(after, "dynaserve:broker_workers") == 2
 
     workers = [_get(u)[1].decode() for u in w_urls]
-    assert sum(_metric(w, "dynaserve:worker_steps_total") for w in workers) > 0
-    assert sum(_metric(w, "dynaserve:worker_step_seconds_count") for w in workers) > 0
-    assert sum(_metric(w, "dynaserve:worker_kv_transfer_bytes_total") for w in workers) > 0
-    assert sum(_metric(w, "dynaserve:worker_kv_transfer_seconds_count") for w in workers) >= 1
+    assert sum(metric_value(w, "dynaserve:worker_steps_total") for w in workers) > 0
+    assert sum(metric_value(w, "dynaserve:worker_step_seconds_count") for w in workers) > 0
+    assert sum(metric_value(w, "dynaserve:worker_kv_transfer_bytes_total") for w in workers) > 0
+    assert sum(metric_value(w, "dynaserve:worker_kv_transfer_seconds_count") for w in workers) >= 1
     for i, w in enumerate(workers):
-        assert _metric(w, "dynaserve:worker_token_budget", worker=f"w{i}") >= 0
-        assert _metric(w, "dynaserve:worker_kv_transfer_failures_total", worker=f"w{i}") == 0
+        assert metric_value(w, "dynaserve:worker_token_budget", worker=f"w{i}") >= 0
+        assert metric_value(w, "dynaserve:worker_kv_transfer_failures_total", worker=f"w{i}") == 0
 
 
 def test_broker_unavailable_gives_503(tmp_path: object) -> None:

@@ -112,3 +112,78 @@ def test_ttft_slo_grows_with_the_prompt_when_asked() -> None:
     assert admitted_slo(4.0, 20_000) > admitted_slo(4.0, 100) > 250.0
     assert model.prefill_alone_ms(20_000) == sum(
         model.step_ms(n, 0, 0, model.chunk_attn(n, done)) for n, done in ((8192, 0), (8192, 8192), (3616, 16384)))
+
+
+def _two_workers(direct: bool = True) -> Broker:
+    b = Broker(BrokerConfig(client_addr="ipc:///tmp/dynaserve-unit-c", worker_addr="ipc:///tmp/dynaserve-unit-w",
+                            allow_forced_splits=True, direct_handoff=direct))
+    b.clients, b.workers = RecordingChannel(), RecordingChannel()  # type: ignore[assignment]
+    for wid in ("w0", "w1"):
+        b._on_worker_frames([wid.encode(), P.encode(P.RegisterWorker(
+            wid, "sim", "m", 1 << 20, 16, 1 << 20, "nixl", 32000, 2, 512, "any", 64, f"ipc:///tmp/inbox-{wid}"))])
+    return b
+
+
+def _dispatched(b: Broker) -> dict[str, P.MicroDescriptor]:
+    out = {}
+    for ident, frame in b.workers.sent:  # type: ignore[attr-defined]
+        msg = P.decode(frame)
+        if isinstance(msg, P.DispatchMicro):
+            out[ident.decode()] = msg.desc
+    return out
+
+
+def test_a_is_told_b_handoff_inbox_unless_direct_handoffs_are_off() -> None:
+    for direct in (True, False):
+        b = _two_workers(direct)
+        b._on_submit(b"c", P.SubmitRequest("r", [5] * 40, P.SamplingParams(max_tokens=8), force_split=40), 0.0)
+        descs = _dispatched(b)
+        (a, desc_a), = [(w, d) for w, d in descs.items() if d.role == P.ROLE_A]
+        (bw, desc_b), = [(w, d) for w, d in descs.items() if d.role == P.ROLE_B]
+        assert desc_a.peer == bw and desc_b.peer_addr == ""
+        assert desc_a.peer_addr == (f"ipc:///tmp/inbox-{bw}" if direct else "")
+        st = b._status_stats()["instances"]
+        assert all(st[w]["handoff_addr"] == f"ipc:///tmp/inbox-{w}" for w in st)
+
+
+def test_b_tokens_ahead_of_a_handoff_are_relayed_after_a_tokens() -> None:
+    """B started from A's direct StartDecode and its first token reached the broker before A's last token and
+    HandoffReady (another socket): the client still gets A's tokens first, then B's, each once."""
+    b = _two_workers()
+    b._on_submit(b"c", P.SubmitRequest("r", [5] * 40, P.SamplingParams(max_tokens=8), force_split=41), 0.0)
+    descs = _dispatched(b)
+    (a, desc_a), = [(w, d) for w, d in descs.items() if d.role == P.ROLE_A]
+    bw, iid = desc_a.peer, desc_a.req_id
+    assert bw is not None
+    b.clients.sent.clear()  # type: ignore[attr-defined]
+    b._on_worker_frames([bw.encode(), P.encode_token_entries(P.TokenBatch.TYPE, [[iid, [30], None]])])
+    b._on_worker_frames([bw.encode(), P.encode_token_entries(P.TokenBatch.TYPE, [[iid, [31], None]])])
+    assert client_entries(b) == {}  # held until A's handoff
+    b._on_worker_frames([a.encode(), P.encode_token_entries(P.TokenBatch.TYPE, [[iid, [10, 11], P.FINISH_HANDOFF]])])
+    b._on_worker_frames([a.encode(), P.encode(P.HandoffReady(iid, {"k": 1}, 41, [10, 11]))])
+    b._on_worker_frames([bw.encode(), P.encode_token_entries(P.TokenBatch.TYPE, [[iid, [32], None]])])
+    tokens = [t for e in client_entries(b)[b"c"] for t in e[1]]
+    assert tokens == [10, 11, 30, 31, 32]
+    relayed = [P.decode(f) for w, f in b.workers.sent if w == bw.encode()]  # type: ignore[attr-defined]
+    assert any(isinstance(m, P.StartDecode) and m.req_id == iid for m in relayed)  # the broker's copy still goes
+    b._on_worker_frames([bw.encode(), P.encode_token_entries(P.TokenBatch.TYPE, [[iid, [33, 34, 35], "length"]])])
+    assert b.table.get(iid) is None and b.stats.finished == 1
+
+
+def test_held_b_tokens_of_a_request_replanned_before_the_handoff_are_dropped() -> None:
+    """A dies after its direct StartDecode but before its HandoffReady reached the broker: the request goes on
+    elsewhere from the tokens the client has; what B produced meanwhile is never relayed."""
+    b = _two_workers()
+    b.cluster.add(InstanceState(id="w2", kv_capacity_tokens=1 << 20, max_model_len=1 << 20))
+    b.vocabs["w2"] = 32000
+    b._on_submit(b"c", P.SubmitRequest("r", [5] * 40, P.SamplingParams(max_tokens=8), force_split=41), 0.0)
+    desc_a = next(d for d in _dispatched(b).values() if d.role == P.ROLE_A)
+    a, bw, iid = next(w for w, d in _dispatched(b).items() if d.role == P.ROLE_A), desc_a.peer, desc_a.req_id
+    assert bw is not None
+    b._on_worker_frames([a.encode(), P.encode_token_entries(P.TokenBatch.TYPE, [[iid, [10], None]])])
+    b._on_worker_frames([bw.encode(), P.encode_token_entries(P.TokenBatch.TYPE, [[iid, [30], None]])])
+    b._declare_dead(a, "was killed", 1.0)
+    b._on_worker_frames([bw.encode(), P.encode_token_entries(P.TokenBatch.TYPE, [[iid, [31], None]])])
+    streams = [m for m in (P.decode(f) for _, f in b.clients.sent) if isinstance(m, P.TokenStream)]  # type: ignore[attr-defined]
+    assert [t for m in streams for e in m.entries for t in e[1]] == [10]
+    assert b.table.get(iid) is None and b.stats.replanned == 1
