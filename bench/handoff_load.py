@@ -123,12 +123,7 @@ def _start(mode: str, time_scale: float) -> LocalCluster:
     cfg = ClusterConfig(workers=2, engine="sim", transport="ipc", http_port=0, engine_time_scale=time_scale)
     cluster = LocalCluster(cfg, broker_args=["--allow-forced-splits", *(["--no-direct-handoff"] if mode == "relay"
                                                                          else [])])
-    cluster.start()
-    try:
-        asyncio.run(cluster.wait_ready())
-    except BaseException:
-        cluster.stop()
-        raise
+    cluster.start_ready()
     return cluster
 
 

@@ -234,6 +234,16 @@ class LocalCluster:
         if self.config.http_port:
             self.start_frontend()
 
+    def start_ready(self, timeout: float | None = None) -> list[str]:
+        """``start()`` and wait (outside any event loop) until the cluster is ready (``wait_ready``); a cluster
+        that does not get ready is stopped before the error propagates. Returns the instance ids."""
+        self.start()
+        try:
+            return asyncio.run(self.wait_ready(timeout))
+        except BaseException:
+            self.stop()
+            raise
+
     async def _http_healthy(self) -> bool:
         """True when the front end is off or its /health answers 200."""
         url = self.http_url

@@ -31,12 +31,7 @@ def start_cluster(policy: str, workers: int = 2, **kw: object) -> LocalCluster:
     kw.setdefault("engine", "sim")  # the vLLM engine has its own end-to-end tests (tests/e2e)
     cfg = ClusterConfig(workers=workers, policy=policy, transport="ipc", **kw)  # type: ignore[arg-type]
     cluster = LocalCluster(cfg, broker_args=broker_args, worker_args=worker_args)
-    cluster.start()
-    try:
-        asyncio.run(cluster.wait_ready())
-    except BaseException:
-        cluster.stop()
-        raise
+    cluster.start_ready()
     return cluster
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 from pathlib import Path
 
 import pytest
@@ -204,36 +205,26 @@ def test_configs_are_frozen() -> None:
         cfg.policy = "colocate"  # type: ignore[misc]
 
 
-@pytest.mark.parametrize("argv, says", [
-    (["--policy", "nope"], "unknown policy 'nope'"),
-    (["--concentrate", "nope"], "concentrate must be one of"),
-    (["--predictor", "nope"], "unknown predictor 'nope'"),
-    (["--model", "nope"], "unknown model 'nope'"),
-    (["--gpu", "nope"], "unknown gpu 'nope'"),
-    (["--tp", "0"], "tp must be a positive int"),
-    (["--prefill-instances", "0"], "prefill_instances must be 1 or more"),
+@pytest.mark.parametrize("module, argv, says", [
+    ("broker", ["--policy", "nope"], "unknown policy 'nope'"),
+    ("broker", ["--concentrate", "nope"], "concentrate must be one of"),
+    ("broker", ["--predictor", "nope"], "unknown predictor 'nope'"),
+    ("broker", ["--model", "nope"], "unknown model 'nope'"),
+    ("broker", ["--gpu", "nope"], "unknown gpu 'nope'"),
+    ("broker", ["--tp", "0"], "tp must be a positive int"),
+    ("broker", ["--prefill-instances", "0"], "prefill_instances must be 1 or more"),
+    ("workers", ["--tbt-slo-ms", "-1"], "tbt_slo_ms must be > 0"),
+    ("workers", ["--kv-transport", "nope"], "kv_transport must be one of nixl"),
+    ("workers", ["--handoff-bind", "udp://x"], "handoff_bind must be a tcp:// or ipc:// address"),
+    ("workers", ["--engine", "vllm", "--vllm-model", "/no/such/model"], "no model directory at /no/such/model"),
+    ("workers", ["--engine", "nope"], "unknown engine 'nope'"),
 ])
-def test_broker_cli_refuses_bad_settings_before_serving(
-        argv: list[str], says: str, capsys: pytest.CaptureFixture[str]) -> None:
-    import broker.__main__ as broker_main
-
+def test_cli_refuses_bad_settings_before_serving(
+        module: str, argv: list[str], says: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """The broker's and the worker's command lines: exit 2 with the reason, before any socket or engine."""
+    main = importlib.import_module(f"{module}.__main__").main
     with pytest.raises(SystemExit) as exc:
-        broker_main.main(argv)
-    assert exc.value.code == 2 and says in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("argv, says", [
-    (["--tbt-slo-ms", "-1"], "tbt_slo_ms must be > 0"),
-    (["--kv-transport", "nope"], "kv_transport must be one of nixl"),
-    (["--engine", "vllm", "--vllm-model", "/no/such/model"], "no model directory at /no/such/model"),
-    (["--engine", "nope"], "unknown engine 'nope'"),
-])
-def test_worker_cli_refuses_bad_settings_before_an_engine_starts(
-        argv: list[str], says: str, capsys: pytest.CaptureFixture[str]) -> None:
-    import workers.__main__ as worker_main
-
-    with pytest.raises(SystemExit) as exc:
-        worker_main.main(argv)
+        main(argv)
     assert exc.value.code == 2 and says in capsys.readouterr().err
 
 
