@@ -7,6 +7,7 @@ Usage::
     python -m bench.sim.extras model-error --workload azure_conv --rate 90
     python -m bench.sim.extras twin --model qwen2.5-32b --workload arxiv --rate 13
     python -m bench.sim.extras resolution --cells qwen2.5-32b/mooncake_conv,llama3-8b/azure_conv --seeds 5
+    python -m bench.sim.extras migrate --cells llama3-8b/sharegpt,llama3-8b/azure_conv
 """
 
 from __future__ import annotations
@@ -173,6 +174,53 @@ def resolution(cells: Sequence[tuple[str, str]], seeds: int, study: Path, jobs: 
     return lines
 
 
+MIGRATE_VARIANTS = (
+    ("into full decode hosts", (("into", "full"),)),
+    ("into full decode hosts, none while a queue > 1,024 tokens", (("into", "full"), ("max_queue_tokens", 1024))),
+    ("into any prefill-idle instance", (("into", "idle"),)),
+    ("into any prefill-idle instance, none while a queue > 1,024 tokens", (("into", "idle"), ("max_queue_tokens", 1024))),
+)
+
+
+def _curve(job: tuple[str, str, Spec, tuple[float, ...]]) -> Curve:
+    return capacity_curve(*job, None)
+
+
+def migrate(cells: Sequence[tuple[str, str]], study: Path, jobs: int) -> list[str]:
+    """Capacity of the dynaserve policy without and with run-time decode handoffs (bench.sim.migration) on the
+    study's rate grid of each cell, and the share of requests moved at the highest rate meeting 90 %."""
+    refs = load_results(study)[0]["reference_rates"] if (study / RESULTS).exists() else {}
+    specs = [Spec("dynaserve", "dynaserve", "dynaserve", sim=(DEADLINE,))]
+    specs += [Spec("variant:migrate", f"dynaserve, run-time handoffs {label}", "dynaserve-migrate", options=opts,
+                   sim=(DEADLINE,)) for label, opts in MIGRATE_VARIANTS]
+    work = []
+    for model, workload in cells:
+        ref = refs.get(f"{model}/{workload}") or reference_rate((model, workload, None, ()))[2]
+        work += [(model, workload, sp, rate_grid(ref, False)) for sp in specs]
+    with Pool(processes=jobs) as pool:
+        curves = list(tqdm(pool.imap(_curve, work), total=len(work), desc="migrate", unit="curve"))
+    lines = ["| model | workload | policy | capacity (req/s) | moved at capacity |", "|---|---|---|---|---|"]
+    for c in curves:
+        ok = [p for p in c.points if p["attainment"] >= 0.9]
+        moved = "-"
+        if ok:
+            top = max(ok, key=lambda p: p["rate"])
+            kinds = top["split_kinds"]
+            moved = f"{kinds.get('moved', 0) / max(1, sum(kinds.values())):.0%}"
+        lines.append(f"| {c.model} | {c.workload} | {c.spec.label} | {c.capacity:.2f} | {moved} |")
+    return lines
+
+
+def _cells(text: str) -> list[tuple[str, str]]:
+    """``--cells``: comma-separated MODEL/WORKLOAD."""
+    cells = [tuple(c.split("/", 1)) for c in text.split(",") if c]
+    for cell in cells:
+        if len(cell) != 2 or cell[0] not in MODELS or cell[1] not in WORKLOADS:
+            raise argparse.ArgumentTypeError(f"{'/'.join(cell)!r} is not MODEL/WORKLOAD with MODEL in "
+                                             f"{', '.join(MODELS)} and WORKLOAD in {', '.join(WORKLOADS)}")
+    return cells  # type: ignore[return-value]
+
+
 def _policy_list(text: str) -> list[str]:
     """``--policies``: comma-separated names that :func:`build_policy` knows."""
     names = [n for n in text.split(",") if n]
@@ -204,20 +252,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     tw.add_argument("--workload", choices=list(WORKLOADS), default="arxiv")
     tw.add_argument("--rate", type=float, required=True)
     rs = sub.add_parser("resolution")
-    rs.add_argument("--cells", default="qwen2.5-32b/mooncake_conv", help="comma-separated MODEL/WORKLOAD")
+    rs.add_argument("--cells", type=_cells, default="qwen2.5-32b/mooncake_conv", help="comma-separated MODEL/WORKLOAD")
     rs.add_argument("--seeds", type=int, default=5)
     rs.add_argument("--study", default="docs/study", help="the study whose rate grids to use")
     rs.add_argument("--jobs", type=int, default=2)
+    mg = sub.add_parser("migrate")
+    mg.add_argument("--cells", type=_cells, default="llama3-8b/sharegpt,llama3-8b/azure_conv",
+                    help="comma-separated MODEL/WORKLOAD")
+    mg.add_argument("--study", default="docs/study", help="the study whose rate grids to use")
+    mg.add_argument("--jobs", type=int, default=2)
     args = ap.parse_args(argv)
     if args.cmd == "resolution":
         if args.seeds < 1:
             ap.error("--seeds must be 1 or more (seed 0, the trace unmoved, always runs)")
-        cells = [tuple(c.split("/", 1)) for c in args.cells.split(",") if c]
-        for cell in cells:
-            if len(cell) != 2 or cell[0] not in MODELS or cell[1] not in WORKLOADS:
-                ap.error(f"--cells: {'/'.join(cell)!r} is not MODEL/WORKLOAD with MODEL in {', '.join(MODELS)} "
-                         f"and WORKLOAD in {', '.join(WORKLOADS)}")
-        print("\n".join(resolution(cells, args.seeds, Path(args.study), args.jobs)))  # type: ignore[arg-type]
+        print("\n".join(resolution(args.cells, args.seeds, Path(args.study), args.jobs)))
+    elif args.cmd == "migrate":
+        print("\n".join(migrate(args.cells, Path(args.study), args.jobs)))
     elif args.cmd == "speed":
         print("\n".join(speed(args.instances, args.hours, args.rate, args.policies)))
     elif args.cmd == "timeline":

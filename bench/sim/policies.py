@@ -1,7 +1,8 @@
 """Global policies under study in the simulator, next to the broker's own registry.
 
-``build_policy`` knows the broker's policies (:data:`broker.scheduler.POLICIES`) and the oracle, which
-only the simulator can run. Every policy implements ``plan(req, cluster, now) -> Plan | None`` and is pure
+``build_policy`` knows the broker's policies (:data:`broker.scheduler.POLICIES`), the oracle and the
+run-time decode handoff experiment (``dynaserve-migrate``, bench.sim.migration), which only the simulator
+can run. Every policy implements ``plan(req, cluster, now) -> Plan | None`` and is pure
 apart from the oracle (which reads the simulator it is bound to).
 """
 
@@ -9,11 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from bench.sim.migration import MigratingPolicy
 from bench.sim.oracle import OraclePolicy
 from broker.cluster_state import Pricing
 from broker.scheduler import POLICIES, GlobalPolicy, make_policy
 
-SIM_POLICIES: dict[str, Any] = {"oracle": OraclePolicy}
+SIM_POLICIES: dict[str, Any] = {"oracle": OraclePolicy, "dynaserve-migrate": MigratingPolicy}
 
 
 def policy_names() -> list[str]:

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 from bench.sim.config import SimConfig
 from bench.sim.instance import (
+    DECODE,
     DONE,
     QUEUED,
     ROLE_A,
@@ -34,6 +35,7 @@ from bench.sim.instance import (
     SimRequest,
     StepTime,
 )
+from bench.sim.migration import KIND_MOVED, Decoding, Move
 from bench.traces import TraceRequest
 from broker.cluster_state import ClusterState, InstanceState, RequestInfo
 from broker.scheduler import GlobalPolicy, commit
@@ -157,7 +159,10 @@ class Simulator:
         self.requests: list[SimRequest] = []
         self.active = 0
         self.link_free: dict[str, float] = {}
-        self.stats: dict[str, Any] = {"plans": 0, "queued": 0, "transfers": 0, "transfer_ms": 0.0, "steps": 0}
+        self.stats: dict[str, Any] = {"plans": 0, "queued": 0, "transfers": 0, "transfer_ms": 0.0, "steps": 0,
+                                      "moves": 0}
+        # run-time decode handoffs (bench.sim.migration), when the policy makes them
+        self._moves = getattr(policy, "moves", None)
         bind = getattr(policy, "bind", None)
         if callable(bind):
             bind(self)
@@ -265,6 +270,58 @@ class Simulator:
                     step_ms=inst.last_step_ms,
                 )
 
+    # ------------------------------------------------------------------ run-time decode handoffs
+
+    def _decoding_on(self, inst_id: str) -> list[Decoding]:
+        """The unsplit requests decoding on ``inst_id``, as the broker sees them (predicted lengths)."""
+        inst = self.by_id[inst_id]
+        j = len(inst.step_ends) + (1 if inst.busy else 0)
+        out = []
+        for seq in inst.decoding:
+            req = seq.req
+            if seq.role != ROLE_FULL or req.seq_b is not None:
+                continue
+            done = j - seq.i0 if j > seq.i0 else 0
+            generated = req.emitted + done
+            out.append(Decoding(req.req_id, inst_id, seq.ctx0 + done, generated, req.predicted - generated,
+                                req.tbt_slo_ms))
+        return out
+
+    def _move(self, m: Move, now: float) -> bool:
+        """Carry out a move: A stops after the step it is running and hands off; B waits for the KV."""
+        req = self.requests[int(m.req_id[1:])]
+        seq = req.seq_a
+        if seq is None or req.seq_b is not None or seq.state != DECODE or seq.role != ROLE_FULL:
+            return False
+        src, dst = seq.inst, self.by_id[m.dst]
+        if src.id != m.src or not src.busy or seq not in src.decoding:
+            return False
+        cut = len(src.step_ends)  # the step running now is A's last
+        keep = cut - seq.i0 + 1
+        if keep < 1 or keep >= seq.dsteps:
+            return False  # not yet in a step, or it ends in this one anyway
+        moved = seq.dsteps - keep
+        seq.dsteps = keep
+        seq.emit_true -= moved
+        planned = seq.emit_plan - seq.emit_true  # A now plans exactly what it emits
+        src.pd -= planned
+        seq.emit_plan = seq.emit_true
+        seq.role = ROLE_A
+        src._tie += 1
+        seq.entry = src._tie
+        heapq.heappush(src.finish_heap, (cut, seq.entry, seq))
+        if src.on_demand:  # its grow entry carried the old tie
+            heapq.heappush(src.grow_heap, (seq.i0 + seq.blocks * src.block_size - seq.ctx0, seq.entry, seq))
+        s = seq.ctx0 + keep  # positions A will have computed
+        seq_b = MicroSeq(req, dst, ROLE_B, s, False, 0, planned, moved, req.prompt + req.max_tokens, WAIT_KV,
+                         split=s)
+        req.seq_b = seq_b
+        req.plan = Plan(src.id, dst.id, s, KIND_MOVED)
+        src.dirty = True
+        dst.add(seq_b, now)
+        self.stats["moves"] += 1
+        return True
+
     # ------------------------------------------------------------------ run
 
     def run(
@@ -319,6 +376,9 @@ class Simulator:
                 seq.inst.transfer_done(seq, t)
             else:  # TICK
                 self._report(t)
+                if self._moves is not None:
+                    for m in self._moves(self.cluster, self._decoding_on, t):
+                        self._move(m, t)
                 if self.queue:
                     self._drain(t)
                 if t >= next_sample:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import pytest
 
 from bench.sim.config import SimConfig
+from bench.sim.migration import KIND_MOVED, Move
 from bench.sim.policies import build_policy
 from bench.sim.predictors import NoisyOraclePredictor
 from bench.sim.simulator import Simulator
@@ -266,3 +267,62 @@ def test_path_latency_delays_every_token_at_the_client() -> None:
                   build_policy("colocate", SimConfig().pricing()), reqs)
     for a, b in zip(base.records, late.records, strict=True):
         assert b.token_ts == pytest.approx([t + 0.003 + 1e-6 * a.prompt_tokens for t in a.token_ts])
+
+
+@dataclass
+class MoveOnce:
+    """Test policy: everything unsplit on i0; at the first tick after ``at`` s, move r0's decode to i1."""
+
+    at: float
+    name: str = "move-once"
+    done: bool = False
+
+    def plan(self, req: RequestInfo, cluster: ClusterState, now: float) -> Plan | None:
+        return Plan.whole("i0", req.prompt_len, req.max_tokens)
+
+    def moves(self, cluster: ClusterState, decoding_on: object, now: float) -> list[Move]:
+        if self.done or now < self.at:
+            return []
+        got = [d for d in decoding_on("i0") if d.req_id == "r0"]  # type: ignore[operator]
+        if not got:
+            return []
+        self.done = True
+        assert got[0].instance == "i0" and got[0].context == 300 + got[0].generated - 1
+        return [Move("r0", "i0", "i1")]
+
+
+def test_a_decode_moved_at_run_time_continues_on_b() -> None:
+    """The run-time handoff: A stops after the step it runs, B pulls the positions A computed and emits the
+    rest; every token is emitted once, in order, and both instances end with nothing held."""
+    cfg = SimConfig(instances=2)
+    p, o = 300, 80
+    pol = MoveOnce(at=0.5)
+    sim, res = run(cfg, pol, [TraceRequest(0.0, p, o)])
+    (rec,) = res.records
+    assert pol.done and res.stats["moves"] == 1 and res.stats["transfers"] == 1
+    assert rec.kind == KIND_MOVED and rec.instance_a == "i0" and rec.instance_b == "i1"
+    assert len(rec.token_ts) == o and rec.token_ts == sorted(rec.token_ts) and rec.finish_reason == "length"
+    ea = rec.split - p + 1  # tokens A emitted: the split is the positions it computed
+    assert 1 < ea < o
+    a, b = sim.instances
+    longest_step = max(a.step_ends[i + 1] - a.step_ends[i] for i in range(len(a.step_ends) - 1))
+    assert rec.token_ts[ea - 1] <= 0.5 + cfg.report_interval_ms / 1000.0 + longest_step  # the tick, then one step
+    assert rec.token_ts[ea] - rec.token_ts[ea - 1] >= cfg.transfer_ms(rec.split) / 1000.0
+    assert len(b.step_ends) >= o - ea
+    for inst in sim.instances:
+        assert inst.free_blocks == inst.total_blocks and inst.qp == 0 and inst.pd == 0 and inst.dctx == 0
+
+
+@pytest.mark.parametrize("into", ["full", "idle"])
+def test_run_time_handoffs_under_load_conserve_every_token(into: str) -> None:
+    cfg = SimConfig(instances=4, gpu_memory_gb=24.0, max_num_seqs=32)  # small engines: they fill up and preempt
+    reqs = trace(400, 60.0)
+    sim, res = run(cfg, build_policy("dynaserve-migrate", cfg.pricing(), into=into), reqs, max_tokens=2048,
+                   predictor=NoisyOraclePredictor(0.0, seed=1))
+    assert res.stats["moves"] > 0
+    moved = [r for r in res.records if r.kind == KIND_MOVED]
+    assert len(moved) == res.stats["moves"]
+    for r, q in zip(res.records, reqs, strict=True):
+        assert is_completed(r) and len(r.token_ts) == q.output_tokens and r.token_ts == sorted(r.token_ts)
+    for inst in sim.instances:
+        assert inst.free_blocks == inst.total_blocks and inst.qp == 0 and inst.pd == 0 and inst.dctx == 0

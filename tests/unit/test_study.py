@@ -156,6 +156,8 @@ def test_study_cli_only_names_the_known_labels(tmp_path: Path, capsys: pytest.Ca
     (["twin", "--model", "nope", "--rate", "1"], "argument --model: invalid choice: 'nope'"),
     (["timeline", "--workload", "mooncake", "--rate", "1"], "argument --workload: invalid choice: 'mooncake'"),
     (["model-error", "--rate", "1", "--policies", "colocate,nope"], "unknown policy 'nope'"),
+    (["resolution", "--cells", "llama3-8b/nope"], "'llama3-8b/nope' is not MODEL/WORKLOAD"),
+    (["migrate", "--cells", "sharegpt"], "'sharegpt' is not MODEL/WORKLOAD"),
 ])
 def test_extras_cli_refuses_unknown_names_with_a_message(
         capsys: pytest.CaptureFixture[str], argv: list[str], says: str) -> None:
