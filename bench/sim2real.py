@@ -45,6 +45,11 @@ DEFAULT_VLLM_STEP_MODEL = "docs/sim2real/tiny-llama-cpu.json"
 # quantiles of the live noise (every 0.5 %): the simulator interpolates linearly between neighbours, so with
 # 21 (every 5 %) one 16x outlier among ~9,000 steps stretched the top 5 % of draws towards it
 NOISE_POINTS = 201
+# what the simulator draws from: every measured step (up to this many evenly spaced order statistics), so that
+# one outlier keeps its own frequency; at 201 points a single 42x step among ~9,000 took the top 0.5 % of the
+# draws towards it and the simulated TBT P99 came out 3.9x the live one (one run). Result files keep
+# NOISE_POINTS quantiles.
+MAX_NOISE_POINTS = 4001
 # steps with prefill work run slower against the model than decode-only steps while serving (median 1.07-1.18x
 # against 1.00x in one measured replay) but are ~1 % of the steps: they get noise of their own when the noise
 # window has at least this many of them
@@ -55,6 +60,7 @@ METRICS = ("ttft_p50_ms", "ttft_p99_ms", "tbt_p50_ms", "tbt_p99_ms")
 # window minutes before: past this far from 1 the machine changed speed between the two, and no simulator
 # fed from the window can follow (vLLM on 2 CPU cores: one run measured 1.32; nine others 0.95-1.10)
 DRIFT_LIMIT = 0.15
+TARGET = 0.2  # the check's target: simulated within 20 % of live
 
 
 @dataclass(frozen=True)
@@ -153,7 +159,8 @@ class LiveExtras:
     gaps: int = 0  # decode gaps measured
     ttfts: int = 0  # first tokens measured
     step_noise: tuple[float, ...] = ()  # measured / modelled steps while serving the noise window (noise=live),
-    # at NOISE_POINTS evenly spaced quantiles: of its decode-only steps when step_noise_prefill is set, else of all
+    # every one of them (MAX_NOISE_POINTS at most, sorted): of its decode-only steps when step_noise_prefill is
+    # set, else of all
     noise_steps: int = 0  # steps those quantiles come from
     step_noise_prefill: tuple[float, ...] = ()  # the same for its steps with prefill work (MIN_PREFILL_STEPS or more),
     # less step_overhead_prefill_ms
@@ -444,12 +451,22 @@ def live_noise(model: StepLatencyModel, served: Sequence[Sample]) -> dict[str, A
         dec = [s for s in served if s[0] == 0]
         extra = max(0.0, quantile([s[4] - model.step_ms(*s[:4]) for s in pre], 0.5))
         rest = [(*s[:4], max(s[4] - extra, PREFILL_REST_MIN_MS)) for s in pre]
-        return {"step_noise": ratio_quantiles(model, dec, NOISE_POINTS), "noise_steps": len(dec),
-                "step_noise_prefill": ratio_quantiles(model, rest, NOISE_POINTS), "noise_prefill_steps": len(pre),
+        return {"step_noise": ratio_quantiles(model, dec, _points(dec)), "noise_steps": len(dec),
+                "step_noise_prefill": ratio_quantiles(model, rest, _points(rest)), "noise_prefill_steps": len(pre),
                 "step_overhead_prefill_ms": round(extra, 3)}
     if not served:
         return {}
-    return {"step_noise": ratio_quantiles(model, served, NOISE_POINTS), "noise_steps": len(served)}
+    return {"step_noise": ratio_quantiles(model, served, _points(served)), "noise_steps": len(served)}
+
+
+def _points(samples: Sequence[Sample]) -> int:
+    """Quantile points that keep every sample (up to MAX_NOISE_POINTS; at least 2)."""
+    return max(2, min(len(samples), MAX_NOISE_POINTS))
+
+
+def noise_summary(q: Sequence[float]) -> list[float]:
+    """A noise distribution (sorted quantiles) at NOISE_POINTS evenly spaced quantiles, for result files."""
+    return [round(quantile(q, i / (NOISE_POINTS - 1)), 4) for i in range(NOISE_POINTS)] if q else []
 
 
 def delivery_delays(records: Sequence[RequestRecord], step_times: dict[str, Sequence[float]]) -> list[list[float]]:
@@ -490,6 +507,8 @@ def delivery_jitter(delays_ms: Sequence[Sequence[float]]) -> tuple[tuple[float, 
 def extras_json(extras: LiveExtras) -> dict[str, Any]:
     """``extras`` for the result file, the delivery runs (one number per token) summarized by quantiles."""
     out = asdict(extras)
+    out["step_noise"] = noise_summary(extras.step_noise)
+    out["step_noise_prefill"] = noise_summary(extras.step_noise_prefill)
     flat = [d for run in extras.delivery_jitter_ms for d in run]
     out["delivery_jitter_ms"] = [round(quantile(flat, i / 20), 3) for i in range(21)] if flat else []
     return out
@@ -569,6 +588,12 @@ def table(result: dict[str, Any]) -> str:
     rows.append(f"| completed | {lv['completed']}/{lv['n']} | {sm['completed']}/{sm['n']} | |" + (" |" if runs else ""))
     if runs:
         rows.append(f"\nlive and sim: medians over {len(runs)} runs; completed: the last run")
+        rep = reproducibility(runs)
+        rows.append(f"\n| metric | runs with sim within {TARGET:.0%} of their live run | pairs of live runs within "
+                    f"{TARGET:.0%} of each other | live max / min over the runs |\n|---|---|---|---|")
+        for m, v in rep.items():
+            rows.append(f"| {m.removesuffix('_ms').replace('_', ' ')} | {v['sim_within']:.0%} | {v['live_within']:.0%} "
+                        f"| {v['live_spread']:.2f} |")
     for k, r in enumerate(runs or [result], 1):
         drift = r.get("engine_drift")
         if drift is not None and abs(drift - 1.0) > DRIFT_LIMIT:
@@ -595,6 +620,22 @@ def engine_drift(noise: Sequence[float], during: dict[str, Any]) -> float | None
     if not noise or not q:
         return None
     return round(q[len(q) // 2] / noise[len(noise) // 2], 3)
+
+
+def reproducibility(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per metric, over several runs of the same requests: the share of runs whose simulated value is within
+    ``TARGET`` of its own live run, and the share of ordered pairs of live runs (i, j), i != j, with run j
+    within ``TARGET`` of run i: how often another live run would meet the target against this one."""
+    out: dict[str, dict[str, float]] = {}
+    for m in METRICS:
+        live = [r["compare"][m]["live"] for r in runs]
+        sims = [r["compare"][m]["ratio"] for r in runs]
+        pairs = [(a, b) for i, a in enumerate(live) for j, b in enumerate(live) if i != j and a]
+        out[m] = {"sim_within": sum(1 for x in sims if x is not None and abs(x - 1.0) <= TARGET) / len(runs),
+                  "live_within": (sum(1 for a, b in pairs if abs(b / a - 1.0) <= TARGET) / len(pairs)) if pairs
+                  else float("nan"),
+                  "live_spread": max(live) / min(live) if min(live) > 0 else float("nan")}
+    return out
 
 
 def compare_runs(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
@@ -628,7 +669,7 @@ def run_once(cfg: Sim2RealConfig, reqs: Sequence[TraceRequest], progress: bool =
         write_records(records_dir / f"{cfg.engine}_{cfg.policy}_live.jsonl", live_records)
         write_records(records_dir / f"{cfg.engine}_{cfg.policy}_sim.jsonl", sim_records)
     one = {"loadavg_before": load_before, "loadavg_after": load_after, "live_wall_s": live_wall,
-           "live_extras": extras_json(extras), "step_noise": list(step_noise(cfg, extras)), "steps_during_replay": during,
+           "live_extras": extras_json(extras), "step_noise": noise_summary(step_noise(cfg, extras)), "steps_during_replay": during,
            "sim_stats": sim_stats, "live": live.to_dict(), "sim": sim.to_dict(), "compare": compare(live, sim),
            "engine_drift": engine_drift(extras.step_noise, during)}
     gaps = {"live": handoff_gaps(live_records), "sim": handoff_gaps(sim_records)}

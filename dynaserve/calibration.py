@@ -204,8 +204,17 @@ def read_step_log(path: str | Path, start: float = -math.inf, end: float = math.
 
 def ratio_quantiles(model: StepLatencyModel, samples: Sequence[Sample], points: int = 21) -> tuple[float, ...]:
     """Measured / predicted step time of ``samples`` at ``points`` evenly spaced quantiles (0 .. 1)."""
-    ratios = [ms / model.step_ms(p, n, ctx, attn) for p, n, ctx, attn, ms in samples if ms > 0]
-    return tuple(round(quantile(ratios, i / (points - 1)), 4) for i in range(points))
+    ratios = sorted(ms / model.step_ms(p, n, ctx, attn) for p, n, ctx, attn, ms in samples if ms > 0)
+    if not ratios:
+        raise ValueError("quantile of an empty sequence")
+    last = len(ratios) - 1
+    out = []
+    for i in range(points):  # quantile(), on the list sorted once
+        pos = i / (points - 1) * last
+        lo = int(pos)
+        hi = min(lo + 1, last)
+        out.append(round(ratios[lo] + (ratios[hi] - ratios[lo]) * (pos - lo), 4))
+    return tuple(out)
 
 
 # ------------------------------------------------------------------ fitting

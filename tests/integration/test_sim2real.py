@@ -25,7 +25,9 @@ from bench.sim2real import (
     fit_transfer_latency,
     handoff_gaps,
     live_noise,
+    noise_summary,
     noise_trace,
+    reproducibility,
     run,
     run_sim,
     sim_config,
@@ -222,3 +224,31 @@ def test_step_logs_read_what_was_written_since_and_wait_for_whole_lines(tmp_path
         fh.write(" 1 20 128.0\n" + format_step(3.0, 5.0, 0, 1, 21, 0.0))
     assert logs.measured_ms(0.0, 9.0) == [3.0, 4.5, 5.0]
     assert logs.measured_ms(1.5, 2.5, "w0") == [4.5] and logs.steps(0.0, 9.0, "w1") == []
+
+
+def test_reproducibility_counts_runs_and_pairs_of_live_runs_within_the_target() -> None:
+    def run(live: float, sim: float) -> dict:
+        return {"compare": {m: {"live": live, "sim": sim, "ratio": sim / live} for m in METRICS}}
+
+    # live runs 10, 11, 15: of the 6 ordered pairs only (10, 11) and (11, 10) are within 20 % of each other
+    runs = [run(10.0, 10.5), run(11.0, 14.0), run(15.0, 14.0)]
+    rep = reproducibility(runs)["ttft_p50_ms"]
+    assert rep["sim_within"] == pytest.approx(2 / 3)  # 1.05 and 0.93 in, 1.27 out
+    assert rep["live_within"] == pytest.approx(2 / 6)
+    assert rep["live_spread"] == pytest.approx(1.5)
+    text = table({"compare": compare_runs(runs), "runs": runs, "live": {"completed": 1, "n": 1},
+                    "sim": {"completed": 1, "n": 1}})
+    assert "| ttft p50 | 67% | 33% | 1.50 |" in text
+
+
+def test_live_noise_keeps_an_outlier_at_its_own_frequency() -> None:
+    """One 40x step among 2,000: the simulator's noise has it once in 2,000 draws, not in the top 0.5 %."""
+    model = StepLatencyModel(a=2.0, b=0.02)
+    steps = [(0, 4, 400, 0.0, model.step_ms(0, 4, 400) * (1.0 + 0.0001 * i)) for i in range(1999)]
+    steps.append((0, 4, 400, 0.0, model.step_ms(0, 4, 400) * 40.0))
+    q = live_noise(model, steps)["step_noise"]
+    assert len(q) == 2000 and q[-1] == pytest.approx(40.0) and q[-2] < 1.3
+    # the simulator interpolates between neighbours: draws above 2x come only from the last interval
+    assert sum(1 for a, b in zip(q, q[1:], strict=False) if b > 2.0) / (len(q) - 1) == pytest.approx(1 / 1999)
+    summary = noise_summary(q)  # what the result files keep
+    assert len(summary) == NOISE_POINTS and summary[-1] == pytest.approx(40.0) and summary[0] == pytest.approx(1.0)
