@@ -82,8 +82,6 @@ class DynaServeScheduler(Scheduler):
     def schedule(self, *args: Any, **kwargs: Any) -> Any:
         local = self.local
         late: list[Any] = []
-        if local is not None and local.config.prefill_order == "deadline":
-            late = self._order_by_deadline()
         if local is not None:
             decodes = 0
             ctx = 0
@@ -91,6 +89,9 @@ class DynaServeScheduler(Scheduler):
                 if req.num_computed_tokens >= req.num_prompt_tokens:
                     decodes += 1
                     ctx += req.num_computed_tokens
+            # only decodes and nothing waiting (most steps): every rank is equal, nothing to order
+            if local.config.prefill_order == "deadline" and (decodes < len(self.running) or self.waiting):
+                late = self._order_by_deadline()  # sets aside running prefills only: the decodes stay counted
             budget = local.token_budget(decodes, ctx) + decodes
             self.max_num_scheduled_tokens = max(1, min(budget, self.scheduler_config.max_num_batched_tokens))
         try:
