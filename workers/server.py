@@ -57,6 +57,7 @@ class WorkerConfig:
     curve_dir: str = ""  # CURVE key directory: uses workers/<instance_id>.key_secret and broker.key; empty = off
     step_log: str = ""  # append every engine step (time, measured ms, batch composition) to this file; empty = off
     handoff_bind: str = "tcp://127.0.0.1:*"  # handoff inbox: peers send StartDecode here directly (port * = any free; the host must be one peers reach); empty = through the broker only (also with CURVE on)
+    allow_remote_bind: bool = False  # permit a handoff inbox off loopback (a trusted network between workers)
 
     def __post_init__(self) -> None:
         if not self.instance_id or len(self.instance_id) > 64:
@@ -69,6 +70,10 @@ class WorkerConfig:
             raise ValueError(f"prefill_order must be one of {PREFILL_ORDERS}")
         if self.handoff_bind and not self.handoff_bind.startswith(("tcp://", "ipc://")):
             raise ValueError(f"handoff_bind must be a tcp:// or ipc:// address, got {self.handoff_bind!r}")
+        host = self.handoff_bind[6:].rsplit(":", 1)[0] if self.handoff_bind.startswith("tcp://") else "127.0.0.1"
+        if host not in ("127.0.0.1", "localhost", "[::1]") and not self.allow_remote_bind:
+            raise ValueError(f"refusing to bind the handoff inbox {self.handoff_bind} off loopback without "
+                             "--allow-remote-bind (it takes StartDecode from any peer that reaches it)")
 
 
 class Worker:

@@ -216,6 +216,7 @@ def test_configs_are_frozen() -> None:
     ("workers", ["--tbt-slo-ms", "-1"], "tbt_slo_ms must be > 0"),
     ("workers", ["--kv-transport", "nope"], "kv_transport must be one of nixl"),
     ("workers", ["--handoff-bind", "udp://x"], "handoff_bind must be a tcp:// or ipc:// address"),
+    ("workers", ["--handoff-bind", "tcp://10.0.0.5:*"], "off loopback without --allow-remote-bind"),
     ("workers", ["--engine", "vllm", "--vllm-model", "/no/such/model"], "no model directory at /no/such/model"),
     ("workers", ["--engine", "nope"], "unknown engine 'nope'"),
 ])
@@ -248,3 +249,11 @@ def test_a_process_that_exits_at_start_is_reported_with_its_last_log_line(tmp_pa
             cluster.check_alive()
     finally:
         cluster.stop()
+
+
+def test_worker_handoff_inbox_off_loopback_needs_allow_remote_bind() -> None:
+    from workers.server import WorkerConfig
+
+    assert WorkerConfig(handoff_bind="tcp://10.0.0.5:*", allow_remote_bind=True).handoff_bind == "tcp://10.0.0.5:*"
+    assert WorkerConfig(handoff_bind="ipc:///tmp/inbox.sock").handoff_bind.startswith("ipc://")
+    assert WorkerConfig(handoff_bind="").handoff_bind == ""  # off: relay only
