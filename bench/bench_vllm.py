@@ -304,6 +304,14 @@ def _worker_shim(argv: list[str]) -> None:
         emit("start_decode", t=t, req=req_id, n=num_tokens)
 
     ve.VllmEngine.start_decode = start_decode
+    orig_kick = ve.VllmEngine._kick
+
+    def kick(self: Any) -> None:
+        t0 = time.monotonic()
+        orig_kick(self)
+        emit("kick", t0=t0, bursting=self._bursting)
+
+    ve.VllmEngine._kick = kick
     orig_run_steps = ve.VllmEngine._run_steps
 
     def run_steps(self: Any, post: Any) -> None:
@@ -568,6 +576,7 @@ def analyse_split(run: Run, trace_dir: Path, t_from: float) -> Handoff:
     sends = [e for e in ev_a if e["k"] == "direct_sent" and e["t0"] >= t_a]
     adds = [e for e in ev_b if e["k"] == "add" and e["req"] == rid and e["t0"] >= t_sd]
     bursts = [e for e in ev_b if e["k"] == "burst" and e["t"] >= t_sd]
+    kicks = [e for e in ev_b if e["k"] == "kick" and e["t0"] >= t_sd]
     post_step = [e for e in ev_b if e["k"] == "step" and e["t0"] <= rd["t0"] <= e["t"]]  # the step posting the READ
     ms = 1000.0
     h.inner = {
@@ -579,6 +588,8 @@ def analyse_split(run: Run, trace_dir: Path, t_from: float) -> Handoff:
         "to_post": (rd["t0"] - t_sd) * ms,  # B's step pick-up, add, schedule (+ handshake when cold)
         "to_add": ((adds[0]["t0"] - t_sd) * ms) if adds else float("nan"),  # StartDecode -> engine thread adds
         "to_burst": ((bursts[0]["t"] - t_sd) * ms) if bursts else float("nan"),  # -> the engine thread runs
+        "to_kick": ((kicks[0]["t0"] - t_sd) * ms) if kicks else float("nan"),  # B's checks and parameters
+        "kick_to_burst": ((bursts[0]["t"] - kicks[0]["t0"]) * ms) if kicks and bursts else float("nan"),
         "add": ((adds[0]["t"] - adds[0]["t0"]) * ms) if adds else float("nan"),  # vLLM's add_request
         "add_cpu": (adds[0].get("cpu", float("nan")) * ms) if adds else float("nan"),  # its engine-thread CPU time
         "add_to_step": ((post_step[0]["t0"] - adds[0]["t"]) * ms) if adds and post_step else float("nan"),
@@ -752,6 +763,8 @@ def handoff_tables(res: dict, sizes: list[int]) -> str:
             ("to_post", "B: pick-up, add, schedule -> READ posted"),
             ("to_add", "of which: StartDecode -> engine thread adds the request"),
             ("to_burst", "(of which: StartDecode -> the engine thread starts a burst)"),
+            ("to_kick", "(of which: StartDecode -> the loop hands it to the engine thread)"),
+            ("kick_to_burst", "(of which: the hand-over -> the engine thread runs)"),
             ("add", "of which: vLLM add_request"),
             ("add_cpu", "(add_request's CPU time on the engine thread)"),
             ("add_to_step", "of which: added -> step starts"),
