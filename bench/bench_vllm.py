@@ -31,9 +31,12 @@ against bare vLLM, and memory per process. One run, three phases, markdown table
     it) against DynaServe (client SDK -> broker -> one vLLM worker, colocate policy, the worker bound to
     all cores like the bare engines) on the tiny model: N requests of 128
     prompt tokens and 128 output tokens submitted at once, N in {8, 32}, in rounds that rotate the order
-    of the systems. Bare vLLM runs three times, in three processes: built and stepped in the main thread;
+    of the systems. Bare vLLM runs four times, in four processes: built and stepped in the main thread;
     built in the main thread and stepped in one worker thread (two OpenMP teams in one process, see
-    workers/engines/vllm_engine.py); built and stepped in one worker thread, as VllmEngine runs it. TTFT
+    workers/engines/vllm_engine.py); built and stepped in one worker thread, as VllmEngine runs it; and the
+    last once more while a process on the cores no engine uses (with --engine-cores) does the kind and
+    amount of CPU work DynaServe's broker and client do there (bench.interference), since that load alone
+    slows an engine's step (the same as the third without --engine-cores). TTFT
     and TBT as defined in dynaserve.metrics; CPU time per output token from /proc/<pid>/stat.
 (3) memory. VmRSS and VmHWM from /proc/<pid>/status of every process involved, idle (after start-up and
     warm-up) and after the phase's load, plus a simulated-engine worker and its broker.
@@ -933,8 +936,12 @@ def records(runs: list[tuple[float, list[float]]], p: int, o: int, tag: str) -> 
 SYSTEMS = (("bare", "bare vLLM, built and stepped in the main thread"),
            ("bare_thr", "bare vLLM, built in the main thread, stepped in a worker thread"),
            ("bare_eng", "bare vLLM, built and stepped in one worker thread"),
+           ("bare_load", "bare vLLM as bare_eng, the other cores loaded like DynaServe's broker and client"),
            ("ds", "DynaServe"))
-BARE_MODES = {"bare": "main", "bare_thr": "thread", "bare_eng": "engine_thread"}
+BARE_MODES = {"bare": "main", "bare_thr": "thread", "bare_eng": "engine_thread", "bare_load": "engine_thread"}
+# bare_load: while it runs, a process on the cores the engines do not use does 0.6 ms of MessagePack and dict
+# work every 3.6 ms (bench.interference), about the CPU the broker and the client spend there per step
+LOAD_DUTY_MS, LOAD_PERIOD_MS = 0.6, 3.6
 
 
 async def phase_overhead(args: argparse.Namespace, bar: Any, mem: dict) -> dict:
@@ -992,10 +999,21 @@ async def phase_overhead(args: argparse.Namespace, bar: Any, mem: dict) -> dict:
         def run_bare(name: str) -> Any:
             async def run(prompts: list[list[int]]) -> list[tuple[float, list[float]]]:
                 conn = bares[name][1]
-                conn.send(("run", prompts, olen))
-                if not await asyncio.to_thread(conn.poll, 180):
-                    raise RuntimeError(f"{name} run timed out")
-                out, steps = conn.recv()
+                load = None
+                if name == "bare_load" and others:
+                    from bench.interference import antagonist
+
+                    load = ctx.Process(target=antagonist, args=(others, LOAD_DUTY_MS, LOAD_PERIOD_MS), daemon=True)
+                    load.start()
+                try:
+                    conn.send(("run", prompts, olen))
+                    if not await asyncio.to_thread(conn.poll, 180):
+                        raise RuntimeError(f"{name} run timed out")
+                    out, steps = conn.recv()
+                finally:
+                    if load is not None:
+                        load.kill()
+                        load.join()
                 step_ms[name] = steps
                 return out
             return run
@@ -1103,10 +1121,11 @@ def overhead_table(res: dict, concurrency: list[int]) -> str:
         if r.get("steps"):
             steps_per.setdefault((r["n"], r["rnd"]), {})[r["name"]] = med(r["steps"])
     if any("ds" in v for v in steps_per.values()):
-        lines.append("\nDecode step p50 ratio DynaServe / bare_eng per round: " + "; ".join(
-            f"N={n}: " + ", ".join(f"{v['ds'] / v['bare_eng']:.2f}" for (m, _), v in sorted(steps_per.items())
-                                   if m == n and "ds" in v and "bare_eng" in v)
-            for n in concurrency) + ".")
+        for base in ("bare_eng", "bare_load"):
+            lines.append(f"\nDecode step p50 ratio DynaServe / {base} per round: " + "; ".join(
+                f"N={n}: " + ", ".join(f"{v['ds'] / v[base]:.2f}" for (m, _), v in sorted(steps_per.items())
+                                       if m == n and "ds" in v and base in v)
+                for n in concurrency) + ".")
         lines.append("\nDecode step: the engine's step() call (vLLM's scheduler and forward pass), timed inside the "
                      "engine process, over the steps that decode all N requests and prefill nothing (the DynaServe "
                      "worker's step log, --step-log). TBT ratio / step ratio is what the time between steps (the "
