@@ -388,6 +388,31 @@ class SimInstance:
             self._enter_decode(seq, len(self.step_ends) + (1 if self.busy else 0), seq.emit_true)
         self.kick(now)
 
+    def cut_decode(self, seq: MicroSeq) -> tuple[int, int, int] | None:
+        """Make a decoding unsplit sequence role A, ending after the step running now (a run-time handoff,
+        bench.sim.migration): returns (positions it will have computed, tokens planned and tokens emitted
+        beyond the cut, for B), or None when it cannot be cut (not in the running step, or it ends there)."""
+        if not self.busy or seq not in self.decoding or seq.role != ROLE_FULL:
+            return None
+        cut = len(self.step_ends)  # the step running now is its last
+        keep = cut - seq.i0 + 1
+        if keep < 1 or keep >= seq.dsteps:
+            return None
+        moved = seq.dsteps - keep
+        seq.dsteps = keep
+        seq.emit_true -= moved
+        planned = seq.emit_plan - seq.emit_true  # it now plans exactly what it emits
+        self.pd -= planned
+        seq.emit_plan = seq.emit_true
+        seq.role = ROLE_A
+        self._tie += 1
+        seq.entry = self._tie  # its old finish and grow entries go stale
+        heapq.heappush(self.finish_heap, (cut, seq.entry, seq))
+        if self.on_demand:
+            heapq.heappush(self.grow_heap, (seq.i0 + seq.blocks * self.block_size - seq.ctx0, seq.entry, seq))
+        self.dirty = True
+        return seq.ctx0 + keep, planned, moved
+
     # ------------------------------------------------------------------ inspection
 
     def decode_ctx_now(self, seq: MicroSeq) -> int:

@@ -294,30 +294,16 @@ class Simulator:
         if seq is None or req.seq_b is not None or seq.state != DECODE or seq.role != ROLE_FULL:
             return False
         src, dst = seq.inst, self.by_id[m.dst]
-        if src.id != m.src or not src.busy or seq not in src.decoding:
+        if src.id != m.src:
             return False
-        cut = len(src.step_ends)  # the step running now is A's last
-        keep = cut - seq.i0 + 1
-        if keep < 1 or keep >= seq.dsteps:
-            return False  # not yet in a step, or it ends in this one anyway
-        moved = seq.dsteps - keep
-        seq.dsteps = keep
-        seq.emit_true -= moved
-        planned = seq.emit_plan - seq.emit_true  # A now plans exactly what it emits
-        src.pd -= planned
-        seq.emit_plan = seq.emit_true
-        seq.role = ROLE_A
-        src._tie += 1
-        seq.entry = src._tie
-        heapq.heappush(src.finish_heap, (cut, seq.entry, seq))
-        if src.on_demand:  # its grow entry carried the old tie
-            heapq.heappush(src.grow_heap, (seq.i0 + seq.blocks * src.block_size - seq.ctx0, seq.entry, seq))
-        s = seq.ctx0 + keep  # positions A will have computed
+        cut = src.cut_decode(seq)
+        if cut is None:
+            return False
+        s, planned, moved = cut
         seq_b = MicroSeq(req, dst, ROLE_B, s, False, 0, planned, moved, req.prompt + req.max_tokens, WAIT_KV,
                          split=s)
         req.seq_b = seq_b
         req.plan = Plan(src.id, dst.id, s, KIND_MOVED)
-        src.dirty = True
         dst.add(seq_b, now)
         self.stats["moves"] += 1
         return True
