@@ -36,8 +36,12 @@ against bare vLLM, and memory per process. One run, three phases, markdown table
     workers/engines/vllm_engine.py); built and stepped in one worker thread, as VllmEngine runs it; and the
     last once more while a process on the cores no engine uses (with --engine-cores) does the kind and
     amount of CPU work DynaServe's broker and client do there (bench.interference), since that load alone
-    slows an engine's step (the same as the third without --engine-cores). TTFT
-    and TBT as defined in dynaserve.metrics; CPU time per output token from /proc/<pid>/stat.
+    slows an engine's step (the same as the third without --engine-cores). A fifth process runs bare vLLM
+    the way it serves: vLLM's AsyncLLM (the engine of ``vllm serve``; its engine core and its model worker
+    in processes of their own, vLLM's defaults on CPU, the model worker's OpenMP team on the engine cores)
+    streaming every request to an asyncio client coroutine in its front process (on the other cores, like
+    DynaServe's broker and client). TTFT and TBT as defined in dynaserve.metrics; CPU time per output token
+    from /proc/<pid>/stat.
 (3) memory. VmRSS and VmHWM from /proc/<pid>/status of every process involved, idle (after start-up and
     warm-up) and after the phase's load, plus a simulated-engine worker and its broker.
 
@@ -834,13 +838,16 @@ def direct_vs_relay_table(res: dict, sizes: list[int]) -> str:
 
 
 # =========================================================================== phase 2: overhead
-def _bare_main(conn: Any, model: str, mode: str, log_path: str, cores: str = "") -> None:
+def _bare_main(conn: Any, model: str, mode: str, log_path: str, cores: str = "", parts: str = "",
+               side_port: int = 0) -> None:
     """Bare vLLM: in-process LLMEngine with VllmEngine's EngineArgs minus the connector and scheduler_cls.
 
     mode "main": built and stepped in the main thread (a plain loop); mode "thread": built in the main
     thread, each step() handed to one worker thread (ThreadPoolExecutor(max_workers=1)) and waited for; mode
     "engine_thread": built and stepped in that one worker thread, whose own loop steps back to back, the way
-    VllmEngine's step bursts run. Nothing else of DynaServe.
+    VllmEngine's step bursts run. Nothing else of DynaServe, unless ``parts`` names some: "conn" (DynaServe's
+    KV connector with its NIXL agent, handshake port ``side_port``), "sched" (the scheduler subclass), or
+    "conn+sched" (bench.engine_ab measures what each costs a step).
     vLLM's log goes to ``log_path``. ``cores`` (if set) binds every thread that runs vLLM to those cores
     with one compute thread per core, exactly as VllmEngine binds its engine thread (``--vllm-cpu-bind``).
     """
@@ -849,6 +856,8 @@ def _bare_main(conn: Any, model: str, mode: str, log_path: str, cores: str = "")
     os.dup2(fd, 2)
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"  # all cores of the process (the DynaServe worker's bind)
+    if side_port:
+        os.environ["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(side_port)
     from concurrent.futures import ThreadPoolExecutor
 
     from vllm import EngineArgs, SamplingParams
@@ -859,12 +868,7 @@ def _bare_main(conn: Any, model: str, mode: str, log_path: str, cores: str = "")
     from workers.engines.vllm_engine import _bind_engine_thread
 
     cfg = VllmEngineConfig(model=model, cpu_bind=cores)
-    args = EngineArgs(
-        model=cfg.model, dtype=cfg.dtype, enforce_eager=cfg.enforce_eager, max_model_len=cfg.max_model_len,
-        seed=cfg.seed, kv_cache_memory_bytes=cfg.kv_cache_bytes, enable_prefix_caching=False,
-        max_num_batched_tokens=cfg.max_num_batched_tokens, max_num_seqs=cfg.max_num_seqs,
-        disable_log_stats=True,  # as VllmEngine
-    )
+    args = EngineArgs(**cfg.engine_kwargs(connector="conn" in parts, scheduler="sched" in parts))
     ex = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-step")
     ex.submit(_bind_engine_thread, cfg).result()
     if mode != "engine_thread":
@@ -875,8 +879,17 @@ def _bare_main(conn: Any, model: str, mode: str, log_path: str, cores: str = "")
         llm = LLMEngine.from_engine_args(args)
     from workers.engines.hugepages import advise_tensors
 
-    # the KV cache on huge pages, as the DynaServe connector puts it (it is not a connector here)
-    advise_tensors(llm.engine_core.engine_core.model_executor.driver_worker.worker.model_runner.kv_caches)
+    core = llm.engine_core.engine_core
+    if "conn" in parts:
+        core.request_block_hasher = None  # as VllmEngine (the connector's hashing is for prefix caching)
+    else:  # the KV cache on huge pages, as the DynaServe connector puts it
+        advise_tensors(core.model_executor.driver_worker.worker.model_runner.kv_caches)
+    if "sched" in parts:  # the local scheduler with the worker's defaults, as VllmEngine attaches it
+        from dynaserve.costmodel import StepLatencyModel
+        from workers.engines import CPU_TINY_STEP_MODEL
+        from workers.local_scheduler import LocalScheduler, LocalSchedulerConfig
+
+        core.scheduler.local = LocalScheduler(StepLatencyModel(*CPU_TINY_STEP_MODEL), LocalSchedulerConfig())
     if mode == "thread":  # each step handed to the worker thread and waited for
         def step() -> Any:
             return ex.submit(llm.step).result()
@@ -924,6 +937,86 @@ def _bare_main(conn: Any, model: str, mode: str, log_path: str, cores: str = "")
         conn.send(go(prompts, max_tokens, f"r{n_run}"))
 
 
+SPIN_SETTLE_S = 1.5  # vLLM's SpinCondition busy-loops 1 s (shm_broadcast.py, busy_loop_s)
+
+
+def _serve_main(conn: Any, model: str, log_path: str, cores: str = "", others: str = "") -> None:
+    """Bare vLLM serving: vLLM's AsyncLLM, the engine ``vllm serve`` runs (its engine core and its model
+    worker in their own processes, vLLM's defaults on CPU), streaming to asyncio clients in this process.
+
+    The same EngineArgs and SamplingParams as ``_bare_main``. The model worker's OpenMP team is bound to
+    ``cores`` (VLLM_CPU_OMP_THREADS_BIND, vLLM's own switch); this process, and with it the engine core
+    process it starts, is bound to ``others`` (the cores DynaServe's broker, client and worker loop get).
+    torch's THP_MEM_ALLOC_ENABLE puts the KV cache (allocated inside vLLM's worker process) on huge pages,
+    as the other engines' KV caches are. Protocol on ``conn`` as ``_bare_main``; no step times (the step
+    runs in another process), so the table shows "-" for them.
+    """
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # vLLM's default: the engine core in its own process
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cores or "auto"
+    os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
+    if others:
+        from workers.engines.vllm_config import parse_cpu_list
+
+        os.sched_setaffinity(0, parse_cpu_list(others))
+    from vllm import AsyncEngineArgs, SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from workers.engines.vllm_config import VllmEngineConfig
+
+    args = AsyncEngineArgs(**VllmEngineConfig(model=model).engine_kwargs(connector=False, scheduler=False))
+
+    async def serve() -> None:
+        llm = AsyncLLM.from_engine_args(args)
+
+        async def one(rid: str, prompt: list[int], max_tokens: int) -> tuple[float, list[float]]:
+            sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
+                                output_kind=RequestOutputKind.DELTA, detokenize=False)
+            submit, ts = time.monotonic(), []
+            async for out in llm.generate({"prompt_token_ids": prompt}, sp, rid):
+                t = time.monotonic()
+                ts += [t] * len(out.outputs[0].token_ids)
+            return submit, ts
+
+        try:
+            await one("warmup", [3] * 16, 2)
+            kv_tokens = llm.vllm_config.cache_config.num_gpu_blocks * llm.vllm_config.cache_config.block_size
+            conn.send(("ready", kv_tokens))
+            n_run = 0
+            while True:
+                cmd = await asyncio.to_thread(conn.recv)
+                if cmd[0] == "stop":
+                    break
+                _, prompts, max_tokens = cmd
+                n_run += 1
+                out = await asyncio.gather(*(one(f"r{n_run}-{i}", p, max_tokens) for i, p in enumerate(prompts)))
+                conn.send((list(out), []))
+        finally:
+            llm.shutdown()
+
+    asyncio.run(serve())
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (children, their children, ...)."""
+    parent: dict[int, int] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                with open(f"/proc/{d}/stat") as fh:
+                    parent[int(d)] = int(fh.read().rsplit(")", 1)[1].split()[1])
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parent.items() if pp == p]
+        out += kids
+        todo += kids
+    return out
+
+
 def records(runs: list[tuple[float, list[float]]], p: int, o: int, tag: str) -> list[Any]:
     from dynaserve.metrics import RequestRecord
 
@@ -937,8 +1030,10 @@ SYSTEMS = (("bare", "bare vLLM, built and stepped in the main thread"),
            ("bare_thr", "bare vLLM, built in the main thread, stepped in a worker thread"),
            ("bare_eng", "bare vLLM, built and stepped in one worker thread"),
            ("bare_load", "bare vLLM as bare_eng, the other cores loaded like DynaServe's broker and client"),
+           ("bare_serve", "bare vLLM serving: AsyncLLM (as vllm serve), streaming to asyncio clients"),
            ("ds", "DynaServe"))
-BARE_MODES = {"bare": "main", "bare_thr": "thread", "bare_eng": "engine_thread", "bare_load": "engine_thread"}
+BARE_MODES = {"bare": "main", "bare_thr": "thread", "bare_eng": "engine_thread", "bare_load": "engine_thread",
+              "bare_serve": "serve"}
 # bare_load: while it runs, a process on the cores the engines do not use does 0.6 ms of MessagePack and dict
 # work every 3.6 ms (bench.interference), about the CPU the broker and the client spend there per step
 LOAD_DUTY_MS, LOAD_PERIOD_MS = 0.6, 3.6
@@ -975,8 +1070,12 @@ async def phase_overhead(args: argparse.Namespace, bar: Any, mem: dict) -> dict:
         bar.set_postfix_str(f"starting {len(BARE_MODES)} bare vLLM engines + 1-worker cluster (tiny model)")
         for name, mode in BARE_MODES.items():
             conn, child = ctx.Pipe()
-            proc = ctx.Process(target=_bare_main, args=(child, model, mode, f"{log_dir}/{name}.log", cores),
-                               daemon=True)
+            if mode == "serve":  # not a daemon: AsyncLLM starts processes of its own
+                proc = ctx.Process(target=_serve_main, args=(child, model, f"{log_dir}/{name}.log", cores,
+                                                             others_list))
+            else:
+                proc = ctx.Process(target=_bare_main, args=(child, model, mode, f"{log_dir}/{name}.log", cores),
+                                   daemon=True)
             proc.start()
             child.close()
             bares[name] = (proc, conn)
@@ -1044,12 +1143,22 @@ async def phase_overhead(args: argparse.Namespace, bar: Any, mem: dict) -> dict:
                 k = rnd % len(names)
                 for name in names[k:] + names[:k]:
                     bar.set_postfix_str(f"round {rnd + 1}/{args.rounds}, N={n}, {name}")
-                    pids = {"engine": bares[name][0].pid} if name != "ds" else \
-                        {"engine": cluster.procs["w0"].pid, "broker": cluster.procs["broker"].pid}
-                    c0 = {key: cpu_s(v) for key, v in pids.items()}
+                    if name == "ds":
+                        pids = {"engine": [cluster.procs["w0"].pid], "broker": [cluster.procs["broker"].pid]}
+                    elif name == "bare_serve":  # vLLM's engine core and model worker; its front end is the client
+                        front = bares[name][0].pid
+                        pids = {"engine": descendants(front), "client": [front]}
+                    else:
+                        pids = {"engine": [bares[name][0].pid]}
+                    c0 = {key: sum(map(cpu_s, v)) for key, v in pids.items()}
                     me0 = time.process_time()
                     out = await runners[name](prompts)
-                    cpu = {key: cpu_s(v) - c0[key] for key, v in pids.items()}
+                    cpu = {key: sum(map(cpu_s, v)) - c0[key] for key, v in pids.items()}
+                    if name == "bare_serve":
+                        # vLLM's shared-memory queue readers (its model worker, on the engine cores, and its
+                        # engine core) spin for 1 s after their last message before they sleep: let them
+                        # settle before the next system runs on the same cores
+                        await asyncio.sleep(SPIN_SETTLE_S)
                     if name == "ds":
                         cpu["client"] = time.process_time() - me0
                     recs = records(out, plen, olen, f"{name}{rnd}")
@@ -1134,7 +1243,9 @@ def overhead_table(res: dict, concurrency: list[int]) -> str:
     lines.append(f"\nKV cache: bare engines {res.get('bare_kv_tokens')} tokens, DynaServe worker "
                  f"{res.get('ds_kv_tokens')} tokens (256 MiB each). TTFT/TBT as in dynaserve.metrics "
                  "(all gaps of all requests pooled, zero gaps from batched delivery kept). CPU: utime + stime "
-                 "from /proc over each run, per output token; client = this process during the DynaServe runs. "
+                 "from /proc over each run, per output token; client = this process during the DynaServe runs, "
+                 "and AsyncLLM's front process (its output processing and the client coroutines) for vLLM "
+                 "serving, whose engine CPU is its engine core and model worker processes together. "
                  f"Bare engine logs: {res.get('log_dir')}.")
     return "\n".join(lines)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 def parse_cpu_list(spec: str) -> set[int]:
@@ -60,3 +61,33 @@ class VllmEngineConfig:
                 parse_cpu_list(spec)  # raises ValueError on a malformed list
         if not 1 <= self.side_channel_port <= 65535:
             raise ValueError("side_channel_port must be a TCP port")
+
+    def engine_kwargs(self, *, connector: bool = True, scheduler: bool = True) -> dict[str, Any]:
+        """vLLM ``EngineArgs`` keyword arguments of this engine. ``connector``: DynaServe's KV connector over
+        NIXL (workers.engines.vllm_connector); ``scheduler``: the local scheduler's ``scheduler_cls``
+        (workers.engines.vllm_scheduler). Benchmarks build bare vLLM from the same arguments without both."""
+        kw: dict[str, Any] = dict(
+            model=self.model, dtype=self.dtype, enforce_eager=self.enforce_eager, max_model_len=self.max_model_len,
+            seed=self.seed, kv_cache_memory_bytes=self.kv_cache_bytes, enable_prefix_caching=False,
+            max_num_batched_tokens=self.max_num_batched_tokens, max_num_seqs=self.max_num_seqs,
+            disable_log_stats=True,  # the worker reports its own metrics (workers/metrics.py)
+        )
+        if scheduler:
+            kw["scheduler_cls"] = "workers.engines.vllm_scheduler.DynaServeScheduler"
+        if connector:
+            from vllm.config import KVTransferConfig
+
+            kw["kv_transfer_config"] = KVTransferConfig(
+                kv_connector="DynaServeConnector",
+                kv_connector_module_path="workers.engines.vllm_connector",
+                kv_role="kv_both",
+                kv_buffer_device=self.device,
+                kv_load_failure_policy="recompute",
+                kv_connector_extra_config={
+                    "bidirectional_kv_xfer": True,
+                    "kv_recompute_threshold": 0,
+                    "kv_lease_duration": self.kv_lease_s,
+                    "ucx_error_handling_mode": self.ucx_error_handling,
+                },
+            )
+        return kw

@@ -186,29 +186,9 @@ class VllmEngine:
         cfg = self.cfg
         _bind_engine_thread(cfg)
         from vllm import EngineArgs
-        from vllm.config import KVTransferConfig
         from vllm.v1.engine.llm_engine import LLMEngine
 
-        kv_cfg = KVTransferConfig(
-            kv_connector="DynaServeConnector",
-            kv_connector_module_path="workers.engines.vllm_connector",
-            kv_role="kv_both",
-            kv_buffer_device=cfg.device,
-            kv_load_failure_policy="recompute",
-            kv_connector_extra_config={
-                "bidirectional_kv_xfer": True,
-                "kv_recompute_threshold": 0,
-                "kv_lease_duration": cfg.kv_lease_s,
-                "ucx_error_handling_mode": cfg.ucx_error_handling,
-            },
-        )
-        args = EngineArgs(
-            model=cfg.model, dtype=cfg.dtype, enforce_eager=cfg.enforce_eager, max_model_len=cfg.max_model_len,
-            seed=cfg.seed, kv_cache_memory_bytes=cfg.kv_cache_bytes, enable_prefix_caching=False,
-            max_num_batched_tokens=cfg.max_num_batched_tokens, max_num_seqs=cfg.max_num_seqs,
-            scheduler_cls="workers.engines.vllm_scheduler.DynaServeScheduler", kv_transfer_config=kv_cfg,
-            disable_log_stats=True,  # the worker reports its own metrics (workers/metrics.py)
-        )
+        args = EngineArgs(**cfg.engine_kwargs())
         self.llm = LLMEngine.from_engine_args(args)
         core = self.llm.engine_core.engine_core  # the in-process EngineCore
         # with a KV connector vLLM hashes every request's full blocks (sha256: the prompt's when it is added,
