@@ -257,3 +257,16 @@ def test_worker_handoff_inbox_off_loopback_needs_allow_remote_bind() -> None:
     assert WorkerConfig(handoff_bind="tcp://10.0.0.5:*", allow_remote_bind=True).handoff_bind == "tcp://10.0.0.5:*"
     assert WorkerConfig(handoff_bind="ipc:///tmp/inbox.sock").handoff_bind.startswith("ipc://")
     assert WorkerConfig(handoff_bind="").handoff_bind == ""  # off: relay only
+
+
+def test_vllm_engine_kwargs_with_and_without_dynaserve_parts() -> None:
+    cfg = VllmEngineConfig(model="/m", kv_cache_bytes=1 << 20, max_num_seqs=8)
+    bare = cfg.engine_kwargs(connector=False, scheduler=False)
+    assert bare["model"] == "/m" and bare["kv_cache_memory_bytes"] == 1 << 20 and bare["max_num_seqs"] == 8
+    assert bare["enable_prefix_caching"] is False
+    assert "scheduler_cls" not in bare and "kv_transfer_config" not in bare and "async_scheduling" not in bare
+    sched = cfg.engine_kwargs(connector=False)
+    assert sched["scheduler_cls"] == "workers.engines.vllm_scheduler.DynaServeScheduler"
+    # the engine pairs each step() with the batch it scheduled: vLLM's async scheduling stays off
+    assert sched["async_scheduling"] is False
+    assert {k: v for k, v in sched.items() if k not in ("scheduler_cls", "async_scheduling")} == bare

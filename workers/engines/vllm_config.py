@@ -74,6 +74,10 @@ class VllmEngineConfig:
         )
         if scheduler:
             kw["scheduler_cls"] = "workers.engines.vllm_scheduler.DynaServeScheduler"
+            # VllmEngine pairs every step() with the batch it scheduled (its tokens, its measured time for the
+            # local scheduler's step model): vLLM's async scheduling, on by default on CUDA, would schedule the
+            # next batch before the last one's outputs are in. (The CPU build turns it off itself.)
+            kw["async_scheduling"] = False
         if connector:
             from vllm.config import KVTransferConfig
 
