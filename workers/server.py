@@ -76,6 +76,9 @@ class WorkerConfig:
                              "--allow-remote-bind (it takes StartDecode from any peer that reaches it)")
 
 
+BURST_REPORT_FALLBACK = 10  # during a burst the loop reports only after this many heartbeats without one
+
+
 class Worker:
     def __init__(self, config: WorkerConfig, engine: Engine) -> None:
         self.cfg = config
@@ -87,6 +90,10 @@ class Worker:
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._seq = 0
+        self._last_report = 0.0  # monotonic time of the last LoadReport (the loop's or the engine thread's)
+        self._report_lock = threading.Lock()  # _seq and _last_report: the engine thread reports during bursts
+        self._burst = False  # the engine thread is running a burst and ships (and reports) itself
+        self._shipper = False  # the engine ships its own steps (Engine.set_shipper)
         self._registering = False  # a RegisterWorker is out and not yet acknowledged
         self.steps = 0
         self.metrics = WorkerMetrics(config.instance_id)
@@ -125,7 +132,7 @@ class Worker:
         sock = make_socket(self.ctx, zmq.DEALER, connect=self.cfg.broker_addr, identity=self.cfg.instance_id.encode(),
                            curve=curve)
         # the vLLM engine's thread ships its steps' outputs itself (through _ship, on this socket)
-        shipper = self.engine.set_shipper(self._ship)
+        shipper = self._shipper = self.engine.set_shipper(self._ship)
         self.chan = Channel(sock, self._on_frames, "broker", threadsafe=shipper)
         self.chan.attach()
         if self.cfg.handoff_bind and not self.cfg.curve_dir:
@@ -290,6 +297,8 @@ class Worker:
         for rid, code, message in out.failures:
             self._send(P.MicroFailed(rid, code, message))
         self.metrics.on_output(out)
+        if self._burst and time.monotonic() >= self._last_report + self.heartbeat_s:
+            self._report()  # the engine thread's heartbeat during a burst (_report_loop)
 
     def _log_step(self, out: StepOutput) -> None:
         """Log a step (buffered), and flush the log before the tokens or the handoff of a step that ends a
@@ -303,21 +312,31 @@ class Worker:
                 self._step_log.flush()
 
     def _report(self) -> None:
+        """Send a LoadReport; the loop and, during bursts, the engine thread call it (numbered in send order)."""
         ld = self.engine.load()
-        self._seq += 1
-        self._send(P.LoadReport(
-            self.cfg.instance_id, self._seq, ld.queued_prefill_tokens, ld.running_seqs, ld.decode_ctx_tokens,
-            ld.pending_decode_tokens, ld.kv_used_tokens, ld.kv_capacity_tokens, ld.step_ms, ld.token_budget,
-            ld.held_blocks, ld.active_requests,
-        ))
+        with self._report_lock:
+            self._seq += 1
+            self._last_report = time.monotonic()
+            self._send(P.LoadReport(
+                self.cfg.instance_id, self._seq, ld.queued_prefill_tokens, ld.running_seqs, ld.decode_ctx_tokens,
+                ld.pending_decode_tokens, ld.kv_used_tokens, ld.kv_capacity_tokens, ld.step_ms, ld.token_budget,
+                ld.held_blocks, ld.active_requests,
+            ))
         self.metrics.on_load(ld)
 
     async def _report_loop(self) -> None:
         """Heartbeats with load, on their own timer: a long engine step (it runs off the event loop) must
-        not make the broker think this worker died."""
+        not make the broker think this worker died. During a burst the engine thread sends them after its
+        steps (``_ship``), so the loop does not wake every heartbeat to take the GIL from it; the loop still
+        sends one when the engine thread has not for ``BURST_REPORT_FALLBACK`` heartbeats (a long step)."""
         while not self._stop.is_set():
-            self._report()
-            await asyncio.sleep(self.heartbeat_s)
+            period = self.heartbeat_s * (BURST_REPORT_FALLBACK if self._burst else 1)
+            due = self._last_report + period
+            now = time.monotonic()
+            if now >= due:
+                self._report()
+                due = now + period
+            await asyncio.sleep(due - now)
 
     async def _main_loop(self) -> None:
         reporter = asyncio.create_task(self._report_loop())
@@ -325,8 +344,14 @@ class Worker:
         try:
             while not self._stop.is_set():
                 now = time.monotonic()
+                if now >= self._last_report + self.heartbeat_s:
+                    self._report()  # due: e.g. right after a burst, while the report loop sleeps its longer period
                 if self.engine.has_work():
-                    out = await self.engine.step(now)
+                    self._burst = self._shipper
+                    try:
+                        out = await self.engine.step(now)
+                    finally:
+                        self._burst = False
                     self._ship(out)
                     if out.step_ms > 0:
                         continue
