@@ -76,7 +76,8 @@ class WorkerConfig:
                              "--allow-remote-bind (it takes StartDecode from any peer that reaches it)")
 
 
-BURST_REPORT_FALLBACK = 10  # during a burst the loop reports only after this many heartbeats without one
+BURST_REPORT_FALLBACK = 10  # during a burst the loop reports only after this many heartbeats without one,
+BURST_REPORT_FALLBACK_MAX_S = 0.25  # and at most this long (never less than a heartbeat) after the last
 
 
 class Worker:
@@ -330,7 +331,9 @@ class Worker:
         steps (``_ship``), so the loop does not wake every heartbeat to take the GIL from it; the loop still
         sends one when the engine thread has not for ``BURST_REPORT_FALLBACK`` heartbeats (a long step)."""
         while not self._stop.is_set():
-            period = self.heartbeat_s * (BURST_REPORT_FALLBACK if self._burst else 1)
+            period = self.heartbeat_s
+            if self._burst:
+                period = max(period, min(period * BURST_REPORT_FALLBACK, BURST_REPORT_FALLBACK_MAX_S))
             due = self._last_report + period
             now = time.monotonic()
             if now >= due:
