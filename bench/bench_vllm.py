@@ -5,8 +5,9 @@ against bare vLLM, and memory per process. One run, three phases, markdown table
     /tmp on first use, tokenizer copied from the tiny model) on a two-worker vLLM cluster (LocalCluster,
     engine vllm, ipc, broker flag --allow-forced-splits). For each prompt length p, a PD split (s = p,
     max_tokens = 2: A emits token 1, B pulls A's KV for positions [0, p) and its first step computes
-    position p and emits token 2, a plain decode step), the same split with the broker's relay alone (the
-    shim drops A's direct StartDecode to B while a flag file exists), an unsplit run of a prompt of the same length
+    position p and emits token 2, a plain decode step), the same split in a variant (``--vs``: ``late``, B
+    added to vLLM only at its StartDecode instead of at dispatch, or ``relay``, the broker's relay alone; the
+    shim switches while a flag file exists), an unsplit run of a prompt of the same length
     (max_tokens = 8: its token gaps are single decode steps at that context), and a raw NIXL READ of the
     same blocks between two processes of this benchmark, in rotating order. The first split of the run
     (first contact of B with A) is reported separately.
@@ -56,6 +57,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import multiprocessing as mp
 import os
 import platform
@@ -77,6 +79,10 @@ os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
 
 TRACE_ENV = "DYNASERVE_BENCH_TRACE_DIR"
 RELAY_ONLY_FLAG = "relay-only"  # while this file is in the trace directory, A sends no direct StartDecode
+LATE_ADMIT_FLAG = "admit-late"  # while this file is in the trace directory, B enters vLLM at its StartDecode
+# the handoff compared with the default one (direct StartDecode, B admitted at dispatch) in each repetition
+VARIANTS = {"late": ("B added to vLLM at the StartDecode", LATE_ADMIT_FLAG),
+            "relay": ("the broker's relay alone", RELAY_ONLY_FLAG)}
 WIDE_DIR = Path(tempfile.gettempdir()) / "dynaserve-wide-llama"
 WIDE_SHAPE = {"layers": 8, "heads": 8, "kv_heads": 8, "head_dim": 64, "hidden": 512, "intermediate": 1024}
 WIDE_KV_BYTES_PER_TOKEN = 2 * 8 * 8 * 64 * 4  # K and V, 8 layers, 8 KV heads, head_dim 64, fp32 = 32 KiB
@@ -326,6 +332,14 @@ def _worker_shim(argv: list[str]) -> None:
         orig_run_steps(self, post)
 
     ve.VllmEngine._run_steps = run_steps
+    orig_park = ve.VllmEngine._park
+    admit_late = Path(os.environ[TRACE_ENV]) / LATE_ADMIT_FLAG
+
+    def park(self: Any, req: Any) -> None:
+        if not admit_late.exists():  # the benchmark compares with B added to vLLM at its StartDecode
+            orig_park(self, req)
+
+    ve.VllmEngine._park = park
     import workers.server as ws
 
     orig_direct = ws.Worker._send_direct
@@ -547,7 +561,7 @@ class Handoff:
     p: int
     cold: bool
     gap_ms: float  # client: B's first token - A's token
-    path: str = "direct"  # how B got its StartDecode: direct from A (and relayed), or relayed by the broker only
+    path: str = "direct"  # the default handoff, or the variant compared with it (VARIANTS)
     inner: dict[str, float] = field(default_factory=dict)  # breakdown inside the workers, ms
     telemetry: dict[str, float] = field(default_factory=dict)
     ok: bool = True
@@ -636,7 +650,7 @@ async def phase_handoff(args: argparse.Namespace, bar: Any, mem: dict) -> dict:
                      str(WIDE_KV_CACHE_BYTES), "--vllm-max-num-batched-tokens", "4096"],
     )
     raw = None
-    res: dict[str, Any] = {"splits": [], "unsplit_tbt": {p: [] for p in sizes}, "raw": {}, "errors": []}
+    res: dict[str, Any] = {"splits": [], "unsplit_tbt": {p: [] for p in sizes}, "raw": {}, "errors": [], "vs": args.vs}
     try:
         t0 = time.monotonic()
         cluster.start()
@@ -667,17 +681,17 @@ async def phase_handoff(args: argparse.Namespace, bar: Any, mem: dict) -> dict:
                 for p in order:
                     seed += 1
                     bar.set_postfix_str(f"rep {rep + 1}/{args.reps}, p={p}")
-                    steps = [("split", "direct"), ("unsplit", None), ("split", "relay"), ("raw", None)]
+                    steps = [("split", "direct"), ("unsplit", None), ("split", args.vs), ("raw", None)]
                     b_core = engine_core(b_instance)
                     k = rep % len(steps)
                     for what, path in steps[k:] + steps[:k]:
                         if what == "split":
-                            flag = trace_dir / RELAY_ONLY_FLAG
-                            if path == "relay":
+                            flag = trace_dir / VARIANTS[args.vs][1]
+                            if path != "direct":
                                 flag.touch()
                             t_from = time.monotonic()
                             try:
-                                run = await one_request(client, prompt_ids(p, seed + (7 if path == "relay" else 0)),
+                                run = await one_request(client, prompt_ids(p, seed + (7 if path != "direct" else 0)),
                                                         2, p)
                             finally:
                                 flag.unlink(missing_ok=True)
@@ -767,8 +781,8 @@ def handoff_tables(res: dict, sizes: list[int]) -> str:
             ("a_ship", "of which: A step end -> A's shell ships the handoff"),
             ("direct_send", "of which: A sends the direct StartDecode"),
             ("ship_to_b", "of which: A ships -> B's engine takes the StartDecode"),
-            ("to_post", "B: pick-up, add, schedule -> READ posted"),
-            ("to_add", "of which: StartDecode -> engine thread adds the request"),
+            ("to_post", "B: pick-up, (add,) schedule -> READ posted"),
+            ("to_add", "of which: StartDecode -> engine thread adds the request (- : B was added at dispatch)"),
             ("to_burst", "(of which: StartDecode -> the engine thread starts a burst)"),
             ("to_kick", "(of which: StartDecode -> the loop hands it to the engine thread)"),
             ("kick_to_burst", "(of which: the hand-over -> the engine thread runs)"),
@@ -787,10 +801,14 @@ def handoff_tables(res: dict, sizes: list[int]) -> str:
     lines.append("| component | first contact, p=" + (str(cold[0].p) if cold else "-") + " | "
                  + " | ".join(f"p={p}" for p in sizes) + " |")
     lines.append("|---|" + "---|" * (1 + len(sizes)))
+
+    def ms1(v: float) -> str:
+        return "-" if math.isnan(v) else f"{v:.1f}"
+
     for key, label in cols:
-        c = f"{cold[0].inner[key]:.1f}" if cold and cold[0].ok else "-"
+        c = ms1(cold[0].inner[key]) if cold and cold[0].ok else "-"
         vals = [med([h.inner[key] for h in warm if h.p == p]) for p in sizes]
-        lines.append(f"| {label} | {c} | " + " | ".join(f"{v:.1f}" for v in vals) + " |")
+        lines.append(f"| {label} | {c} | " + " | ".join(ms1(v) for v in vals) + " |")
     extra = [("b_waiting_steps", "B steps from StartDecode to its first step"),
              ("a_held_steps", "A steps while holding the blocks"),
              ("a_release", "A: step end -> B's read notification seen (ms)")]
@@ -802,24 +820,27 @@ def handoff_tables(res: dict, sizes: list[int]) -> str:
         lines.append(f"\nFirst contact (p={cold[0].p}): client A->B gap {cold[0].gap_ms:.1f} ms, handoff in the "
                      f"workers {cold[0].inner['handoff_workers']:.1f} ms, of which NIXL handshake "
                      f"{cold[0].inner['handshake']:.1f} ms.")
-    lines.append(direct_vs_relay_table(res, sizes))
+    lines.append(variant_table(res, sizes))
     bad = [h for h in res["splits"] if not h.ok]
     if bad:
         lines.append(f"\n{len(bad)} handoff(s) could not be broken down: " + "; ".join(h.note for h in bad))
     return "\n".join(lines)
 
 
-def direct_vs_relay_table(res: dict, sizes: list[int]) -> str:
-    """The same handoff with A's direct StartDecode and with the broker's relay alone, alternating in one run."""
-    by = {path: [h for h in res["splits"] if not h.cold and h.ok and h.path == path] for path in ("direct", "relay")}
-    lines = ["\n#### Direct StartDecode (A -> B) against the broker's relay alone (alternating, same run; medians, ms)\n",
-             "| prompt tokens | handoffs (direct / relay) | A step end -> B StartDecode: direct; relay "
-             "| handoff, workers: direct; relay | handoff, client: direct; relay "
-             "| raw / handoff (workers): direct; relay | raw / handoff (client): direct; relay |",
+def variant_table(res: dict, sizes: list[int]) -> str:
+    """The default handoff (A's direct StartDecode, B admitted at dispatch) and the variant of this run
+    (``res["vs"]``: B added to vLLM at its StartDecode, or the broker's relay alone), alternating in one run."""
+    other = res.get("vs", "relay")
+    splits = [h for h in res["splits"] if not h.cold and h.ok]
+    by = {"direct": [h for h in splits if h.path == "direct"], other: [h for h in splits if h.path == other]}
+    lines = [f"\n#### The default handoff against {VARIANTS[other][0]} (alternating, same run; medians, ms)\n",
+             f"| prompt tokens | handoffs (default / {other}) | A step end -> B StartDecode: default; {other} "
+             f"| handoff, workers: default; {other} | handoff, client: default; {other} "
+             f"| raw / handoff (workers): default; {other} | raw / handoff (client): default; {other} |",
              "|" + "---|" * 7]
     for p in sizes:
         d = [h for h in by["direct"] if h.p == p]
-        r = [h for h in by["relay"] if h.p == p]
+        r = [h for h in by[other] if h.p == p]
         if not d or not r:
             continue
         tbt = med(res["unsplit_tbt"][p])
@@ -1386,6 +1407,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="overhead phase: the DynaServe worker logs its steps (--step-log) so the table splits "
                              "TBT into the engine's decode step and the rest; the log costs the worker a file "
                              "write per step, so it is off by default")
+    parser.add_argument("--vs", choices=sorted(VARIANTS), default="late",
+                        help="handoff phase: the variant each repetition also runs (late: B added to vLLM at its "
+                             "StartDecode; relay: the broker's relay alone)")
     parser.add_argument("--phases", type=lambda s: s.split(","), default=["handoff", "overhead", "memory"])
     args = parser.parse_args(argv)
 

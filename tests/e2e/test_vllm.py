@@ -115,6 +115,58 @@ def test_aborts_leave_no_held_blocks(control_cluster: LocalCluster) -> None:
     asyncio.run(main())
 
 
+def _park_and_abort(admit_at_dispatch: bool) -> dict[str, object]:
+    """In a child process: a vLLM engine gets a waiting B (classic PD, s = p), steps until idle, then loses it
+    to an abort. Returns what its load said at each point."""
+    import dataclasses
+    import time
+
+    from dynaserve.protocol import ROLE_B, MicroDescriptor, SamplingParams
+    from workers.engines import make_vllm_engine
+    from workers.local_scheduler import LocalSchedulerConfig
+
+    async def main() -> dict[str, object]:
+        cfg = VllmEngineConfig(side_channel_port=5690, admit_b_at_dispatch=admit_at_dispatch)
+        eng = make_vllm_engine(cfg, LocalSchedulerConfig())
+        try:
+            desc = MicroDescriptor("b1", ROLE_B, prompt(seed=4), P_LEN, P_LEN, P_LEN + O_LEN, O_LEN - 1, "a",
+                                   SamplingParams(max_tokens=O_LEN, ignore_eos=True), 1000.0, 100.0, time.monotonic())
+            eng.add(desc, time.monotonic())
+            steps = 0
+            while eng.has_work() and steps < 50:
+                await eng.step(time.monotonic())
+                steps += 1
+            parked = dataclasses.asdict(eng.load())
+            idle_after_park = not eng.has_work()
+            eng.abort("b1")
+            while eng.has_work() and steps < 100:
+                await eng.step(time.monotonic())
+                steps += 1
+            return {"parked": parked, "idle_after_park": idle_after_park, "after_abort": dataclasses.asdict(eng.load()),
+                    "block_size": eng.info.block_size}
+        finally:
+            eng.close()
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("admit_at_dispatch", [True, False])
+def test_b_is_admitted_at_dispatch_and_an_abort_frees_its_blocks(admit_at_dispatch: bool) -> None:
+    """A B that pulls at most its prompt enters vLLM when dispatched: its blocks are allocated before A's
+    StartDecode, it does not keep the engine stepping while it waits, and an abort then frees them (no READ
+    was posted). With admission at the StartDecode, nothing is allocated before it."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        got = pool.submit(_park_and_abort, admit_at_dispatch).result(timeout=300)
+    parked, after = got["parked"], got["after_abort"]
+    blocks = -(-P_LEN // got["block_size"])
+    assert parked["kv_used_tokens"] == (blocks * got["block_size"] if admit_at_dispatch else 0), parked
+    assert parked["active_requests"] == 1 and got["idle_after_park"]
+    assert after["kv_used_tokens"] == 0 and after["active_requests"] == 0, after
+
+
 @pytest.mark.parametrize("mode", ["none", "peer"])
 def test_connector_agent_gets_the_ucx_error_mode(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """vLLM's NIXL worker builds its agent through the class the connector module installs, and the UCX

@@ -42,6 +42,7 @@ class VllmEngineConfig:
     cpu_bind: str = ""  # CPU cores for this instance's compute threads, e.g. "0" or "2-3", one thread per core (CPU builds; empty = all cores of the process)
     loop_bind: str = ""  # CPU cores for the worker's event loop and socket threads, e.g. "1", to keep them off the engine's cores (CPU builds; empty = not bound)
     kv_lease_s: float = 30.0  # handed-off blocks are freed after this long without the reader's confirmation
+    admit_b_at_dispatch: bool = True  # a B that pulls at most its prompt (s <= p) enters vLLM when dispatched: its blocks are reserved then, and A's StartDecode only posts the READ
     kv_pull_timeout_s: float = 5.0  # a B still waiting for A's KV after this long recomputes it locally
     ucx_error_handling: str = "none"  # UCX error handling of the KV transfer: none (nothing waits on the peer; one host, or a fabric where B's pull timeout suffices) or peer (UCX detects dead peers; NIXL's default)
     seed: int = 0  # sampling seed of the engine

@@ -43,6 +43,12 @@ What it changes on top of the stock connector:
   would cost B's request that long before the recompute. A dead process's port refuses at once. A failed
   handshake is reported to the engine (``on_producer_failure``), which recomputes the requests waiting on
   that producer at once.
+* A consumer is admitted when the broker dispatches it, before its producer has run (``dynaserve_pending``
+  in its transfer parameters, with the positions it will pull in ``remote_num_tokens``): vLLM allocates its
+  blocks then and parks it waiting for remote KV, while the connector keeps it out of the pull until
+  ``resume`` brings the producer's parameters (A's StartDecode). The READ is then posted at the next step,
+  with no ``add_request`` or block allocation left on the handoff's path, and B's blocks are reserved from
+  dispatch on (a handoff never waits for B's free blocks).
 * A consumer claims exactly the positions its producer computed (``remote_num_tokens``), never more.
   After a decode handoff B's sequence is one token longer than that (it ends with A's last token, whose
   position A never computed); the stock connector would claim the whole prompt, and vLLM would then
@@ -106,6 +112,7 @@ if _base_worker.NixlWrapper is not None:  # None without NIXL (vLLM then refuses
     _base_worker.NixlWrapper = _Agent
 
 ROLE_KEY = "dynaserve_role"
+PENDING_KEY = "dynaserve_pending"  # a consumer admitted before its producer's parameters exist (``resume``)
 
 IDLE_POLL_S = 0.1  # while nothing is in flight the worker still polls NIXL this often (stray notifications)
 
@@ -159,6 +166,7 @@ class DynaServeConnector(NixlPullConnector):
         # failed. vLLM fails the waiting pulls of PD and decode handoffs itself, but not those of prompt
         # splits (its bidirectional path), which would wait out the engine's pull timeout.
         self.on_producer_failure: Callable[[str], None] | None = None
+        self._parked: dict[str, tuple[Any, int]] = {}  # scheduler side: pending consumer -> (blocks, positions)
         self._next_idle_poll = 0.0  # worker side: perf_counter time of the next full poll while idle
         self._polled = True  # worker side: this step's get_transfer_results polled NIXL
 
@@ -176,6 +184,10 @@ class DynaServeConnector(NixlPullConnector):
     # ------------------------------------------------------------------ scheduler side
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
+        params = request.kv_transfer_params
+        if params and params.get(PENDING_KEY):  # blocks now, the pull when the producer's parameters come
+            count = max(0, int(params["remote_num_tokens"]) - num_computed_tokens)
+            return count, count > 0
         count, load_async = super().get_num_new_matched_tokens(request, num_computed_tokens)
         params = request.kv_transfer_params
         if count and params and params.get(ROLE_KEY) == "B" and params.get("remote_num_tokens") is not None:
@@ -184,12 +196,36 @@ class DynaServeConnector(NixlPullConnector):
             load_async = load_async and count > 0
         return count, load_async
 
+    def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+        params = request.kv_transfer_params
+        if params and params.get(PENDING_KEY):
+            self._parked[request.request_id] = (blocks, num_external_tokens)
+            return
+        super().update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def is_parked(self, req_id: str) -> bool:
+        """Whether a pending consumer holds its blocks and waits for ``resume`` (scheduler side)."""
+        return req_id in self._parked
+
+    def resume(self, request: Any, params: dict[str, Any]) -> None:
+        """A pending consumer gets its producer's parameters (scheduler side, between steps). Parked (blocks
+        allocated, waiting for remote KV): its pull is registered now and posted at the next step. Not yet
+        admitted (no free blocks then): the parameters are set and vLLM admits it like any consumer."""
+        new = {k: v for k, v in (request.kv_transfer_params or {}).items() if k != PENDING_KEY}
+        new.update(params)
+        request.kv_transfer_params = new
+        self.on_new_request(request)  # heartbeats to the producer, as for a consumer added with its parameters
+        parked = self._parked.pop(request.request_id, None)
+        if parked is not None:
+            super().update_state_after_alloc(request, *parked)
+
     def _finish_consumer(self, request: Any) -> bool:
         """A finished B frees its blocks now: stop its heartbeats and have the worker forget it. False if
         ``request`` is no B."""
         params = request.kv_transfer_params
         if not (params and params.get(ROLE_KEY) == "B"):
             return False
+        self._parked.pop(request.request_id, None)
         sched = self.connector_scheduler
         assert sched is not None
         sched._stop_heartbeat(request.request_id)

@@ -33,6 +33,10 @@ Micro-request mapping (the connector, workers.engines.vllm_connector, does the N
                     the s positions A computed; B's first step computes position s (A's last token) and
                     samples B's first token.
     B, s < p:       prompt, A's parameters switched to the bidirectional path; pulls s positions.
+A B with s <= p enters vLLM when the broker dispatches it (``admit_b_at_dispatch``): with its prompt and
+``dynaserve_pending``, so vLLM allocates its blocks and parks it waiting for remote KV. A's StartDecode then
+appends A's token (s = p) to its prompt and hands the connector A's parameters (``resume``); the READ is
+posted at the next step. A parked B does not keep the engine stepping (``_live``).
 Only workers/engines/vllm* imports vllm.
 """
 
@@ -98,6 +102,7 @@ class _Req:
     b_max_tokens: int = 0
     b_deadline: float = 0.0  # role B: recompute locally if A's KV has not arrived by then
     b_producer: str = ""  # role B: A's vLLM engine id (its handshake failing also means recompute)
+    parked: bool = False  # role B: in vLLM since its dispatch, waiting for A's StartDecode (admit_b_at_dispatch)
     vllm_id: str = ""  # the id we gave vLLM (changes when B falls back to recomputing)
     internal_id: str = ""  # vLLM's internal id (its scheduler and the connector key requests by it)
 
@@ -165,6 +170,7 @@ class VllmEngine:
         self._ship: Callable[[StepOutput], None] | None = None
         self._next_pull_check = math.inf  # earliest deadline of a B's pull (monotonic s); 0 after a failed handshake
         self._failed_producers: set[str] = set()  # engine ids of producers whose handshake failed since the last check
+        self._parked: set[str] = set()  # internal ids of parked Bs in vLLM (engine thread; they do not keep it stepping)
         self.last_step_ms = 0.0
         self.transfer_failures = 0
         self._exec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-step")
@@ -268,13 +274,26 @@ class VllmEngine:
                 self._add_op(req, desc.prompt[:s], self._params(desc, 1, kv))
         else:
             req.state = WAIT_KV
+            if s <= p and self.cfg.admit_b_at_dispatch:
+                self._park(req)
 
-    def _add_op(self, req: _Req, prompt: list[int], params: Any) -> None:
+    def _park(self, req: _Req) -> None:
+        """Queue adding a waiting B to vLLM now: its blocks are allocated at its next step, and its pull waits
+        for A's parameters (the connector's ``dynaserve_pending``)."""
+        desc = req.desc
+        prompt = list(desc.prompt)
+        if self.cfg.fault_injection == "scramble_prefix":  # as in _start_decode
+            prompt = [scramble_token(t, self.info.vocab_size) for t in prompt[:desc.split]] + prompt[desc.split:]
+        kv = {"dynaserve_role": "B", "dynaserve_pending": True, "remote_num_tokens": desc.split}
+        req.parked = True
+        self._add_op(req, prompt, self._params(desc, desc.emit_tokens, kv), parked=True)
+
+    def _add_op(self, req: _Req, prompt: list[int], params: Any, parked: bool = False) -> None:
         """Queue adding ``req`` to vLLM (again, under a new id, when B falls back to recomputing) and make
         sure the engine thread picks it up."""
         rid = req.desc.req_id
         req.vllm_id = rid if not req.vllm_id else rid + RECOMPUTE_SUFFIX
-        self._ops.append(("add", (rid, req.vllm_id, prompt, params)))
+        self._ops.append(("add", (rid, req.vllm_id, prompt, params, parked)))
         self._kick()
 
     def start_decode(self, req_id: str, kv: dict, num_tokens: int, tokens: list[int], now: float) -> None:
@@ -305,10 +324,15 @@ class VllmEngine:
         req.b_deadline = time.monotonic() + self.cfg.kv_pull_timeout_s
         req.b_producer = str(kv.get("remote_engine_id", ""))
         self._next_pull_check = min(self._next_pull_check, req.b_deadline)
+        req.state = RUNNING
+        if req.parked:  # in vLLM already: append A's token (s = p) and start the pull
+            req.parked = False
+            self._ops.append(("resume", (req, tokens if s >= p else [], params)))
+            self._kick()
+            return
         if self.cfg.fault_injection == "scramble_prefix":
             # B's tokens for the pulled positions no longer matter if B really continues from A's KV
             prompt = [scramble_token(t, self.info.vocab_size) for t in prompt[:s]] + prompt[s:]
-        req.state = RUNNING
         self._add_op(req, prompt, self._params(desc, max_tokens, params))
 
     def active_ids(self) -> list[str]:
@@ -320,7 +344,10 @@ class VllmEngine:
             req = self.reqs.pop(req_id, None)
             if req is None:
                 return False
-            if req.state == RUNNING:
+            if req.parked:
+                req.parked = False
+                self._ops.append(("abort_parked", req))
+            elif req.state == RUNNING:
                 self._ops.append(("abort", req.vllm_id))
             elif req.state == HELD:
                 self._ops.append(("expire", req.internal_id))
@@ -335,20 +362,48 @@ class VllmEngine:
         while ops:
             kind, arg = ops.popleft()
             if kind == "add":
-                rid, vllm_id, prompt, params = arg
+                rid, vllm_id, prompt, params, parked = arg
                 req = self.reqs.get(rid)
                 if req is not None and req.vllm_id == vllm_id:
                     req.internal_id = self.llm.add_request(vllm_id, {"prompt_token_ids": prompt}, params)
+                    if parked:
+                        self._parked.add(req.internal_id)
                     self.sched.ranks[req.internal_id] = self.local.prefill_rank(req.desc.arrival,
                                                                                 req.desc.ttft_slo_ms)
             elif kind == "abort":
                 self.llm.abort_request([arg])
+            elif kind == "resume":
+                self._resume(*arg)
+            elif kind == "abort_parked":
+                self._parked.discard(arg.internal_id)
+                if self.connector.is_parked(arg.internal_id):
+                    # no READ was posted: vLLM may free its blocks at once (it otherwise waits for the pull)
+                    self.sched.finished_recving_kv_req_ids.add(arg.internal_id)
+                self.llm.abort_request([arg.vllm_id])
             elif kind == "expire":
                 self.connector.expire(arg)
 
+    def _resume(self, req: _Req, tokens: list[int], params: dict) -> None:
+        """On the engine thread: a parked B gets A's tokens (appended to its prompt, before vLLM schedules it
+        again) and A's parameters."""
+        self._parked.discard(req.internal_id)
+        vreq = self.sched.requests.get(req.internal_id)
+        if vreq is None:
+            return
+        if tokens:
+            vreq.prompt_token_ids.extend(tokens)
+            vreq._all_token_ids.extend(tokens)
+            vreq.num_prompt_tokens += len(tokens)
+        self.connector.resume(vreq, params)
+
+    def _live(self) -> bool:
+        """vLLM has requests to step (parked Bs alone do not count) or finished ones to clean up."""
+        if self.llm.output_processor.get_num_unfinished_requests() > len(self._parked):
+            return True
+        return self.sched.has_finished_requests() if self._parked else self.sched.has_requests()
+
     def has_work(self) -> bool:
-        return (self._bursting or bool(self._ops) or self.llm.has_unfinished_requests()
-                or self.sched.has_requests())
+        return self._bursting or bool(self._ops) or self._live()
 
     def housekeeping(self, now: float) -> StepOutput:
         return StepOutput()  # vLLM polls transfers and leases inside its steps
@@ -423,7 +478,8 @@ class VllmEngine:
                         ship(late)
                 self._apply_ops()
                 # requests that only wait for their KV to be read (held blocks) need a poll, not back-to-back steps
-                if not (self.llm.has_unfinished_requests() or (first and self.sched.has_requests())):
+                if not (self.llm.output_processor.get_num_unfinished_requests() > len(self._parked)
+                        or (first and self.sched.has_requests())):
                     break
                 first = False
                 t0 = time.perf_counter()
@@ -533,7 +589,10 @@ class VllmEngine:
         sched = self.sched
         ld = EngineLoad(kv_capacity_tokens=self.info.kv_capacity_tokens, step_ms=self.last_step_ms,
                         token_budget=self.local.last_budget)
+        parked = self._parked
         for r in list(sched.running) + list(sched.waiting):
+            if parked and r.request_id in parked:
+                continue  # a B not yet admitted (no free blocks): counted below as waiting for KV
             if r.num_computed_tokens >= r.num_prompt_tokens:
                 ld.running_seqs += 1
                 ld.decode_ctx_tokens += r.num_computed_tokens
