@@ -65,6 +65,7 @@ def samples() -> list[P.Message]:
         P.RegisterAck("w0", True, "", 20),
         P.DispatchMicro(desc),
         P.StartDecode("1", {"k": 1}, 2, [3]),
+        P.KvChunk("1", {"k": [[1]]}, 128),
         P.AbortMicro("1"),
         P.Shutdown("bye"),
     ]

@@ -416,6 +416,19 @@ class StartDecode(Message):
 
 
 @dataclass(slots=True)
+class KvChunk(Message):
+    """Worker A -> B's handoff inbox, while A still prefills: positions ``[0, num_tokens)`` are in A's blocks
+    that ``kv`` names, and B may pull them now, ahead of A's StartDecode. Advisory: B uses it only for a
+    request it holds admitted and waiting, and keeps what it pulled only if A's StartDecode names the same
+    blocks (A's request was not preempted meanwhile)."""
+
+    TYPE: ClassVar[int] = 45
+    req_id: str
+    kv: dict
+    num_tokens: int
+
+
+@dataclass(slots=True)
 class AbortMicro(Message):
     """Broker -> worker: drop a micro-request and free its blocks (also blocks held for a handoff)."""
 
@@ -449,6 +462,7 @@ MESSAGE_TYPES: dict[int, type[Message]] = {
         RegisterAck,
         DispatchMicro,
         StartDecode,
+        KvChunk,
         AbortMicro,
         Shutdown,
     )
@@ -458,7 +472,7 @@ CLIENT_TO_BROKER = (SubmitRequest, AbortRequest, StatusRequest)
 WORKER_TO_BROKER = (RegisterWorker, LoadReport, TokenBatch, HandoffReady, MicroFailed)
 BROKER_TO_WORKER = (RegisterAck, DispatchMicro, StartDecode, AbortMicro, Shutdown)
 BROKER_TO_CLIENT = (Admitted, TokenStream, ErrorReply, StatusReply)
-WORKER_TO_WORKER = (StartDecode,)
+WORKER_TO_WORKER = (StartDecode, KvChunk)
 
 _packer = msgpack.Packer(use_bin_type=True)
 

@@ -62,6 +62,7 @@ class StepOutput:
 
     entries: list[list] = field(default_factory=list)  # [req_id, new tokens, finish reason or None]
     handoffs: list[Handoff] = field(default_factory=list)
+    chunks: list[Handoff] = field(default_factory=list)  # role A, still prefilling: blocks B may pull early
     failures: list[tuple[str, str, str]] = field(default_factory=list)  # (req_id, code, message)
     step_ms: float = 0.0
     prefill_tokens: int = 0
@@ -70,6 +71,7 @@ class StepOutput:
     prefill_attn: float = 0.0  # attention work of its prefill chunks (StepLatencyModel.chunk_attn)
     token_budget: int = 0
     kv_transfers: list[tuple[int, float]] = field(default_factory=list)  # KV pulls done: (bytes, seconds)
+    kv_early_blocks: int = 0  # role B: blocks pulled before the StartDecode (KvChunk) and kept at it
 
 
 @dataclass(slots=True)
@@ -109,6 +111,10 @@ class Engine(Protocol):
 
     def start_decode(self, req_id: str, kv: dict, num_tokens: int, tokens: list[int], now: float) -> None:
         """Role B: A's KV is ready to pull; raises EngineError for unknown ids or bad parameters."""
+
+    def kv_chunk(self, req_id: str, kv: dict, num_tokens: int) -> None:
+        """Role B, before its StartDecode: A's first ``num_tokens`` positions are ready in the blocks ``kv``
+        names (A's KvChunk). Advisory: an engine may pull them now or ignore it; never raises."""
 
     def abort(self, req_id: str) -> bool:
         """Drop a micro-request and free its blocks; False when the id is unknown."""

@@ -49,6 +49,9 @@ class WorkerMetrics(MetricsExporter):
                                     lab, buckets=XFER_BUCKETS, registry=r).labels(*w)
         self.kv_failures = Counter("dynaserve:worker_kv_transfer_failures",
                                    "KV pulls that failed (the request was recomputed)", lab, registry=r).labels(*w)
+        self.kv_early_blocks = Counter("dynaserve:worker_kv_early_blocks",
+                                       "KV blocks pulled from A while it still prefilled (KvChunk) and kept at "
+                                       "the handoff", lab, registry=r).labels(*w)
         started = Counter("dynaserve:worker_handoffs_started",
                           "B micro-requests started, by the StartDecode copy that came first: direct from A, "
                           "or relayed by the broker", ["worker", "path"], registry=r)
@@ -69,6 +72,8 @@ class WorkerMetrics(MetricsExporter):
         for nbytes, seconds in out.kv_transfers:
             self.kv_bytes.inc(nbytes)
             self.kv_seconds.observe(seconds)
+        if out.kv_early_blocks:
+            self.kv_early_blocks.inc(out.kv_early_blocks)
         for failure in out.failures:
             if failure[1] == KV_RECOMPUTE:
                 self.kv_failures.inc()

@@ -229,13 +229,17 @@ class Worker:
         self._wake.set()
 
     def _on_peer_frames(self, frames: list[bytes]) -> None:
-        """A StartDecode straight from A (its copy through the broker follows and is then dropped)."""
+        """A StartDecode straight from A (its copy through the broker follows and is then dropped), or a
+        KvChunk (blocks A has finished while it still prefills)."""
         try:
             if len(frames) != 1:
                 raise P.ProtocolError("malformed", f"a {len(frames)}-frame message")
             msg = P.decode(frames[0], P.WORKER_TO_WORKER)
         except P.ProtocolError as exc:
             log.warning("bad frame on the handoff inbox: %s", exc)
+            return
+        if isinstance(msg, P.KvChunk):
+            self.engine.kv_chunk(msg.req_id, msg.kv, msg.num_tokens)
             return
         assert isinstance(msg, P.StartDecode)
         try:
@@ -264,8 +268,9 @@ class Worker:
             self._peers[instance] = (addr, sock)
             return sock
 
-    def _send_direct(self, instance: str, addr: str, msg: P.StartDecode) -> None:
-        """Send A's StartDecode to B's handoff inbox (engine thread or loop); a failure only loses this copy."""
+    def _send_direct(self, instance: str, addr: str, msg: P.StartDecode | P.KvChunk) -> None:
+        """Send A's StartDecode or KvChunk to B's handoff inbox (engine thread or loop); a failure only loses
+        this message (the broker relays every StartDecode; a chunk is advisory)."""
         frame = P.encode(msg)
         sock = self._peer_socket(instance, addr)
         if sock is None:
@@ -274,7 +279,7 @@ class Worker:
             try:
                 sock.send(frame, zmq.NOBLOCK)
             except zmq.ZMQError as exc:  # full queue (B not reading) or closed: the broker's copy still goes
-                log.warning("direct handoff of %s to %s not sent (%s); the broker relays it", msg.req_id, addr, exc)
+                log.warning("direct %s of %s to %s not sent (%s)", type(msg).__name__, msg.req_id, addr, exc)
 
     def _ship(self, out: StepOutput) -> None:
         """Send a step's tokens, handoffs and failures; called on the loop, and on the engine's own thread by an
@@ -290,6 +295,10 @@ class Worker:
             for entry in out.entries:
                 if entry[2] is not None and entry[2] != P.FINISH_HANDOFF:
                     self._handoff_to.pop(entry[0], None)
+        for c in out.chunks:
+            to = self._handoff_to.get(c.req_id)
+            if to is not None:
+                self._send_direct(*to, P.KvChunk(c.req_id, c.kv, c.num_tokens))
         for h in out.handoffs:
             to = self._handoff_to.pop(h.req_id, None)
             if to is not None:

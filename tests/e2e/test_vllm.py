@@ -16,7 +16,7 @@ import pytest
 
 from dynaserve.client import DynaServeClient
 from dynaserve.cluster import LocalCluster
-from tests.conftest import collect_killing, start_cluster, wait_idle
+from tests.conftest import collect_killing, free_base_port, metric_value, scrape, start_cluster, wait_idle
 from workers.engines.vllm_config import VllmEngineConfig
 
 pytestmark = [
@@ -33,15 +33,15 @@ def prompt(seed: int, n: int = P_LEN) -> list[int]:
 
 
 def vllm_cluster(*worker_args: str, port: int = 5600, workers: int = 2,
-                 broker_args: tuple[str, ...] | list[str] = ("--allow-forced-splits",)) -> LocalCluster:
+                 broker_args: tuple[str, ...] | list[str] = ("--allow-forced-splits",), **kw: object) -> LocalCluster:
     """vLLM workers (two by default); clusters alive at the same time need distinct NIXL handshake ports."""
     return start_cluster("dynaserve", workers=workers, engine="vllm", broker_args=list(broker_args),
-                         worker_args=list(worker_args), ready_timeout_s=240.0, side_channel_base_port=port)
+                         worker_args=list(worker_args), ready_timeout_s=240.0, side_channel_base_port=port, **kw)
 
 
 @pytest.fixture(scope="module")
 def control_cluster() -> Iterator[LocalCluster]:
-    cluster = vllm_cluster("--vllm-fault-injection", "scramble_prefix")
+    cluster = vllm_cluster("--vllm-fault-injection", "scramble_prefix", metrics_base_port=free_base_port(3))
     yield cluster
     cluster.stop()
 
@@ -73,6 +73,33 @@ def test_split_streams_equal_unsplit_greedy(control_cluster: LocalCluster, split
         assert got_kind == kind
         assert got == ref
         await wait_idle(control_cluster, 30)
+
+    asyncio.run(main())
+
+
+def _early_blocks(cluster: LocalCluster) -> float:
+    base = cluster.config.metrics_base_port
+    return sum(metric_value(scrape(f"http://127.0.0.1:{base + 1 + i}/metrics"), "dynaserve:worker_kv_early_blocks_total")
+               for i in range(cluster.config.workers))
+
+
+def test_pd_split_pulls_the_first_chunk_early_and_streams_exactly(control_cluster: LocalCluster) -> None:
+    """Classic PD on a 300-token prompt: A prefills the first 128 positions in a step of their own and sends
+    their block to B, which pulls it while A computes the rest, keeps it at the StartDecode and pulls only the
+    last two blocks then. B's copy of the prompt is scrambled (control cluster), so exact tokens prove the
+    early block holds A's KV."""
+
+    async def main() -> None:
+        before = _early_blocks(control_cluster)
+        for seed in range(61, 67):  # B pulls early only from an A it has made its handshake with (by a pull)
+            p = prompt(seed=seed)
+            ref, _ = await run(control_cluster.client_addr, p, O_LEN, split=P_LEN + O_LEN)
+            got, kind = await run(control_cluster.client_addr, p, O_LEN, split=P_LEN)
+            assert kind == "pd" and got == ref
+            await wait_idle(control_cluster, 30)
+            if _early_blocks(control_cluster) > before:
+                break
+        assert _early_blocks(control_cluster) - before >= 1
 
     asyncio.run(main())
 

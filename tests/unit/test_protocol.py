@@ -55,6 +55,7 @@ SAMPLES: dict[type[P.Message], P.Message] = {
     P.RegisterAck: P.RegisterAck("w0", False, "duplicate instance id", 20),
     P.DispatchMicro: P.DispatchMicro(_descriptor()),
     P.StartDecode: P.StartDecode("r-1", {"agent": "w0", "meta": b"m", "block_ids": [4]}, 3, []),
+    P.KvChunk: P.KvChunk("r-1", {"remote_engine_id": "e0", "remote_block_ids": [[3, 9]]}, 256),
     P.AbortMicro: P.AbortMicro("r-1"),
     P.Shutdown: P.Shutdown("maintenance"),
 }
@@ -81,7 +82,7 @@ def _reject(frame: bytes, code: str, **kw: object) -> P.ProtocolError:
 
 def test_samples_cover_every_message_type() -> None:
     assert set(SAMPLES) == set(P.MESSAGE_TYPES.values())
-    assert len(P.MESSAGE_TYPES) == 17  # type ids are unique
+    assert len(P.MESSAGE_TYPES) == 18  # type ids are unique
     for cls in SAMPLES:
         assert P.MESSAGE_TYPES[cls.TYPE] is cls
 

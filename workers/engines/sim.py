@@ -173,6 +173,9 @@ class SimEngine:
             seq.state = WAIT_KV
         self.seqs[desc.req_id] = seq
 
+    def kv_chunk(self, req_id: str, kv: dict, num_tokens: int) -> None:
+        """Ignored: the simulated engine pulls the whole handoff at the StartDecode (its A sends no chunks)."""
+
     def start_decode(self, req_id: str, kv: dict, num_tokens: int, tokens: list[int], now: float) -> None:
         seq = self.seqs.get(req_id)
         if seq is None or seq.desc.role != ROLE_B:

@@ -49,6 +49,14 @@ What it changes on top of the stock connector:
   ``resume`` brings the producer's parameters (A's StartDecode). The READ is then posted at the next step,
   with no ``add_request`` or block allocation left on the handoff's path, and B's blocks are reserved from
   dispatch on (a handoff never waits for B's free blocks).
+* Early pulls (``KvChunk``): while a producer still prefills, the engine publishes the blocks each of its
+  steps completes (``chunk_params``), and a parked consumer pulls them at once (``prefetch``: a READ without
+  notification, into the blocks it was allocated at dispatch). At the StartDecode, ``settle`` keeps the
+  leading blocks whose early READ completed from the same producer blocks, with no preemption of the
+  producer's request in between (its count travels with every chunk and with the handoff), and ``resume``
+  pulls only the rest (the stock pull reads the tail of the producer's blocks when the consumer has fewer
+  blocks left to fill, as after a local prefix hit). Only for one KV cache group, one producer rank and
+  equal block sizes; otherwise nothing is pulled early.
 * A consumer claims exactly the positions its producer computed (``remote_num_tokens``), never more.
   After a decode handoff B's sequence is one token longer than that (it ends with A's last token, whose
   position A never computed); the stock connector would claim the whole prompt, and vLLM would then
@@ -64,11 +72,13 @@ bidirectional path, pulls k positions and computes the rest.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import vllm.distributed.kv_transfer.kv_connector.v1.nixl.base_worker as _base_worker
@@ -114,6 +124,7 @@ if _base_worker.NixlWrapper is not None:  # None without NIXL (vLLM then refuses
 ROLE_KEY = "dynaserve_role"
 PENDING_KEY = "dynaserve_pending"  # a consumer admitted before its producer's parameters exist (``resume``)
 
+PREEMPTIONS_KEY = "dynaserve_preemptions"  # the producer request's preemption count (early pulls are kept only if equal)
 IDLE_POLL_S = 0.1  # while nothing is in flight the worker still polls NIXL this often (stray notifications)
 
 
@@ -167,6 +178,7 @@ class DynaServeConnector(NixlPullConnector):
         # splits (its bidirectional path), which would wait out the engine's pull timeout.
         self.on_producer_failure: Callable[[str], None] | None = None
         self._parked: dict[str, tuple[Any, int]] = {}  # scheduler side: pending consumer -> (blocks, positions)
+        self._prefetches: dict[str, list[_Prefetch]] = {}  # worker side: early READs by consumer request
         self._next_idle_poll = 0.0  # worker side: perf_counter time of the next full poll while idle
         self._polled = True  # worker side: this step's get_transfer_results polled NIXL
 
@@ -207,17 +219,37 @@ class DynaServeConnector(NixlPullConnector):
         """Whether a pending consumer holds its blocks and waits for ``resume`` (scheduler side)."""
         return req_id in self._parked
 
-    def resume(self, request: Any, params: dict[str, Any]) -> None:
+    def parked_block_ids(self, req_id: str) -> list[int] | None:
+        """The blocks a parked consumer was allocated (one KV cache group), None if it is not parked."""
+        parked = self._parked.get(req_id)
+        if parked is None:
+            return None
+        groups = parked[0].get_unhashed_block_ids_all_groups()
+        return list(groups[0]) if len(groups) == 1 else None
+
+    def resume(self, request: Any, params: dict[str, Any], pulled_blocks: int = 0) -> None:
         """A pending consumer gets its producer's parameters (scheduler side, between steps). Parked (blocks
-        allocated, waiting for remote KV): its pull is registered now and posted at the next step. Not yet
-        admitted (no free blocks then): the parameters are set and vLLM admits it like any consumer."""
+        allocated, waiting for remote KV): its pull is registered now and posted at the next step, for all
+        but its first ``pulled_blocks`` blocks (pulled early, ``settle``). Not yet admitted (no free blocks
+        then): the parameters are set and vLLM admits it like any consumer."""
         new = {k: v for k, v in (request.kv_transfer_params or {}).items() if k != PENDING_KEY}
         new.update(params)
         request.kv_transfer_params = new
         self.on_new_request(request)  # heartbeats to the producer, as for a consumer added with its parameters
         parked = self._parked.pop(request.request_id, None)
         if parked is not None:
-            super().update_state_after_alloc(request, *parked)
+            blocks, num_external_tokens = parked
+            super().update_state_after_alloc(request, _Tail(blocks, pulled_blocks) if pulled_blocks else blocks,
+                                             num_external_tokens)
+
+    def chunk_params(self, request: Any, block_ids: list[int]) -> dict[str, Any]:
+        """A producer's parameters for its first ``len(block_ids)`` blocks, while it still runs (a KvChunk)."""
+        sched = self.connector_scheduler
+        assert sched is not None
+        return dict(remote_block_ids=[list(block_ids)], remote_engine_id=sched.engine_id,
+                    remote_request_id=request.request_id, remote_host=sched.side_channel_host,
+                    remote_port=sched.side_channel_port, tp_size=sched.transfer_tp_size,
+                    **{PREEMPTIONS_KEY: request.num_preemptions})
 
     def _finish_consumer(self, request: Any) -> bool:
         """A finished B frees its blocks now: stop its heartbeats and have the worker forget it. False if
@@ -295,3 +327,114 @@ class DynaServeConnector(NixlPullConnector):
         if self.connector_worker is not None and not self._polled:
             return None
         return super().get_kv_connector_stats()
+
+    # ------------------------------------------------------------------ early pulls (worker side)
+
+    def prefetch(self, req_id: str, local_block_ids: list[int], kv: dict[str, Any]) -> int:
+        """Post a READ (no notification to the producer) of the producer blocks ``kv`` names that no earlier
+        prefetch of ``req_id`` covered, into ``local_block_ids`` (the consumer's blocks, position for position).
+        Returns the number of blocks posted: 0 when there is nothing new, when the producer is not known yet
+        (no handshake: the StartDecode's pull makes it) or when the layout does not allow it."""
+        w = self.connector_worker
+        assert w is not None
+        engine_id = str(kv["remote_engine_id"])
+        groups = kv["remote_block_ids"]
+        if engine_id not in w._remote_agents or len(groups) != 1 or w.transfer_topo is None:
+            return 0
+        info = w.transfer_topo.get_engine_info(engine_id)
+        if (info.remote_block_size != w.block_size or info.remote_tp_size != w.world_size
+                or info.remote_physical_blocks_per_logical != w._physical_blocks_per_logical_kv_block
+                or w._physical_blocks_per_logical_kv_block != 1 or w._has_mamba or w.use_mla or w._mixed_mem_types
+                or len(w.kv_cache_config.transfer_groups) != 1 or w.dcp_size > 1 or info.remote_dcp_size > 1):
+            return 0
+        remote = [int(b) for b in groups[0]]
+        done = self._prefetches.setdefault(req_id, [])
+        start = done[-1].end if done else 0
+        end = min(len(remote), len(local_block_ids))
+        if end <= start:
+            return 0
+        local_descs = w._compute_desc_ids(
+            block_ids=[local_block_ids[start:end]], dst_num_blocks=w.dst_num_blocks[w.engine_id], block_size_ratio=None,
+            physical_blocks_per_logical=1, region_num_blocks=(w.dst_region_num_blocks.get(w.engine_id) or None),
+            region_group_ids=(w.region_group_ids or None), uses_region_group_mapping=w._uses_region_group_mapping)
+        remote_descs = w._compute_desc_ids(
+            block_ids=[remote[start:end]], dst_num_blocks=w.dst_num_blocks[engine_id], block_size_ratio=None,
+            physical_blocks_per_logical=1, region_num_blocks=(w.dst_region_num_blocks.get(engine_id) or None),
+            region_group_ids=(w.dst_region_group_ids.get(engine_id) or None),
+            uses_region_group_mapping=w.dst_uses_region_group_mapping[engine_id])
+        handle = w.nixl_wrapper.make_prepped_xfer(
+            "READ", w.src_xfer_handles_by_block_size[w.block_size], local_descs,
+            w.dst_xfer_side_handles[engine_id][0], remote_descs)
+        done.append(_Prefetch(handle, engine_id, remote[:end], start, end, int(kv.get(PREEMPTIONS_KEY, -1))))
+        w.nixl_wrapper.transfer(handle)
+        return end - start
+
+    def _wait(self, reads: list[_Prefetch], timeout_s: float) -> None:
+        """Poll ``reads`` until none is in progress (or ``timeout_s`` passed), then release their handles."""
+        w = self.connector_worker
+        assert w is not None
+        deadline = time.monotonic() + timeout_s
+        for r in reads:
+            while r.state == "PROC":
+                try:
+                    r.state = w.nixl_wrapper.check_xfer_state(r.handle)
+                except Exception as exc:  # noqa: BLE001 - a failed read is only not kept
+                    log.warning("early KV read failed: %s", exc)
+                    r.state = "ERR"
+                if r.state == "PROC":
+                    if time.monotonic() > deadline:
+                        log.error("early KV read still running after %.1f s; its blocks are not freed", timeout_s)
+                        return
+                    time.sleep(0.0002)
+            with contextlib.suppress(Exception):
+                w.nixl_wrapper.release_xfer_handle(r.handle)
+            r.handle = -1
+
+    def settle(self, req_id: str, kv: dict[str, Any], timeout_s: float) -> int:
+        """At the StartDecode: wait for ``req_id``'s early READs and return how many leading blocks they
+        filled with what the handoff ``kv`` names (same producer, same blocks, no preemption since)."""
+        reads = self._prefetches.pop(req_id, [])
+        if not reads:
+            return 0
+        self._wait(reads, timeout_s)
+        final = [int(b) for b in kv["remote_block_ids"][0]] if len(kv.get("remote_block_ids") or ()) == 1 else []
+        kept = 0
+        for r in reads:
+            if (r.state != "DONE" or r.start != kept or r.engine_id != str(kv.get("remote_engine_id"))
+                    or r.preemptions != int(kv.get(PREEMPTIONS_KEY, -2)) or final[:r.end] != r.remote[:r.end]):
+                break
+            kept = r.end
+        return kept
+
+    def drop(self, req_id: str, timeout_s: float) -> bool:
+        """An aborted consumer: wait for its early READs (they write into its blocks) before they are freed.
+        False if one is still running after ``timeout_s``."""
+        reads = self._prefetches.pop(req_id, [])
+        self._wait(reads, timeout_s)
+        return all(r.handle == -1 for r in reads)
+
+
+class _Tail:
+    """A consumer's blocks without the first ``skip`` (filled by early READs): vLLM's pull reads the producer's
+    last blocks into them, as after a local prefix-cache hit."""
+
+    def __init__(self, blocks: Any, skip: int) -> None:
+        self.blocks = blocks.blocks
+        self._all = blocks
+        self._skip = skip
+
+    def get_unhashed_block_ids_all_groups(self) -> list[list[int]]:
+        return [list(group[self._skip:]) for group in self._all.get_unhashed_block_ids_all_groups()]
+
+
+@dataclass(slots=True)
+class _Prefetch:
+    """One early READ of a consumer: producer blocks ``remote[start:end]`` into its blocks ``start:end``."""
+
+    handle: int
+    engine_id: str
+    remote: list[int]
+    start: int
+    end: int
+    preemptions: int
+    state: str = "PROC"

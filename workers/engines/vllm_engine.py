@@ -102,6 +102,7 @@ class _Req:
     b_max_tokens: int = 0
     b_deadline: float = 0.0  # role B: recompute locally if A's KV has not arrived by then
     b_producer: str = ""  # role B: A's vLLM engine id (its handshake failing also means recompute)
+    published: int = 0  # role A, s <= p: blocks announced to B so far (KvChunk)
     parked: bool = False  # role B: in vLLM since its dispatch, waiting for A's StartDecode (admit_b_at_dispatch)
     vllm_id: str = ""  # the id we gave vLLM (changes when B falls back to recomputing)
     internal_id: str = ""  # vLLM's internal id (its scheduler and the connector key requests by it)
@@ -170,6 +171,8 @@ class VllmEngine:
         self._ship: Callable[[StepOutput], None] | None = None
         self._next_pull_check = math.inf  # earliest deadline of a B's pull (monotonic s); 0 after a failed handshake
         self._failed_producers: set[str] = set()  # engine ids of producers whose handshake failed since the last check
+        self._publishing: dict[str, _Req] = {}  # internal id -> A (s <= p) whose finished blocks go to B early
+        self._early_kept = 0  # blocks pulled early and kept since the last shipped output (engine thread)
         self._parked: set[str] = set()  # internal ids of parked Bs in vLLM (engine thread; they do not keep it stepping)
         self.last_step_ms = 0.0
         self.transfer_failures = 0
@@ -206,7 +209,8 @@ class VllmEngine:
         self.connector = self.sched.connector
         from vllm.distributed.kv_transfer.kv_transfer_state import get_kv_transfer_group
 
-        get_kv_transfer_group().on_producer_failure = self._producer_failed  # the worker side's connector
+        self.kv_worker = get_kv_transfer_group()  # the worker side's connector (self.connector: the scheduler's)
+        self.kv_worker.on_producer_failure = self._producer_failed
         vcfg = core.vllm_config
         mcfg = vcfg.model_config
         self.block_size = vcfg.cache_config.block_size
@@ -349,6 +353,8 @@ class VllmEngine:
                 self._ops.append(("abort_parked", req))
             elif req.state == RUNNING:
                 self._ops.append(("abort", req.vllm_id))
+                if req.desc.role == ROLE_A:
+                    self._ops.append(("unpublish", req.internal_id))
             elif req.state == HELD:
                 self._ops.append(("expire", req.internal_id))
         self._kick()
@@ -368,25 +374,89 @@ class VllmEngine:
                     req.internal_id = self.llm.add_request(vllm_id, {"prompt_token_ids": prompt}, params)
                     if parked:
                         self._parked.add(req.internal_id)
+                    elif req.desc.role == ROLE_A and req.desc.split <= len(req.desc.prompt) and self.cfg.admit_b_at_dispatch:
+                        self._publishing[req.internal_id] = req
+                        end = self._first_chunk_end(req.desc.split) if self.cfg.overlap_tail_tokens else 0
+                        if end:
+                            self.sched.split_prefill[req.internal_id] = end
                     self.sched.ranks[req.internal_id] = self.local.prefill_rank(req.desc.arrival,
                                                                                 req.desc.ttft_slo_ms)
             elif kind == "abort":
                 self.llm.abort_request([arg])
             elif kind == "resume":
                 self._resume(*arg)
+            elif kind == "chunk":
+                self._prefetch(*arg)
             elif kind == "abort_parked":
                 self._parked.discard(arg.internal_id)
-                if self.connector.is_parked(arg.internal_id):
-                    # no READ was posted: vLLM may free its blocks at once (it otherwise waits for the pull)
+                settled = self.kv_worker.drop(arg.internal_id, self.cfg.kv_pull_timeout_s)
+                if settled and self.connector.is_parked(arg.internal_id):
+                    # no READ of its own is running: vLLM may free its blocks at once (it otherwise waits
+                    # for the pull to report)
                     self.sched.finished_recving_kv_req_ids.add(arg.internal_id)
                 self.llm.abort_request([arg.vllm_id])
+            elif kind == "unpublish":
+                self._publishing.pop(arg, None)
+                self.sched.split_prefill.pop(arg, None)
             elif kind == "expire":
                 self.connector.expire(arg)
 
+    def _first_chunk_end(self, split: int) -> int:
+        """Where A's first prefill chunk ends when it is split for an early pull: the last block boundary at
+        least ``overlap_tail_tokens`` before ``split`` (0: not split)."""
+        return max(0, (split - self.cfg.overlap_tail_tokens) // self.block_size * self.block_size)
+
+    def kv_chunk(self, req_id: str, kv: dict, num_tokens: int) -> None:
+        with self._lock:
+            req = self.reqs.get(req_id)
+            if req is None or not req.parked or not isinstance(kv, dict):
+                return  # advisory: not (or no longer) a parked B here
+            self._ops.append(("chunk", (req, kv)))
+        self._kick()
+
+    def _prefetch(self, req: _Req, kv: dict) -> None:
+        """On the engine thread: pull the blocks of a KvChunk into a parked B's blocks."""
+        if req.internal_id not in self._parked:
+            return  # resumed or aborted meanwhile
+        local = self.connector.parked_block_ids(req.internal_id)
+        if local is None:
+            return  # not admitted yet (no free blocks when it was added)
+        try:
+            self.kv_worker.prefetch(req.internal_id, local, kv)
+        except Exception as exc:  # noqa: BLE001 - a bad chunk (or a failed post) only loses the early pull
+            log.warning("request %s: early KV pull not started: %s", req.desc.req_id, exc)
+
+    def _publish(self, plan: Any, out: StepOutput) -> None:
+        """On the engine thread, after a step: the blocks an A (s <= p) has completed while it still prefills
+        go to its B as a KvChunk."""
+        for iid, _ in plan.prefills:
+            req = self._publishing.get(iid)
+            vreq = self.sched.requests.get(iid) if req is not None else None
+            if req is None or vreq is None:
+                continue
+            done = vreq.num_computed_tokens
+            if done >= req.desc.split:
+                continue  # the last chunk: the handoff names every block
+            full = done // self.block_size
+            groups = self.sched.kv_cache_manager.get_block_ids(iid)
+            if full <= req.published or len(groups) != 1:
+                continue
+            req.published = full
+            kv = self.connector.chunk_params(vreq, groups[0][:full])
+            out.chunks.append(Handoff(req.desc.req_id, kv, full * self.block_size, []))
+
     def _resume(self, req: _Req, tokens: list[int], params: dict) -> None:
         """On the engine thread: a parked B gets A's tokens (appended to its prompt, before vLLM schedules it
-        again) and A's parameters."""
+        again) and A's parameters; the blocks it pulled early are kept if they still match."""
         self._parked.discard(req.internal_id)
+        local = self.connector.parked_block_ids(req.internal_id)
+        try:
+            pulled = self.kv_worker.settle(req.internal_id, params, self.cfg.kv_pull_timeout_s)
+            if pulled and (local is None or len(params["remote_block_ids"][0]) != len(local)):
+                pulled = 0  # vLLM's pull pairs the two sides' blocks from the end: only equal counts line up
+        except Exception as exc:  # noqa: BLE001 - malformed parameters: the pull (or its failure) decides
+            log.warning("request %s: early KV pulls not used: %s", req.desc.req_id, exc)
+            pulled = 0
         vreq = self.sched.requests.get(req.internal_id)
         if vreq is None:
             return
@@ -394,7 +464,8 @@ class VllmEngine:
             vreq.prompt_token_ids.extend(tokens)
             vreq._all_token_ids.extend(tokens)
             vreq.num_prompt_tokens += len(tokens)
-        self.connector.resume(vreq, params)
+        self._early_kept += pulled
+        self.connector.resume(vreq, params, pulled)
 
     def _live(self) -> bool:
         """vLLM has requests to step (parked Bs alone do not count) or finished ones to clean up."""
@@ -488,7 +559,10 @@ class VllmEngine:
                 plan, self.sched.last_step = self.sched.last_step, None
                 if plan is not None and not plan.empty:
                     if ship is not None:
-                        ship(self._collect(outputs, plan, ms))
+                        out = self._collect(outputs, plan, ms)
+                        if self._publishing:
+                            self._publish(plan, out)
+                        ship(out)
                     else:
                         post(_Stepped(outputs, ms, plan))
                     outputs = []
@@ -508,6 +582,8 @@ class VllmEngine:
         with self._lock:
             for o in outputs:
                 self._on_output(o, out)
+            if self._early_kept:
+                out.kv_early_blocks, self._early_kept = self._early_kept, 0
             if plan is not None:
                 self.local.observe(plan, ms)
                 self.last_step_ms = ms
@@ -570,11 +646,15 @@ class VllmEngine:
                 if self.cfg.fault_injection == "dead_handoff_port":
                     kv["remote_port"] = 9  # discard port: nothing listens, the reader's handshake fails
                 req.state = HELD
+                vreq = self.sched.requests.get(req.internal_id)
+                kv["dynaserve_preemptions"] = vreq.num_preemptions if vreq is not None else -1
+                self._ops.append(("unpublish", req.internal_id))
                 self._held_blocks[rid] = (req.internal_id, -(-s // self.block_size))
                 out.handoffs.append(Handoff(rid, kv, s, list(req.a_tokens)))
             else:  # stopped early (stop token): the request ends on A and nobody will read its KV
                 out.entries.append([rid, new, finish])
                 del self.reqs[rid]
+                self._ops.append(("unpublish", req.internal_id))
                 self._ops.append(("expire", req.internal_id))
                 self._kick()
             return

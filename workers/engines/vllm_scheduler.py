@@ -37,6 +37,9 @@ class DynaServeScheduler(Scheduler):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.ranks: dict[str, float] = {}  # internal request id -> prefill rank (smaller first)
+        # internal request id -> where its first prefill chunk ends (an A whose finished blocks B pulls while
+        # it computes the rest; set by the engine)
+        self.split_prefill: dict[str, int] = {}
         self._now = 0.0
 
     def _rank(self, req: Any) -> tuple[int, bool, float]:
@@ -79,6 +82,18 @@ class DynaServeScheduler(Scheduler):
             self.running = keep
         return late
 
+    def _split_cap(self) -> int:
+        """Prefill tokens this step may take when the one prefill in line is an A to be split for an early
+        pull and has not reached its first chunk's end (0: no cap). With other prefills around, the budget
+        is left as it is (splitting one would cut the others' share)."""
+        prefills = [r for r in self.running if r.num_computed_tokens < r.num_prompt_tokens]
+        prefills += [r for r in self.waiting if r.status in _READY]
+        if len(prefills) != 1:
+            return 0
+        req = prefills[0]
+        end = self.split_prefill.get(req.request_id, 0)
+        return end - req.num_computed_tokens if end > req.num_computed_tokens else 0
+
     def schedule(self, *args: Any, **kwargs: Any) -> Any:
         local = self.local
         late: list[Any] = []
@@ -93,6 +108,10 @@ class DynaServeScheduler(Scheduler):
             if local.config.prefill_order == "deadline" and (decodes < len(self.running) or self.waiting):
                 late = self._order_by_deadline()  # sets aside running prefills only: the decodes stay counted
             budget = local.token_budget(decodes, ctx) + decodes
+            if self.split_prefill:
+                cap = self._split_cap()
+                if cap:
+                    budget = min(budget, decodes + cap)
             self.max_num_scheduled_tokens = max(1, min(budget, self.scheduler_config.max_num_batched_tokens))
         try:
             out = super().schedule(*args, **kwargs)
