@@ -142,9 +142,33 @@ def test_aborts_leave_no_held_blocks(control_cluster: LocalCluster) -> None:
     asyncio.run(main())
 
 
+def test_aborts_around_the_early_pull_leave_no_held_blocks(control_cluster: LocalCluster) -> None:
+    """PD splits of a 1,900-token prompt (A prefills 1,664 positions first, whose 13 blocks B pulls early,
+    then the rest), aborted at staggered times after they are sent: while A prefills, while B pulls early,
+    around the handoff. Neither worker keeps a block, and the next split still streams exactly."""
+    long_p = 1900
+
+    async def main() -> None:
+        async with DynaServeClient(control_cluster.client_addr) as c:
+            for i, delay in enumerate((0.0, 0.03, 0.07, 0.09, 0.1, 0.11, 0.12, 0.2)):  # A prefills ~0.1 s
+                stream = c.generate(prompt(seed=70 + i, n=long_p), max_tokens=8, ignore_eos=True, force_split=long_p)
+                await asyncio.sleep(delay)
+                await stream.abort()
+        loads = await wait_idle(control_cluster, 60)
+        for inst, ld in loads.items():
+            assert ld["active_requests"] == 0 and ld["held_blocks"] == 0 and ld["kv_used_tokens"] == 0, (inst, ld)
+        p = prompt(seed=79, n=long_p)
+        ref, _ = await run(control_cluster.client_addr, p, 8, split=long_p + 8)
+        got, kind = await run(control_cluster.client_addr, p, 8, split=long_p)
+        assert kind == "pd" and got == ref
+        await wait_idle(control_cluster, 30)
+
+    asyncio.run(main())
+
+
 def _park_and_abort(admit_at_dispatch: bool) -> dict[str, object]:
-    """In a child process: a vLLM engine gets a waiting B (classic PD, s = p), steps until idle, then loses it
-    to an abort. Returns what its load said at each point."""
+    """In a child process: a vLLM engine gets a waiting B (classic PD, s = p), steps until idle, gets malformed
+    KvChunks, then loses it to an abort. Returns what its load said at each point."""
     import dataclasses
     import time
 
@@ -165,6 +189,14 @@ def _park_and_abort(admit_at_dispatch: bool) -> dict[str, object]:
                 steps += 1
             parked = dataclasses.asdict(eng.load())
             idle_after_park = not eng.has_work()
+            # KvChunks a broken peer might send: unknown producer, malformed fields; all ignored
+            for kv in ({"remote_engine_id": "nobody", "remote_block_ids": [[0, 1]]}, {"remote_block_ids": "x"},
+                       {"remote_engine_id": 5, "remote_block_ids": [["a"]]}, ["not", "a", "dict"]):
+                eng.kv_chunk("b1", kv, 128)  # type: ignore[arg-type]
+                eng.kv_chunk("unknown", kv, 128)  # type: ignore[arg-type]
+            while eng.has_work() and steps < 80:
+                await eng.step(time.monotonic())
+                steps += 1
             eng.abort("b1")
             while eng.has_work() and steps < 100:
                 await eng.step(time.monotonic())
