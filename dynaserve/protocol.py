@@ -10,7 +10,8 @@ Message groups by destination:
   broker -> client: Admitted, TokenStream, ErrorReply, StatusReply
   worker -> broker: RegisterWorker, LoadReport, TokenBatch, HandoffReady, MicroFailed
   broker -> worker: RegisterAck, DispatchMicro, StartDecode, AbortMicro, Shutdown
-  worker A -> worker B (direct handoff, a copy of what the broker relays): StartDecode
+  worker A -> worker B (its handoff inbox): StartDecode (a copy of what the broker relays), KvChunk (blocks A
+      finished while it still prefills, for B to pull early; advisory)
 """
 
 from __future__ import annotations
