@@ -467,9 +467,17 @@ class VllmEngine:
         self._early_kept += pulled
         self.connector.resume(vreq, params, pulled)
 
+    def _runnable(self) -> bool:
+        """vLLM has unfinished requests other than parked Bs."""
+        unfinished = self.llm.output_processor.get_num_unfinished_requests()
+        if not self._parked:
+            return unfinished > 0
+        requests = self.sched.requests
+        return unfinished > sum(1 for iid in list(self._parked) if iid in requests)
+
     def _live(self) -> bool:
         """vLLM has requests to step (parked Bs alone do not count) or finished ones to clean up."""
-        if self.llm.output_processor.get_num_unfinished_requests() > len(self._parked):
+        if self._runnable():
             return True
         return self.sched.has_finished_requests() if self._parked else self.sched.has_requests()
 
@@ -549,8 +557,7 @@ class VllmEngine:
                         ship(late)
                 self._apply_ops()
                 # requests that only wait for their KV to be read (held blocks) need a poll, not back-to-back steps
-                if not (self.llm.output_processor.get_num_unfinished_requests() > len(self._parked)
-                        or (first and self.sched.has_requests())):
+                if not (self._runnable() or (first and self.sched.has_requests())):
                     break
                 first = False
                 t0 = time.perf_counter()
