@@ -1,4 +1,4 @@
-"""bench.bench_vllm's overhead table (pure) and its process-tree helper (real processes)."""
+"""bench.bench_vllm's overhead and handoff tables (pure) and its process-tree helper (real processes)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,16 @@ import subprocess
 import sys
 import time
 
-from bench.bench_vllm import SYSTEMS, descendants, overhead_table, records
+from bench.bench_vllm import (
+    BLOCK,
+    SYSTEMS,
+    WIDE_KV_BYTES_PER_TOKEN,
+    Handoff,
+    descendants,
+    handoff_tables,
+    overhead_table,
+    records,
+)
 
 
 def _round(name: str, gap_ms: float, steps: list[float]) -> tuple[list, dict]:
@@ -61,3 +70,32 @@ def test_descendants_follows_the_process_tree_down() -> None:
             subprocess.run(["kill", str(pid)], check=False)
         proc.kill()
         proc.wait()
+
+
+_KEYS = ("relay_a_b a_ship direct_send ship_to_b to_post to_burst to_kick kick_to_burst step_to_post handshake "
+         "read_post read_post_cpu read_seen to_decode handoff_workers decode relay_b_client b_waiting_steps "
+         "a_held_steps a_release early_blocks early_post early_cpu early_slack kept_blocks a_prefill_steps ttft").split()
+
+
+def _handoff(p: int, path: str, workers_ms: float, cold: bool = False) -> Handoff:
+    inner = {k: 1.0 for k in _KEYS}
+    inner.update(handoff_workers=workers_ms, early_blocks=6.0, kept_blocks=6.0, a_prefill_steps=2.0, ttft=541.0,
+                 add=float("nan"), add_cpu=float("nan"), to_add=float("nan"), add_to_step=float("nan"))
+    tel = {"xfer_ms": 0.8, "post_ms": 0.1, "bytes": float(2 * BLOCK * WIDE_KV_BYTES_PER_TOKEN), "descs": 16.0}
+    return Handoff(p, cold, workers_ms + 17.0, path, inner, tel)
+
+
+def test_handoff_tables_with_early_pulls_and_the_late_variant() -> None:
+    res = {"vs": "late", "unsplit_tbt": {1000: [15.0]}, "unsplit_ttft": {1000: [530.0]},
+           "raw": {(1000, "layers"): [3.0], (1000, "contiguous"): [2.8]},
+           "splits": [_handoff(1000, "direct", 20.0, cold=True), _handoff(1000, "direct", 3.0),
+                      _handoff(1000, "late", 6.0)]}
+    text = handoff_tables(res, [1000])
+    rows = [line for line in text.splitlines() if line.startswith("| 1000 |")]
+    ratio = [c.strip() for c in rows[1].split("|")]
+    assert ratio[3] == "**1.00**"  # raw 3.0 ms / handoff in the workers 3.0 ms
+    assert ratio[4] == "0.94"  # the READ at the handoff: 8 MiB in 0.8 ms (10.5 GB/s), raw 32 MiB in 3.0 ms (11.2)
+    assert "| 1000 | 2 | 6 / 8 | 6 |" in text and "| 541; 530 |" in text  # early pulls, TTFT split; unsplit
+    assert "against B added to vLLM at the StartDecode" in text
+    assert "| 3.0; 6.0 |" in text and "**1.00**; 0.50" in text  # default against late
+    assert "(- : B was added at dispatch) | - | - |" in text  # no add_request on the handoff's path
