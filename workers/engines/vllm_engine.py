@@ -374,7 +374,8 @@ class VllmEngine:
                     req.internal_id = self.llm.add_request(vllm_id, {"prompt_token_ids": prompt}, params)
                     if parked:
                         self._parked.add(req.internal_id)
-                    elif req.desc.role == ROLE_A and req.desc.split <= len(req.desc.prompt) and self.cfg.admit_b_at_dispatch:
+                    elif (req.desc.role == ROLE_A and req.desc.split <= len(req.desc.prompt) and req.desc.peer_addr
+                          and self.cfg.admit_b_at_dispatch):  # B is parked and A can reach its handoff inbox
                         self._publishing[req.internal_id] = req
                         end = self._first_chunk_end(req.desc.split) if self.cfg.overlap_tail_tokens else 0
                         if end:
