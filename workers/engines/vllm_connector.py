@@ -201,7 +201,6 @@ class DynaServeConnector(NixlPullConnector):
             count = max(0, int(params["remote_num_tokens"]) - num_computed_tokens)
             return count, count > 0
         count, load_async = super().get_num_new_matched_tokens(request, num_computed_tokens)
-        params = request.kv_transfer_params
         if count and params and params.get(ROLE_KEY) == "B" and params.get("remote_num_tokens") is not None:
             # only what A computed; B computes the rest, starting with the position after A's last
             count = max(0, min(count, int(params["remote_num_tokens"]) - num_computed_tokens))
