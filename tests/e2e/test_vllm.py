@@ -422,6 +422,9 @@ def test_a_killed_before_b_pulls_stream_completes_exactly() -> None:
                     if len(got) == 10:
                         cluster.kill(adm.instance_b, signal.SIGSTOP)
                     elif len(got) == split - P_LEN + 1:  # A's last token: its handoff is on the way to B
+                        # A sends its HandoffReady right after this token's batch; killed before that leaves
+                        # A, the handoff is lost and the broker re-plans (seen once under CI load)
+                        await asyncio.sleep(0.2)
                         cluster.kill(adm.instance_a, signal.SIGKILL)
                         cluster.kill(adm.instance_b, signal.SIGCONT)
                 assert got == ref
