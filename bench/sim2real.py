@@ -40,6 +40,7 @@ from dynaserve.cluster import ClusterConfig, LocalCluster
 from dynaserve.costmodel import StepLatencyModel
 from dynaserve.metrics import RequestRecord, Summary, summarize
 from dynaserve.split import tokens_emitted_by_a
+from workers.engines.vllm_config import VllmEngineConfig
 
 DEFAULT_VLLM_STEP_MODEL = "docs/sim2real/tiny-llama-cpu.json"
 # quantiles of the live noise (every 0.5 %): the simulator interpolates linearly between neighbours, so with
@@ -203,6 +204,9 @@ def sim_config(cfg: Sim2RealConfig, extras: LiveExtras | None = None) -> FittedS
         # B joins that very step once the pull lands (eager); vLLM posts the pull in that step and schedules B
         # in the one after, when the step's output reports the pull done (not eager)
         eager_pull=cfg.engine == "sim", prefill_order="deadline", block_size=block,
+        # the vLLM workers pull a PD split's blocks while A computes its prompt's last tokens (the simulated
+        # engine pulls everything at the handoff)
+        early_pull_tail_tokens=VllmEngineConfig.overlap_tail_tokens if cfg.engine == "vllm" else 0,
         kv_alloc="on_demand" if cfg.engine == "vllm" else "reserve", ground_truth="linear", max_sim_s=3600.0,
         fixed_model=model, fixed_kv_bytes=kv_bytes, fixed_kv_tokens=cfg.kv_capacity_tokens,
         step_overhead_ms=ex.step_overhead_ms, step_overhead_per_seq_ms=ex.step_overhead_per_seq_ms,

@@ -24,6 +24,7 @@ class InstanceState:
     kv_bytes_per_token: int = 0
     pool: str = "any"  # "prefill" / "decode" / "any" (only the disagg policy reads it)
     max_num_seqs: int = 0  # the engine's cap of running sequences (0: none known)
+    early_pull_tail_tokens: int = 0  # RegisterWorker.early_pull_tail_tokens (0: pulls all KV at the handoff)
     alive: bool = True
     queued_prefill_tokens: int = 0
     running_seqs: int = 0
@@ -136,3 +137,19 @@ class Pricing:
         if inst.kv_bytes_per_token <= 0 or self.transfer_gbps <= 0:
             return 0.0
         return inst.kv_bytes_per_token / (self.transfer_gbps * 1e6)
+
+    def handoff_transfer_ms(self, a: InstanceState, b: InstanceState, s: int, p: int, tbt_slo_ms: float) -> float:
+        """Transfer time a handoff of ``s`` positions adds after A's part ends (``handoff_ms`` aside).
+
+        Without early pulls, the whole transfer. With them (A and B both advertise them, ``s <= p``), B reads
+        the blocks before A's last ``tail`` positions chunk by chunk while A computes the rest of its part (all
+        of it but its first chunk, at most one step's budget, at A's prefill rate): the tail's transfer
+        remains, plus whatever of the early part's transfer that computation does not cover.
+        """
+        x = self.transfer_ms_per_token(b)
+        tail = a.early_pull_tail_tokens if b.early_pull_tail_tokens > 0 else 0
+        if tail <= 0 or s > p or s <= tail or x <= 0:
+            return s * x
+        first = min(s - tail, self.prefill_budget(a, tbt_slo_ms))
+        covered = (s - first) * self.prefill_ms_per_token(a, tbt_slo_ms)
+        return tail * x + max(0.0, (s - tail) * x - covered)

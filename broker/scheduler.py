@@ -325,8 +325,9 @@ class DynaServePolicy:
       there waits for a decode to finish before its prefill can start.
     * Split at s = p when A has prefill queued and another instance B has none (B lost the placement
       because its decodes slow its prefill rate), has a free slot (it runs fewer than its engine's cap of
-      sequences less ``full_headroom``) and room for the request's KV, and the handoff gap (transfer + the
-      wait for B's step boundary + B's step) stays under ``gap_frac`` of the TBT SLO; among such instances
+      sequences less ``full_headroom``) and room for the request's KV, and the handoff gap (the transfer
+      left after A's prefill, :meth:`Pricing.handoff_transfer_ms`, which early pulls shorten, + the wait
+      for B's step boundary + B's step) stays under ``gap_frac`` of the TBT SLO; among such instances
       B runs the shortest decode step. The request's decode then runs where it delays no prefill, instead
       of taking step time from A's prefill queue: the prefill:decode split of the cluster follows the load.
       A full B is never chosen: the request would wait there for a slot, seconds when B's decodes are long,
@@ -427,7 +428,7 @@ class DynaServePolicy:
                 b, b_step = inst, step
         if b is None:
             return Plan.whole(a.id, p, mt)
-        gap = pr.handoff_ms + p * pr.transfer_ms_per_token(b) + 2.0 * max(b_step, b.step_ms)
+        gap = pr.handoff_ms + pr.handoff_transfer_ms(a, b, p, p, slo) + 2.0 * max(b_step, b.step_ms)
         if gap > self.gap_frac * slo:
             return Plan.whole(a.id, p, mt)
         return Plan.make(a.id, b.id, p, mt, p)

@@ -263,6 +263,7 @@ class Broker:
         stats["instances"] = {
             iid: {**{k: v for k, v in dataclasses.asdict(r).items() if k not in ("instance_id", "seq")},
                   "max_num_seqs": self.cluster.instances[iid].max_num_seqs,
+                  "early_pull_tail_tokens": self.cluster.instances[iid].early_pull_tail_tokens,
                   "handoff_addr": self.handoff_addrs.get(iid, "")}
             for iid, r in self.reports.items() if iid in self.cluster.instances
         }
@@ -542,12 +543,16 @@ class Broker:
         if ident != inst_id.encode():
             self._to_ident(ident, P.RegisterAck(inst_id, False, "socket identity must equal instance_id", 0))
             return
+        if msg.early_pull_tail_tokens < 0:
+            self._to_ident(ident, P.RegisterAck(inst_id, False, "early_pull_tail_tokens must be >= 0", 0))
+            return
         if inst_id in self.cluster.instances:  # a restarted worker: whatever it held is gone
             self.cluster.remove(inst_id)
             self._lose_instance(inst_id, "restarted", now)
         self.cluster.add(InstanceState(
             id=inst_id, kv_capacity_tokens=msg.kv_capacity_tokens, max_model_len=msg.max_model_len,
             kv_bytes_per_token=msg.kv_bytes_per_token, pool=msg.pool, max_num_seqs=msg.max_num_seqs, last_report=now,
+            early_pull_tail_tokens=msg.early_pull_tail_tokens,
         ))
         self.vocabs[inst_id] = msg.vocab_size
         if msg.handoff_addr:

@@ -332,6 +332,8 @@ class RegisterWorker(Message):
     pool: str = "any"
     max_num_seqs: int = 0  # the engine's cap of running sequences (0: none known)
     handoff_addr: str = ""  # where peers send StartDecode directly (a PULL socket); empty = none
+    early_pull_tail_tokens: int = 0  # > 0: as A of s <= p it sends KvChunks, as B it pulls them early; A's last
+    # prefill step then computes about this many positions while B reads the rest (0: whole pull at the handoff)
 
 
 @dataclass(slots=True)

@@ -101,6 +101,7 @@ class EngineInfo:
     vocab_size: int
     eos_token_id: int
     max_num_seqs: int = 0  # cap of running sequences the engine admits (0: none)
+    early_pull_tail_tokens: int = 0  # see RegisterWorker.early_pull_tail_tokens (needs the handoff inbox)
 
 
 class Engine(Protocol):

@@ -126,6 +126,7 @@ class Worker:
             self.cfg.instance_id, info.kind, info.model, info.kv_capacity_tokens, info.block_size,
             info.max_model_len, self.cfg.kv_transport, info.vocab_size, info.eos_token_id,
             info.kv_bytes_per_token, self.cfg.pool, info.max_num_seqs, self.handoff_addr,
+            info.early_pull_tail_tokens if self.handoff_addr else 0,  # chunks travel through the inbox only
         ))
 
     async def run(self) -> None:

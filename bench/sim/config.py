@@ -34,6 +34,9 @@ class SimConfig:
     link_gbps: float = 25.0  # KV link bandwidth per direction, GB/s (one link per GPU of an instance)
     transfer_latency_ms: float = 1.0  # fixed cost of one KV handoff (setup, descriptor round trip)
     serialize_transfers: bool = True  # transfers into one instance share its link, one at a time
+    early_pull_tail_tokens: int = 0  # > 0: B of a split at s <= p reads A's blocks before A's last this-many
+    # positions while A computes those, and only the rest at the handoff (the vLLM workers' default is 128,
+    # RegisterWorker.early_pull_tail_tokens); 0: the whole pull starts at the handoff
     eager_pull: bool = False  # B admits and starts its pull when the handoff arrives (the live worker waits
     # for its next step boundary, as the default here)
     prefill_order: str = "deadline"  # order of prefill chunks in a step (workers.local_scheduler.prefill_rank):
@@ -70,6 +73,8 @@ class SimConfig:
             raise ValueError("instances must be >= 1")
         if self.report_interval_ms <= 0:
             raise ValueError("report_interval_ms must be > 0")
+        if self.early_pull_tail_tokens < 0:
+            raise ValueError("early_pull_tail_tokens must be >= 0")
         if self.link_gbps <= 0 or self.transfer_latency_ms < 0:
             raise ValueError("link_gbps must be > 0 and transfer_latency_ms >= 0")
         if min(self.step_overhead_ms, self.step_overhead_per_seq_ms, self.step_overhead_prefill_ms,
@@ -114,6 +119,13 @@ class SimConfig:
     def transfer_ms(self, tokens: int) -> float:
         """Time to move the KV of ``tokens`` positions from A to B (all TP shards in parallel)."""
         return self.transfer_latency_ms + tokens * self.kv_bytes_per_token / (self.link_gbps * 1e6)
+
+    def early_pull_end(self, split: int) -> int:
+        """Positions B of a split at ``split`` (<= the prompt) reads before the handoff: A's blocks that end at
+        least ``early_pull_tail_tokens`` before it (0: none)."""
+        if self.early_pull_tail_tokens <= 0:
+            return 0
+        return max(0, (split - self.early_pull_tail_tokens) // self.block_size * self.block_size)
 
     def local_config(self) -> LocalSchedulerConfig:
         return LocalSchedulerConfig(

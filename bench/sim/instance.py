@@ -83,6 +83,8 @@ class MicroSeq:
     i0: int = 0  # first decode step index
     ctx0: int = 0  # context at the first decode step
     dsteps: int = 0  # decode steps (tokens emitted in the decode phase)
+    early_pos: int = 0  # role A of a split at s <= p with early pulls: positions B has read (or is reading)
+    early_end: float = 0.0  # and when those reads end (B reads each step's new whole blocks, one read at a time)
 
     @property
     def pre_left(self) -> int:
@@ -109,6 +111,7 @@ class SimInstance:
         self.truth = truth
         self.max_seqs = sched.config.max_num_seqs
         self.eager_pull = sim.cfg.eager_pull
+        self.early_tail = sim.cfg.early_pull_tail_tokens
         self.on_demand = sim.cfg.kv_alloc == "on_demand"
         rank = sched.prefill_rank
         self._rank: Callable[[MicroSeq], float] = lambda s: rank(s.req.arrival, s.req.ttft_slo_ms)
@@ -271,12 +274,29 @@ class SimInstance:
         for seq, c in self.cur_prefills:
             seq.computed += c
             self.qp -= c
+            if self.early_tail and seq.role == ROLE_A and seq.split <= seq.req.prompt:
+                self._publish(seq, c, now)
             if seq.computed >= seq.prefill_end:
                 self.prefilling.remove(seq)
                 self._end_prefill(seq, j, now)
         self.dirty = True
         self.busy = False
         self.start_step(now)
+
+    def _publish(self, seq: MicroSeq, c: int, now: float) -> None:
+        """Role A with early pulls: B reads the whole blocks before the tail that this step (``c`` positions,
+        ending ``now``) completed, after its earlier reads (the live A's KvChunks and B's early READs)."""
+        cfg = self.sim.cfg
+        limit = cfg.early_pull_end(seq.split)
+        done = min(seq.computed, limit) // self.block_size * self.block_size
+        if done <= seq.early_pos:
+            return
+        t = now
+        if seq.computed > limit:  # the live A splits this step at the boundary: that share of it
+            start = now - self.last_step_ms / 1000.0
+            t = start + (limit - (seq.computed - c)) / c * (now - start)
+        seq.early_end = max(t, seq.early_end) + cfg.transfer_ms(done - seq.early_pos) / 1000.0
+        seq.early_pos = done
 
     def _grow(self, j: int) -> bool:
         """KV blocks for the decodes of step ``j`` (on demand); preempt when none is free. True if it did."""
@@ -320,6 +340,7 @@ class SimInstance:
             seq.emits_at_prefill = True
             self.qp += ctx
         seq.computed = 0
+        seq.early_pos, seq.early_end = 0, 0.0  # blocks B may have read early are stale now
         seq.pulled = True  # what it had is recomputed here, never pulled again
         seq.entry = 0
         seq.state = QUEUED

@@ -150,7 +150,8 @@ class Simulator:
             inst_truth = live_truth(truth, config, config.noise_seed * 1000 + i)
             self.instances.append(SimInstance(iid, self, sched, cap, config.block_size, inst_truth))
             self.cluster.add(InstanceState(id=iid, kv_capacity_tokens=cap, kv_bytes_per_token=config.kv_bytes_per_token,
-                                           max_num_seqs=config.max_num_seqs))
+                                           max_num_seqs=config.max_num_seqs,
+                                           early_pull_tail_tokens=config.early_pull_tail_tokens))
         self.by_id = {inst.id: inst for inst in self.instances}
         self._heap: list[tuple[float, int, int, Any]] = []
         self._tie = 0
@@ -160,7 +161,7 @@ class Simulator:
         self.active = 0
         self.link_free: dict[str, float] = {}
         self.stats: dict[str, Any] = {"plans": 0, "queued": 0, "transfers": 0, "transfer_ms": 0.0, "steps": 0,
-                                      "moves": 0}
+                                      "moves": 0, "early_pulls": 0}
         # run-time decode handoffs (bench.sim.migration), when the policy makes them
         self._moves = getattr(policy, "moves", None)
         bind = getattr(policy, "bind", None)
@@ -177,11 +178,22 @@ class Simulator:
         self._push(t, STEP_END, inst)
 
     def start_transfer(self, seq: MicroSeq, now: float) -> None:
-        """Role B was admitted: pull A's KV of positions [0, split) over B's link."""
-        dur = self.cfg.transfer_ms(seq.split) / 1000.0
+        """Role B was admitted: pull A's KV of positions [0, split) over B's link.
+
+        With early pulls (``early_pull_tail_tokens``), B has read A's blocks before the tail step by step
+        while A computed (``MicroSeq.early_pos``, ``early_end``: reads of their own, not serialized with
+        other transfers on B's link) and pulls only the rest now, once those reads have ended.
+        """
+        tokens = seq.split
         start = now
+        a = seq.req.seq_a
+        if a is not None and a.early_pos > 0:
+            start = max(now, a.early_end)
+            tokens -= a.early_pos
+            self.stats["early_pulls"] += 1
+        dur = self.cfg.transfer_ms(tokens) / 1000.0
         if self.cfg.serialize_transfers:
-            start = max(now, self.link_free.get(seq.inst.id, 0.0))
+            start = max(start, self.link_free.get(seq.inst.id, 0.0))
             self.link_free[seq.inst.id] = start + dur
         self.stats["transfers"] += 1
         self.stats["transfer_ms"] += (start + dur - now) * 1000.0

@@ -138,6 +138,7 @@ def test_aborts_leave_no_held_blocks(control_cluster: LocalCluster) -> None:
         for inst, ld in loads.items():
             assert ld["active_requests"] == 0 and ld["held_blocks"] == 0 and ld["kv_used_tokens"] == 0, (inst, ld)
             assert ld["max_num_seqs"] == VllmEngineConfig().max_num_seqs  # registered for the policy
+            assert ld["early_pull_tail_tokens"] == VllmEngineConfig().overlap_tail_tokens  # priced by the policy
 
     asyncio.run(main())
 
@@ -202,7 +203,7 @@ def _park_and_abort(admit_at_dispatch: bool) -> dict[str, object]:
                 await eng.step(time.monotonic())
                 steps += 1
             return {"parked": parked, "idle_after_park": idle_after_park, "after_abort": dataclasses.asdict(eng.load()),
-                    "block_size": eng.info.block_size}
+                    "block_size": eng.info.block_size, "early_tail": eng.info.early_pull_tail_tokens}
         finally:
             eng.close()
 
@@ -224,6 +225,8 @@ def test_b_is_admitted_at_dispatch_and_an_abort_frees_its_blocks(admit_at_dispat
     assert parked["kv_used_tokens"] == (blocks * got["block_size"] if admit_at_dispatch else 0), parked
     assert parked["active_requests"] == 1 and got["idle_after_park"]
     assert after["kv_used_tokens"] == 0 and after["active_requests"] == 0, after
+    # what it registers: early pulls need B parked at dispatch
+    assert got["early_tail"] == (VllmEngineConfig().overlap_tail_tokens if admit_at_dispatch else 0)
 
 
 @pytest.mark.parametrize("mode", ["none", "peer"])

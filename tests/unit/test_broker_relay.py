@@ -187,3 +187,16 @@ def test_held_b_tokens_of_a_request_replanned_before_the_handoff_are_dropped() -
     streams = [m for m in (P.decode(f) for _, f in b.clients.sent) if isinstance(m, P.TokenStream)]  # type: ignore[attr-defined]
     assert [t for m in streams for e in m.entries for t in e[1]] == [10]
     assert b.table.get(iid) is None and b.stats.replanned == 1
+
+
+def test_registration_carries_early_pulls_and_refuses_a_negative_tail() -> None:
+    b = Broker(BrokerConfig(client_addr="ipc:///tmp/dynaserve-unit-c", worker_addr="ipc:///tmp/dynaserve-unit-w"))
+    b.clients, b.workers = RecordingChannel(), RecordingChannel()  # type: ignore[assignment]
+    for wid, tail in (("w0", 128), ("w1", -1)):
+        b._on_worker_frames([wid.encode(), P.encode(P.RegisterWorker(
+            wid, "vllm", "m", 1 << 20, 16, 1 << 20, "nixl", 32000, 2, 512, "any", 64, "ipc:///tmp/inbox", tail))])
+    assert b.cluster.instances["w0"].early_pull_tail_tokens == 128
+    assert "w1" not in b.cluster.instances
+    acks = {ident.decode(): P.decode(frame) for ident, frame in b.workers.sent}  # type: ignore[attr-defined]
+    assert acks["w0"].ok and not acks["w1"].ok  # type: ignore[attr-defined]
+    assert "early_pull_tail_tokens" in acks["w1"].reason  # type: ignore[attr-defined]

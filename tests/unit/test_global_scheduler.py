@@ -102,6 +102,28 @@ def test_transfer_price() -> None:
     assert Pricing(MODEL, transfer_gbps=0.0).transfer_ms_per_token(i) == 0.0
 
 
+def test_handoff_transfer_price_with_early_pulls() -> None:
+    x = 1_500_000 / 25e6  # 0.06 ms per token
+    a, b = inst("a", early_pull_tail_tokens=128), inst("b", kv_bytes_per_token=1_500_000, early_pull_tail_tokens=1)
+    # A computes 1000 - 512 positions after its first chunk (budget 512): 123.9 ms, more than the early part's
+    # 872 x 0.06 = 52.3 ms; only the tail's transfer remains
+    assert PRICING.handoff_transfer_ms(a, b, 1000, 1000, SLO) == pytest.approx(128 * x)
+    # ten times slower link: the early part's 523 ms less those 123.9 ms show too
+    slow = inst("b", kv_bytes_per_token=15_000_000, early_pull_tail_tokens=1)
+    assert PRICING.handoff_transfer_ms(a, slow, 1000, 1000, SLO) == pytest.approx(
+        128 * 10 * x + (872 * 10 * x - 488 * M_IDLE))
+    # one chunk before the tail (472 <= 512): A's last 128 positions cover the early part's 28.3 ms
+    assert PRICING.handoff_transfer_ms(a, b, 600, 1000, SLO) == pytest.approx(128 * x)
+    assert PRICING.handoff_transfer_ms(a, slow, 600, 1000, SLO) == pytest.approx(
+        128 * 10 * x + (472 * 10 * x - 128 * M_IDLE))
+    # the whole transfer without them: B does not pull early, A does not publish, a decode handoff, a short split
+    plain = inst("b0", kv_bytes_per_token=1_500_000)
+    assert PRICING.handoff_transfer_ms(a, plain, 1000, 1000, SLO) == pytest.approx(1000 * x)
+    assert PRICING.handoff_transfer_ms(inst("a0"), b, 1000, 1000, SLO) == pytest.approx(1000 * x)
+    assert PRICING.handoff_transfer_ms(a, b, 1010, 1000, SLO) == pytest.approx(1010 * x)
+    assert PRICING.handoff_transfer_ms(a, b, 100, 1000, SLO) == pytest.approx(100 * x)
+
+
 # ----------------------------------------------------------------------------------- colocate
 
 
@@ -233,6 +255,21 @@ def test_dynaserve_no_handoff_when_the_gap_breaks_the_tbt_slo() -> None:
     # B's last measured step counts: 2 + 2 * 40 = 82 ms
     plan = pol.plan(req(1000, 200), _offload_cluster(step_ms=40.0), 0.0)
     assert plan == Plan("w0", None, 1200, KIND_NONE)
+
+
+def test_dynaserve_prices_the_gap_with_early_pulls() -> None:
+    pol = DynaServePolicy(PRICING)
+
+    def offload(a_tail: int, b_tail: int) -> ClusterState:
+        return cluster(inst("w0", queued_prefill_tokens=100, early_pull_tail_tokens=a_tail),
+                       inst("w1", queued_prefill_tokens=100, running_seqs=8),
+                       inst("w2", running_seqs=8, kv_bytes_per_token=1_500_000, early_pull_tail_tokens=b_tail))
+
+    # 0.06 ms/token: the whole pull makes the gap 2 + 60 + 22 = 84 ms > 80 ms; with early pulls
+    # 2 + 7.7 + 22 = 31.7 ms (A's prefill after its first chunk covers the early part's 52.3 ms)
+    assert pol.plan(req(1000, 200), offload(128, 128), 0.0) == Plan("w0", "w2", 1000, KIND_PD)
+    assert pol.plan(req(1000, 200), offload(0, 128), 0.0) == Plan("w0", None, 1200, KIND_NONE)
+    assert pol.plan(req(1000, 200), offload(128, 0), 0.0) == Plan("w0", None, 1200, KIND_NONE)
 
 
 def test_dynaserve_avoids_instances_at_their_running_cap_for_prefill() -> None:

@@ -45,7 +45,8 @@ SAMPLES: dict[type[P.Message], P.Message] = {
     ),
     P.Admitted: P.Admitted("r-1", "w0", "w1", 3, "prompt", 4),
     P.TokenStream: P.TokenStream([["r-1", [10, 11], None], ["r-2", [], P.FINISH_STOP]]),
-    P.RegisterWorker: P.RegisterWorker("w0", "sim", "llama3-8b", 131072, 16, 32768, "nixl", 32000, 2, 512, "decode", 64),
+    P.RegisterWorker: P.RegisterWorker("w0", "sim", "llama3-8b", 131072, 16, 32768, "nixl", 32000, 2, 512, "decode", 64,
+                                         "tcp://127.0.0.1:5601", 128),
     P.LoadReport: P.LoadReport("w0", 9, 100, 4, 2048, 60, 4096, 131072, 12.25, 512, 3, 5),
     P.TokenBatch: P.TokenBatch([["r-1", [10], None], ["r-1", [11, 12], P.FINISH_HANDOFF]]),
     P.HandoffReady: P.HandoffReady(

@@ -112,6 +112,43 @@ def test_split_requests_continue_on_b(offset: int, kind: str) -> None:
         assert gap >= cfg.transfer_ms(s) / 1000.0
 
 
+@pytest.mark.parametrize("offset", [0, -100])
+def test_early_pulls_read_before_the_handoff(offset: int) -> None:
+    p, o = 4000, 20
+    runs = {}
+    for tail in (0, 128):
+        cfg = SimConfig(instances=2, max_batched_tokens=1024, link_gbps=2.0, early_pull_tail_tokens=tail)
+        sim, res = run(cfg, ForcedSplit(offset), [TraceRequest(0.0, p, o)])
+        (rec,) = res.records
+        assert len(rec.token_ts) == o and rec.finish_reason == "length"
+        a, b = sim.instances
+        assert a.free_blocks == a.total_blocks and b.free_blocks == b.total_blocks
+        runs[tail] = (res.stats, rec)
+    (plain, rec0), (early, rec1) = runs[0], runs[128]
+    s = p + offset
+    assert plain["early_pulls"] == 0 and early["early_pulls"] == 1
+    # without: the whole pull after A's part; with: B read each chunk's blocks while A computed the next, on a
+    # 2 GB/s link slower than A's prefill, so part of the early reads and the tail's transfer are left
+    cfg = SimConfig(instances=2, link_gbps=2.0, early_pull_tail_tokens=128)
+    assert plain["transfer_ms"] == pytest.approx(cfg.transfer_ms(s))
+    tail = s - cfg.early_pull_end(s)
+    assert tail >= 128 and early["transfer_ms"] < plain["transfer_ms"]
+    assert early["transfer_ms"] >= cfg.transfer_ms(tail) - 1e-9
+    assert rec1.token_ts[-1] < rec0.token_ts[-1]
+    # a 25 GB/s link keeps up with A's prefill: only the tail's transfer is left after A's part
+    fast = SimConfig(instances=2, max_batched_tokens=1024, early_pull_tail_tokens=128)
+    _, res = run(fast, ForcedSplit(offset), [TraceRequest(0.0, p, o)])
+    assert res.stats["early_pulls"] == 1 and res.stats["transfer_ms"] == pytest.approx(fast.transfer_ms(tail))
+
+
+def test_early_pulls_leave_decode_handoffs_alone() -> None:
+    cfg = SimConfig(instances=2, early_pull_tail_tokens=128)
+    _, res = run(cfg, ForcedSplit(10), [TraceRequest(0.0, 400, 50)])
+    assert res.stats["early_pulls"] == 0 and res.stats["transfers"] == 1
+    with pytest.raises(ValueError, match="early_pull_tail_tokens"):
+        SimConfig(early_pull_tail_tokens=-1)
+
+
 def test_output_ending_on_a_aborts_b() -> None:
     cfg = SimConfig(instances=2)
     # max_tokens 100 but the true output is 5: A (split at p + 20) emits all 5 and B never runs

@@ -225,6 +225,7 @@ class VllmEngine:
             kv_bytes_per_token=kv_bytes, vocab_size=mcfg.get_vocab_size(),
             eos_token_id=int(tok.eos_token_id) if tok.eos_token_id is not None else -1,
             max_num_seqs=cfg.max_num_seqs,
+            early_pull_tail_tokens=cfg.overlap_tail_tokens if cfg.admit_b_at_dispatch else 0,
         )
         self._warm_up()
 
