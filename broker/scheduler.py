@@ -237,7 +237,9 @@ class BalancePolicy:
                 if a is b:
                     continue
                 x = pr.transfer_ms_per_token(b)
-                s, cost = _balance(p, o, wa, ma, da, wb, mb, db, x)
+                tail = a.early_pull_tail_tokens if b.early_pull_tail_tokens > 0 else 0
+                first = pr.prefill_budget(a, slo) if tail else 0
+                s, cost = _balance(p, o, wa, ma, da, wb, mb, db, x, tail, first)
                 if best_split is None or cost < best_split[0]:
                     best_split = (cost, a.id, b.id, s)
         if best_split is None:
@@ -254,17 +256,22 @@ class BalancePolicy:
 
 
 def _balance(
-    p: int, o: int, wa: float, ma: float, da: float, wb: float, mb: float, db: float, x: float
+    p: int, o: int, wa: float, ma: float, da: float, wb: float, mb: float, db: float, x: float,
+    tail: int = 0, first: int = 0,
 ) -> tuple[int, float]:
     """Split point s minimizing max(A's work, B's work), closed form on each linear segment.
 
-    A: wa + ma*min(s, p) + da*max(0, s-p). B: wb + mb*(p - min(s, p)) + db*(o - emitted_by_A) + x*s.
+    A: wa + ma*min(s, p) + da*max(0, s-p). B: wb + mb*(p - min(s, p)) + db*(o - emitted_by_A) + x*s, where
+    with early pulls (``tail`` > 0, A's first chunk at most ``first`` positions; see
+    :meth:`Pricing.handoff_transfer_ms`) x*s for tail < s <= p is only the transfer A's prefill does not cover.
     """
     cands = {1, p, min(p + o - 1, p + 1)}
     # Segment 1 (s <= p): wa + ma s = wb + mb (p - s) + db o + x s
     den = ma + mb - x
     if den > 0:
         cands.add(int((wb + mb * p + db * o - wa) / den))
+    if tail:  # the same with the transfer fully covered
+        cands.add(int((wb + mb * p + db * o - wa) / (ma + mb)))
     # Segment 2 (s = p + u, u >= 0): wa + ma p + da u = wb + db (o - 1 - u) + x (p + u)
     den = da + db + x
     if den > 0:
@@ -297,7 +304,11 @@ def _balance(
                     sn, lo = t, p
                     ea = t - p + 1  # < o here
                 fa = wa + ma * lo + da * (sn - p if sn > p else 0)
-                fb = wb + mb * (p - lo) + db * (o - ea) + x * sn
+                xfer = x * sn
+                if tail and tail < sn <= p:
+                    early = x * (sn - tail) - ma * (sn - min(sn - tail, first))
+                    xfer = x * tail + (early if early > 0.0 else 0.0)
+                fb = wb + mb * (p - lo) + db * (o - ea) + xfer
                 c = fb if fb > fa else fa  # max(fa, fb)
                 if c < best_c:
                     best_s, best_c = t, c

@@ -360,6 +360,23 @@ def test_balance_pd_when_b_decode_backlog_matches_a_prefill() -> None:
     assert BalancePolicy(PRICING).plan(req(4000, 16), c, 0.0) == Plan("w0", "w1", 4000, KIND_PD)
 
 
+def test_balance_prices_early_pulls() -> None:
+    # test_balance_pd_when_b_decode_backlog_matches_a_prefill with a 0.06 ms/token link (4000 tokens: 240 ms)
+    def plan(tail: int, b_pending: int) -> Plan | None:
+        c = cluster(inst("w0", kv=4000, early_pull_tail_tokens=tail),
+                    inst("w1", pending_decode_tokens=b_pending, kv_bytes_per_token=1_500_000, early_pull_tail_tokens=8))
+        return BalancePolicy(PRICING).plan(req(4000, 16), c, 0.0)
+
+    # whole transfer: s = p costs B 1015 + 240 ms, no split balances well enough -> all on w1. With early pulls
+    # A's prefill after its first 512-token chunk covers the early part: B 1015 + 128 x 0.06 = 1022.68 ms
+    assert plan(0, 1000) == Plan("w1", None, 4016, KIND_NONE)
+    assert plan(128, 1000) == Plan("w0", "w1", 4000, KIND_PD)
+    # 600 ms of decodes on B: prompt splits. Whole transfer: s = 3643, A 925.0, B 616 + 357 m + 218.6 = 925.2.
+    # Early pulls: s = 3214, A 816.1, B 616 + 786 m + 7.68 = 823.3 (B computes more of the prompt)
+    assert plan(0, 600) == Plan("w0", "w1", 3643, KIND_PROMPT)
+    assert plan(128, 600) == Plan("w0", "w1", 3214, KIND_PROMPT)
+
+
 def test_balance_decode_handoff_when_b_is_busy() -> None:
     # w0 only fits the prompt; w1 has 300 ms of pending decodes. p = 400, o = 400, A decodes u tokens:
     # A: 400*m + u = 101.5625 + u; B: 300 + (399 - u).
