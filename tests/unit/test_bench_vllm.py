@@ -99,3 +99,19 @@ def test_handoff_tables_with_early_pulls_and_the_late_variant() -> None:
     assert "against B added to vLLM at the StartDecode" in text
     assert "| 3.0; 6.0 |" in text and "**1.00**; 0.50" in text  # default against late
     assert "(- : B was added at dispatch) | - | - |" in text  # no add_request on the handoff's path
+
+
+def test_vllm_rss_report_and_plot(tmp_path: Path) -> None:
+    from bench.vllm_rss import plot, report
+
+    mib = 1024
+    res = {"roles": {"w0": {"a": 4, "b": 0}, "w1": {"a": 0, "b": 4}}, "errors": [],
+           "rounds": [{"label": "idle", "requests": 0, "rss_kib": {"w0": 1000 * mib, "w1": 900 * mib}},
+                      {"label": "round 1", "requests": 2, "rss_kib": {"w0": 1200 * mib, "w1": 901 * mib}},
+                      {"label": "round 2", "requests": 4, "rss_kib": {"w0": 1180 * mib, "w1": 901 * mib}}]}
+    text = report(res)
+    assert "| round 2 | 4 | 1,180 | 901 |" in text
+    assert "w0: +200 MiB from idle over rounds 1-1, -20 MiB over rounds 2-2" in text
+    assert "w0 (A 4, B 0) MiB" in text
+    plot(res, tmp_path / "rss.png")
+    assert (tmp_path / "rss.png").stat().st_size > 1000
