@@ -476,10 +476,16 @@ class Broker:
             self.workers.send([ident, P.encode(msg)])
 
     def _on_worker_frames(self, frames: list[bytes]) -> None:
-        if len(frames) != 2:
+        """One ZeroMQ message from a worker: its identity, then one or more protocol frames, handled in order.
+        A worker puts a step's tokens and its handoffs into one message, so that they arrive together."""
+        if not 2 <= len(frames) <= P.MAX_WORKER_FRAMES + 1:
             self.stats.bad_frames += 1
             return
-        ident, frame = frames
+        ident = frames[0]
+        for frame in frames[1:]:
+            self._on_worker_frame(ident, frame)
+
+    def _on_worker_frame(self, ident: bytes, frame: bytes) -> None:
         try:
             msg = P.decode(frame, P.WORKER_TO_BROKER)
         except P.ProtocolError as exc:

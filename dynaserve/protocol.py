@@ -472,6 +472,10 @@ MESSAGE_TYPES: dict[int, type[Message]] = {
 }
 
 CLIENT_TO_BROKER = (SubmitRequest, AbortRequest, StatusRequest)
+MAX_WORKER_FRAMES = 64
+"""Protocol frames one ZeroMQ message from a worker to the broker may carry, handled in order: a worker sends a
+step's tokens, handoffs and failures as one message, so that they arrive together or not at all."""
+
 WORKER_TO_BROKER = (RegisterWorker, LoadReport, TokenBatch, HandoffReady, MicroFailed)
 BROKER_TO_WORKER = (RegisterAck, DispatchMicro, StartDecode, AbortMicro, Shutdown)
 BROKER_TO_CLIENT = (Admitted, TokenStream, ErrorReply, StatusReply)

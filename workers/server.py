@@ -1,8 +1,9 @@
 """The worker process: a thin asyncio/ZeroMQ shell that drives one engine.
 
 A DEALER socket (identity = instance id) talks to the broker's worker ROUTER. One task receives broker
-messages and hands them to the engine; the main loop runs engine steps, ships every step's tokens in one
-TokenBatch, sends handoffs and failures, and reports load every heartbeat. The worker re-registers when
+messages and hands them to the engine; the main loop runs engine steps, ships every step's tokens (one
+TokenBatch), handoffs and failures in one message (``protocol.MAX_WORKER_FRAMES``), and reports load every
+heartbeat. The worker re-registers when
 the broker says it does not know it (e.g. after a broker restart).
 
 Direct handoffs: the worker binds a PULL socket, its handoff inbox (``handoff_bind``), and names it when
@@ -113,11 +114,18 @@ class Worker:
         self._wake.set()
 
     def _send(self, msg: P.Message) -> None:
+        self._send_frames([P.encode(msg)], False)
+
+    def _send_frames(self, frames: list[bytes], tokens: bool) -> None:
+        """One message to the broker. With ``tokens`` (it carries a TokenBatch) a full queue raises zmq.Again;
+        otherwise the message is dropped with a warning."""
         assert self.chan is not None
         try:
-            self.chan.send([P.encode(msg)])
+            self.chan.send(frames)
         except zmq.Again:
-            log.warning("broker queue full; dropped %s", type(msg).__name__)
+            if tokens:
+                raise
+            log.warning("broker queue full; dropped %d message(s)", len(frames))
 
     def _register(self) -> None:
         self._registering = True
@@ -289,9 +297,9 @@ class Worker:
             self.steps += 1
         if self._step_log is not None:
             self._log_step(out)
-        if out.entries:
-            assert self.chan is not None
-            self.chan.send([P.encode_token_entries(P.TokenBatch.TYPE, out.entries)])
+        # one message to the broker: the step's tokens, then its handoffs and failures, so that they arrive
+        # together (a worker that dies after A's last tokens left has also sent their HandoffReady)
+        frames = [P.encode_token_entries(P.TokenBatch.TYPE, out.entries)] if out.entries else []
         if self._handoff_to:  # an A that ends without a handoff (a stop token) forgets its B
             for entry in out.entries:
                 if entry[2] is not None and entry[2] != P.FINISH_HANDOFF:
@@ -304,9 +312,10 @@ class Worker:
             to = self._handoff_to.pop(h.req_id, None)
             if to is not None:
                 self._send_direct(*to, P.StartDecode(h.req_id, h.kv, h.num_tokens, h.tokens))
-            self._send(P.HandoffReady(h.req_id, h.kv, h.num_tokens, h.tokens))
-        for rid, code, message in out.failures:
-            self._send(P.MicroFailed(rid, code, message))
+            frames.append(P.encode(P.HandoffReady(h.req_id, h.kv, h.num_tokens, h.tokens)))
+        frames += [P.encode(P.MicroFailed(rid, code, message)) for rid, code, message in out.failures]
+        for i in range(0, len(frames), P.MAX_WORKER_FRAMES):
+            self._send_frames(frames[i : i + P.MAX_WORKER_FRAMES], i == 0 and bool(out.entries))
         self.metrics.on_output(out)
         if self._burst and time.monotonic() >= self._last_report + self.heartbeat_s:
             self._report()  # the engine thread's heartbeat during a burst (_report_loop)

@@ -30,6 +30,7 @@ class BurstEngine:
         self.bursts: list[list[float]] = []
         self.ship: Callable[[StepOutput], None] | None = None
         self.spans: list[tuple[float, float]] = []  # (start, end) of every burst that ran, monotonic s
+        self.last: StepOutput | None = None  # shipped as each burst's last step, when set
 
     def add(self, desc: P.MicroDescriptor, now: float) -> None: ...
 
@@ -57,6 +58,9 @@ class BurstEngine:
                 time.sleep(s)
                 assert self.ship is not None
                 self.ship(StepOutput(step_ms=s * 1000.0))
+            if self.last is not None:
+                assert self.ship is not None
+                self.ship(self.last)
             self.spans.append((t0, time.monotonic()))
 
         await asyncio.to_thread(burst)
@@ -71,7 +75,8 @@ class BurstEngine:
     def close(self) -> None: ...
 
 
-def _serve_and_record(tmp_path: Path, bursts: list[list[float]]) -> tuple[BurstEngine, list[tuple[float, str]], list[int]]:
+def _serve_and_record(tmp_path: Path, bursts: list[list[float]], last: StepOutput | None = None,
+                      messages: list[list[str]] | None = None) -> tuple[BurstEngine, list[tuple[float, str]], list[int]]:
     """Run a worker against a stand-in broker until ``bursts`` are done; every report's (time, sending thread)
     and the sequence numbers the broker received."""
     addr = f"ipc://{tmp_path}/w.sock"
@@ -79,6 +84,7 @@ def _serve_and_record(tmp_path: Path, bursts: list[list[float]]) -> tuple[BurstE
     router = ctx.socket(zmq.ROUTER)
     router.bind(addr)
     engine = BurstEngine()
+    engine.last = last
     worker = Worker(WorkerConfig(broker_addr=addr, instance_id="w0", handoff_bind=""), engine)
     sent: list[tuple[float, str]] = []
     report = worker._report
@@ -95,12 +101,15 @@ def _serve_and_record(tmp_path: Path, bursts: list[list[float]]) -> tuple[BurstE
             if not router.poll(0):
                 await asyncio.sleep(0.002)
                 continue
-            ident, frame = router.recv_multipart()
-            msg = P.decode(frame, P.WORKER_TO_BROKER)
-            if isinstance(msg, P.RegisterWorker):
-                router.send_multipart([ident, P.encode(P.RegisterAck("w0", True, "", HEARTBEAT_MS))])
-            elif isinstance(msg, P.LoadReport):
-                seqs.append(msg.seq)
+            ident, *frames = router.recv_multipart()
+            if messages is not None:
+                messages.append([type(P.decode(f)).__name__ for f in frames])
+            for frame in frames:
+                msg = P.decode(frame, P.WORKER_TO_BROKER)
+                if isinstance(msg, P.RegisterWorker):
+                    router.send_multipart([ident, P.encode(P.RegisterAck("w0", True, "", HEARTBEAT_MS))])
+                elif isinstance(msg, P.LoadReport):
+                    seqs.append(msg.seq)
 
     async def main() -> None:
         b = asyncio.create_task(broker())
@@ -144,3 +153,17 @@ def test_a_long_step_still_gets_heartbeats_from_the_loop(tmp_path: Path) -> None
     t0, t1 = engine.spans[0]
     loop_thread = threading.main_thread().name
     assert len([1 for t, name in sent if t0 < t < t1 and name == loop_thread]) >= 2
+
+
+def test_a_steps_tokens_handoffs_and_failures_reach_the_broker_in_one_message(tmp_path: Path) -> None:
+    """A's last tokens and its HandoffReady are one ZeroMQ message: a worker that dies after the tokens left has
+    sent the handoff too."""
+    from workers.engine import Handoff
+
+    last = StepOutput(step_ms=1.0, entries=[["r1", [7, 8], P.FINISH_HANDOFF], ["r2", [9], None]],
+                      handoffs=[Handoff("r1", {"k": 1}, 40, [7, 8])], failures=[("r3", "bad_handoff", "x")])
+    messages: list[list[str]] = []
+    _serve_and_record(tmp_path, [[0.01] * 3], last, messages)
+    assert ["TokenBatch", "HandoffReady", "MicroFailed"] in messages
+    assert all(m == ["LoadReport"] or m == ["RegisterWorker"] or m[0] in ("TokenBatch", "HandoffReady")
+               for m in messages), messages

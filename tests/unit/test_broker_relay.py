@@ -200,3 +200,19 @@ def test_registration_carries_early_pulls_and_refuses_a_negative_tail() -> None:
     acks = {ident.decode(): P.decode(frame) for ident, frame in b.workers.sent}  # type: ignore[attr-defined]
     assert acks["w0"].ok and not acks["w1"].ok  # type: ignore[attr-defined]
     assert "early_pull_tail_tokens" in acks["w1"].reason  # type: ignore[attr-defined]
+
+
+def test_a_worker_message_carries_several_frames_in_order() -> None:
+    b = _two_workers()
+
+    def report(seq: int, queued: int) -> bytes:
+        return P.encode(P.LoadReport("w0", seq, queued, 0, 0, 0, 0, 1 << 20, 1.0, 512, 0, 0))
+
+    b._on_worker_frames([b"w0", report(1, 100), report(2, 7)])
+    assert b.cluster.instances["w0"].queued_prefill_tokens == 7  # both handled, the later one last
+    bad = b.stats.bad_frames
+    b._on_worker_frames([b"w0", *[report(3, 9)] * (P.MAX_WORKER_FRAMES + 1)])  # too many: refused whole
+    b._on_worker_frames([b"w0"])
+    assert b.stats.bad_frames == bad + 2 and b.cluster.instances["w0"].queued_prefill_tokens == 7
+    b._on_worker_frames([b"w0", b"\xc1", report(4, 11)])  # a bad frame does not stop the ones after it
+    assert b.stats.bad_frames == bad + 3 and b.cluster.instances["w0"].queued_prefill_tokens == 11
