@@ -459,8 +459,10 @@ class DynaServePolicy:
             gain = self._gains[slo] = first_decode_cost(pr, slo)
         if gain < self.min_gain:
             return False
-        extra = (pr.handoff_ms + req.prompt_len * pr.transfer_ms_per_token(a)
-                 + 2.0 * self.host_frac * slo * (1.0 - pr.tbt_margin))
+        # the tail handoff's transfer, priced as if the host were like A (it is not chosen yet)
+        p = req.prompt_len
+        xfer = pr.handoff_transfer_ms(a, a, p - self.tail, p, slo) if p > self.tail else 0.0
+        extra = pr.handoff_ms + xfer + 2.0 * self.host_frac * slo * (1.0 - pr.tbt_margin)
         self._seen += 1
         w = max(_SLACK_EWMA, 1.0 / self._seen)  # a plain mean until there are 256 requests
         share = self._slack_share = (1.0 - w) * self._slack_share + w * (extra <= self.slack_frac * req.ttft_slo_ms)

@@ -701,3 +701,18 @@ def test_auto_concentration_stays_off_when_the_first_decode_is_cheap() -> None:
 def test_concentrate_must_be_off_on_or_auto() -> None:
     with pytest.raises(ValueError, match="concentrate"):
         DynaServePolicy(PRICING, concentrate="yes")
+
+
+def test_auto_concentration_prices_the_tail_handoff_with_early_pulls() -> None:
+    """The tail handoff moves 1000 - 64 = 936 positions at 0.04 ms each (37.4 ms): 2 + 37.4 + 60 = 99.4 ms, over
+    the 96 ms slack of a 960 ms TTFT SLO. With early pulls A's prefill (one 808-token chunk, then the 128-token
+    tail at 0.0524 ms/token) covers 6.7 ms of the early part's 32.3 ms: 2 + 5.1 + 25.6 + 60 = 92.7 ms."""
+    def concentrates(tail: int) -> list[bool]:
+        pol = DynaServePolicy(BIG_FIXED, concentrate="auto")
+        c = cluster(inst("w0", kv_bytes_per_token=1_000_000, early_pull_tail_tokens=tail),
+                    inst("w1", running_seqs=5, queued_prefill_tokens=50, early_pull_tail_tokens=tail))
+        plans = [pol.plan(RequestInfo("r", 1000, 400, 400, 960.0, SLO), c, 0.0) for _ in range(3)]
+        return [p is not None and p.kind == KIND_PROMPT for p in plans]
+
+    assert not any(concentrates(0))
+    assert concentrates(128)[1:] == [True, True]
