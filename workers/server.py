@@ -3,15 +3,14 @@
 A DEALER socket (identity = instance id) talks to the broker's worker ROUTER. One task receives broker
 messages and hands them to the engine; the main loop runs engine steps, ships every step's tokens (one
 TokenBatch), handoffs and failures in one message (``protocol.MAX_WORKER_FRAMES``), and reports load every
-heartbeat. The worker re-registers when
-the broker says it does not know it (e.g. after a broker restart).
+heartbeat. The worker re-registers when the broker says it does not know it (e.g. after a broker restart).
 
 Direct handoffs: the worker binds a PULL socket, its handoff inbox (``handoff_bind``), and names it when
 it registers. As A, it sends every handoff's StartDecode to B's inbox (the descriptor's ``peer_addr``,
-through one PUSH socket per peer) right before its HandoffReady to the broker, which relays a second copy.
-As B, it starts on the first copy and drops the other (``_direct``). A copy for a request this worker
-does not hold as a waiting B (aborted, or the broker's dispatch not yet here) is dropped: the broker's
-copy, which follows that dispatch on the same socket, is the one that counts.
+through one PUSH socket per peer) right before the message with its HandoffReady to the broker, which
+relays a second copy. As B, it starts on the first copy and drops the other (``_direct``). A copy for a
+request this worker does not hold as a waiting B (aborted, or the broker's dispatch not yet here) is
+dropped: the broker's copy, which follows that dispatch on the same socket, is the one that counts.
 """
 
 from __future__ import annotations
