@@ -315,37 +315,52 @@ def _reader(
 
 
 def _interference(agent: Any, local_h: Any, remote_h: Any, shape: Shape, num_blocks: int, sync: Any) -> dict:
-    """bf16 matrix products on B alone, and with the longest READ posted just before them."""
+    """bf16 matrix products on B, alone and with the longest READ posted just before them, on the default
+    stream and on a stream of their own. The products are launched without waiting, then the READ is polled
+    to DONE (its own end), then the products are waited for (theirs)."""
+    import contextlib
+
     import torch
 
     a = torch.randn(4096, 4096, dtype=torch.bfloat16, device="cuda")
     b = torch.randn(4096, 4096, dtype=torch.bfloat16, device="cuda")
     ids = [r * num_blocks + k for r in range(2 * shape.layers) for k in range(num_blocks)]
 
-    def products() -> float:
-        t0 = time.perf_counter()
-        for _ in range(50):
-            a @ b
+    def once(read: bool, products: bool, stream: Any) -> tuple[float, float]:
         sync()
-        return time.perf_counter() - t0
-
-    alone, with_read, read = [], [], []
-    for _ in range(3):
-        products()
-    for _ in range(10):
-        alone.append(products())
         t0 = time.perf_counter()
-        h = agent.make_prepped_xfer("READ", local_h, ids, remote_h, ids, notif_msg=b"interference")
-        agent.transfer(h)
-        with_read.append(products())
-        read.append(_wait(agent, h, t0))
-        agent.release_xfer_handle(h)
-    return {
-        "products_alone_s": statistics.median(alone),
-        "products_with_read_s": statistics.median(with_read),
-        "read_s": statistics.median(read),
-        "read_bytes": num_blocks * BLOCK_SIZE * shape.bytes_per_token,
-    }
+        h = None
+        if read:
+            h = agent.make_prepped_xfer("READ", local_h, ids, remote_h, ids, notif_msg=b"interference")
+            agent.transfer(h)
+        if products:
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                for _ in range(50):
+                    a @ b
+        read_s = _wait(agent, h, t0) if h is not None else 0.0
+        sync()
+        if h is not None:
+            agent.release_xfer_handle(h)
+        return time.perf_counter() - t0, read_s
+
+    out: dict[str, Any] = {"read_bytes": num_blocks * BLOCK_SIZE * shape.bytes_per_token}
+    for name, stream in (("default", None), ("side", torch.cuda.Stream())):
+        for _ in range(3):
+            once(False, True, stream)
+        alone, both, read_alone, read_both = [], [], [], []
+        for _ in range(10):
+            alone.append(once(False, True, stream)[0])
+            read_alone.append(once(True, False, stream)[1])
+            t, r = once(True, True, stream)
+            both.append(t)
+            read_both.append(r)
+        out[name] = {
+            "products_alone_s": statistics.median(alone),
+            "products_with_read_s": statistics.median(both),
+            "read_alone_s": statistics.median(read_alone),
+            "read_with_products_s": statistics.median(read_both),
+        }
+    return out
 
 
 def run_config(name: str, device: str, shape: Shape, tokens: list[int], reps: int) -> dict[str, Any]:
@@ -412,12 +427,14 @@ def report(results: list[dict[str, Any]]) -> str:
             )
         if "interference" in res:
             i = res["interference"]
-            lines.append(
-                f"\n50 bf16 4096^3 products on B: {i['products_alone_s'] * 1e3:.2f} ms alone, "
-                f"{i['products_with_read_s'] * 1e3:.2f} ms with a {i['read_bytes'] / 2**20:.0f} MiB READ posted "
-                f"just before (ratio {i['products_with_read_s'] / i['products_alone_s']:.2f}); that READ took "
-                f"{i['read_s'] * 1e3:.2f} ms from post to DONE."
-            )
+            mib = i["read_bytes"] / 2**20
+            for name, v in ((k, i[k]) for k in ("default", "side") if k in i):
+                lines.append(
+                    f"\n50 bf16 4096^3 products on B's {name} stream: {v['products_alone_s'] * 1e3:.2f} ms alone, "
+                    f"{v['products_with_read_s'] * 1e3:.2f} ms with a {mib:.0f} MiB READ posted just before "
+                    f"(ratio {v['products_with_read_s'] / v['products_alone_s']:.2f}); the READ took "
+                    f"{v['read_alone_s'] * 1e3:.2f} ms alone and {v['read_with_products_s'] * 1e3:.2f} ms with them."
+                )
         lines.append(f"\nnotifications A received: {res.get('notifications_at_a')}")
     return "\n".join(lines)
 
