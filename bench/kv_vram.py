@@ -317,7 +317,8 @@ def _reader(
 def _interference(agent: Any, local_h: Any, remote_h: Any, shape: Shape, num_blocks: int, sync: Any) -> dict:
     """bf16 matrix products on B, alone and with the longest READ posted just before them, on the default
     stream and on a stream of their own. The products are launched without waiting, then the READ is polled
-    to DONE (its own end), then the products are waited for (theirs)."""
+    to DONE (its time runs from before its post), then the products are waited for (their time runs from the
+    end of the post)."""
     import contextlib
 
     import torch
@@ -333,6 +334,7 @@ def _interference(agent: Any, local_h: Any, remote_h: Any, shape: Shape, num_blo
         if read:
             h = agent.make_prepped_xfer("READ", local_h, ids, remote_h, ids, notif_msg=b"interference")
             agent.transfer(h)
+        t1 = time.perf_counter()
         if products:
             with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                 for _ in range(50):
@@ -341,7 +343,7 @@ def _interference(agent: Any, local_h: Any, remote_h: Any, shape: Shape, num_blo
         sync()
         if h is not None:
             agent.release_xfer_handle(h)
-        return time.perf_counter() - t0, read_s
+        return time.perf_counter() - t1, read_s
 
     out: dict[str, Any] = {"read_bytes": num_blocks * BLOCK_SIZE * shape.bytes_per_token}
     for name, stream in (("default", None), ("side", torch.cuda.Stream())):
