@@ -34,3 +34,15 @@ def test_operator_settings_win(monkeypatch: pytest.MonkeyPatch, gpus: bool) -> N
     monkeypatch.setenv("UCX_NET_DEVICES", "mlx5_0:1")
     env = loopback_kv_env(gpus=gpus)
     assert env["UCX_TLS"] == "rc,cuda_copy" and env["UCX_NET_DEVICES"] == "mlx5_0:1"
+
+
+def test_gpu_detection_follows_the_nvidia_driver(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dynaserve.env as env
+
+    seen: dict[str, list[str]] = {"/proc/driver/nvidia/gpus/*": [], "/dev/nvidia[0-9]*": []}
+    monkeypatch.setattr(env.glob, "glob", lambda pattern: seen[pattern])
+    assert not env.nvidia_gpus_present()
+    assert loopback_kv_env()["UCX_TLS"] == "tcp,sm,self"
+    seen["/dev/nvidia[0-9]*"] = ["/dev/nvidia0"]
+    assert env.nvidia_gpus_present()
+    assert loopback_kv_env()["UCX_TLS"].startswith("cuda_ipc,cuda_copy")
