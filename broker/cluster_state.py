@@ -150,6 +150,14 @@ class Pricing:
         tail = a.early_pull_tail_tokens if b.early_pull_tail_tokens > 0 else 0
         if tail <= 0 or s > p or s <= tail or x <= 0:
             return s * x
-        first = min(s - tail, self.prefill_budget(a, tbt_slo_ms))
-        covered = (s - first) * self.prefill_ms_per_token(a, tbt_slo_ms)
-        return tail * x + max(0.0, (s - tail) * x - covered)
+        return exposed_transfer_ms(s, x, tail, self.prefill_budget(a, tbt_slo_ms),
+                                   self.prefill_ms_per_token(a, tbt_slo_ms))
+
+
+def exposed_transfer_ms(s: int, x: float, tail: int, first_max: int, a_ms_per_token: float) -> float:
+    """The transfer of ``s`` positions (``x`` ms each) left after A's part when B pulls early: all but A's last
+    ``tail`` positions are read while A computes what follows its first chunk (at most ``first_max``
+    positions) at ``a_ms_per_token``; ``tail < s``."""
+    covered = (s - min(s - tail, first_max)) * a_ms_per_token
+    early = (s - tail) * x - covered
+    return tail * x + (early if early > 0.0 else 0.0)

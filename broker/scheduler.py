@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any, Protocol
 
-from broker.cluster_state import ClusterState, InstanceState, Pricing, RequestInfo
+from broker.cluster_state import ClusterState, InstanceState, Pricing, RequestInfo, exposed_transfer_ms
 from dynaserve.split import Plan, normalize_split, tokens_emitted_by_a
 
 
@@ -263,7 +263,7 @@ def _balance(
 
     A: wa + ma*min(s, p) + da*max(0, s-p). B: wb + mb*(p - min(s, p)) + db*(o - emitted_by_A) + x*s, where
     with early pulls (``tail`` > 0, A's first chunk at most ``first`` positions; see
-    :meth:`Pricing.handoff_transfer_ms`) x*s for tail < s <= p is only the transfer A's prefill does not cover.
+    :func:`exposed_transfer_ms`) x*s for tail < s <= p is only the transfer A's prefill does not cover.
     """
     cands = {1, p, min(p + o - 1, p + 1)}
     # Segment 1 (s <= p): wa + ma s = wb + mb (p - s) + db o + x s
@@ -304,10 +304,7 @@ def _balance(
                     sn, lo = t, p
                     ea = t - p + 1  # < o here
                 fa = wa + ma * lo + da * (sn - p if sn > p else 0)
-                xfer = x * sn
-                if tail and tail < sn <= p:
-                    early = x * (sn - tail) - ma * (sn - min(sn - tail, first))
-                    xfer = x * tail + (early if early > 0.0 else 0.0)
+                xfer = exposed_transfer_ms(sn, x, tail, first, ma) if tail and tail < sn <= p else x * sn
                 fb = wb + mb * (p - lo) + db * (o - ea) + xfer
                 c = fb if fb > fa else fa  # max(fa, fb)
                 if c < best_c:

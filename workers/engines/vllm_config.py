@@ -26,6 +26,12 @@ def parse_cpu_list(spec: str) -> set[int]:
 UCX_ERROR_MODES = ("none", "peer")  # UCX error handling modes of the KV transfer (VllmEngineConfig.ucx_error_handling)
 
 
+# keys DynaServe adds to a request's kv_transfer_params (the engine sets them, the connector reads them)
+ROLE_KEY = "dynaserve_role"  # "A" (producer) or "B" (consumer)
+PENDING_KEY = "dynaserve_pending"  # a consumer admitted before its producer's parameters exist (``resume``)
+PREEMPTIONS_KEY = "dynaserve_preemptions"  # the producer request's preemption count (early pulls are kept only if equal)
+
+
 @dataclass(frozen=True)
 class VllmEngineConfig:
     """The vLLM engine's model and resources (flags --vllm-*; TOML section [vllm])."""

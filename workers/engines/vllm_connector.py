@@ -89,7 +89,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.nixl import NixlPullConnector
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.metadata import NixlConnectorMetadata
 
 from workers.engines.hugepages import advise_tensors
-from workers.engines.vllm_config import UCX_ERROR_MODES
+from workers.engines.vllm_config import PENDING_KEY, PREEMPTIONS_KEY, ROLE_KEY, UCX_ERROR_MODES
 
 log = logging.getLogger("dynaserve.vllm")
 
@@ -121,10 +121,6 @@ if _base_worker.NixlWrapper is not None:  # None without NIXL (vLLM then refuses
 
     _base_worker.NixlWrapper = _Agent
 
-ROLE_KEY = "dynaserve_role"
-PENDING_KEY = "dynaserve_pending"  # a consumer admitted before its producer's parameters exist (``resume``)
-
-PREEMPTIONS_KEY = "dynaserve_preemptions"  # the producer request's preemption count (early pulls are kept only if equal)
 IDLE_POLL_S = 0.1  # while nothing is in flight the worker still polls NIXL this often (stray notifications)
 
 

@@ -66,7 +66,13 @@ from dynaserve.protocol import (
     MicroDescriptor,
 )
 from workers.engine import EngineError, EngineInfo, EngineLoad, Handoff, StepOutput, validate_descriptor
-from workers.engines.vllm_config import VllmEngineConfig, parse_cpu_list
+from workers.engines.vllm_config import (
+    PENDING_KEY,
+    PREEMPTIONS_KEY,
+    ROLE_KEY,
+    VllmEngineConfig,
+    parse_cpu_list,
+)
 from workers.local_scheduler import LocalScheduler
 
 log = logging.getLogger("dynaserve.vllm")
@@ -272,7 +278,7 @@ class VllmEngine:
         if desc.role == ROLE_FULL:
             self._add_op(req, desc.prompt, self._params(desc, desc.emit_tokens, None))
         elif desc.role == ROLE_A:
-            kv = {"do_remote_decode": True, "dynaserve_role": "A"}
+            kv = {"do_remote_decode": True, ROLE_KEY: "A"}
             if s >= p:
                 self._add_op(req, desc.prompt, self._params(desc, desc.emit_tokens, kv))
             else:
@@ -289,7 +295,7 @@ class VllmEngine:
         prompt = list(desc.prompt)
         if self.cfg.fault_injection == "scramble_prefix":  # as in _start_decode
             prompt = [scramble_token(t, self.info.vocab_size) for t in prompt[:desc.split]] + prompt[desc.split:]
-        kv = {"dynaserve_role": "B", "dynaserve_pending": True, "remote_num_tokens": desc.split}
+        kv = {ROLE_KEY: "B", PENDING_KEY: True, "remote_num_tokens": desc.split}
         req.parked = True
         self._add_op(req, prompt, self._params(desc, desc.emit_tokens, kv), parked=True)
 
@@ -317,7 +323,7 @@ class VllmEngine:
             raise EngineError("bad_handoff", f"handoff of {num_tokens} positions / {len(tokens)} tokens does not "
                                              f"match split {s} of a {p}-token prompt")
         params = dict(kv)
-        params["dynaserve_role"] = "B"
+        params[ROLE_KEY] = "B"
         if s >= p:
             prompt = desc.prompt + tokens  # the connector claims the first s positions (what A computed)
         else:
@@ -656,7 +662,7 @@ class VllmEngine:
                     kv["remote_port"] = 9  # discard port: nothing listens, the reader's handshake fails
                 req.state = HELD
                 vreq = self.sched.requests.get(req.internal_id)
-                kv["dynaserve_preemptions"] = vreq.num_preemptions if vreq is not None else -1
+                kv[PREEMPTIONS_KEY] = vreq.num_preemptions if vreq is not None else -1
                 self._ops.append(("unpublish", req.internal_id))
                 self._held_blocks[rid] = (req.internal_id, -(-s // self.block_size))
                 out.handoffs.append(Handoff(rid, kv, s, list(req.a_tokens)))
