@@ -133,6 +133,10 @@ class Pricing:
             + inst.pending_decode_tokens * self.decode_ms_per_token(inst, int(avg_ctx))
         )
 
+    def decode_step_ms(self, inst: InstanceState, ctx: int) -> float:
+        """Wall time of one decode step on the instance with one more sequence of context ``ctx``."""
+        return self.model.step_ms(0, inst.running_seqs + 1, inst.decode_ctx_tokens + ctx)
+
     def transfer_ms_per_token(self, inst: InstanceState) -> float:
         if inst.kv_bytes_per_token <= 0 or self.transfer_gbps <= 0:
             return 0.0
@@ -141,23 +145,41 @@ class Pricing:
     def handoff_transfer_ms(self, a: InstanceState, b: InstanceState, s: int, p: int, tbt_slo_ms: float) -> float:
         """Transfer time a handoff of ``s`` positions adds after A's part ends (``handoff_ms`` aside).
 
-        Without early pulls, the whole transfer. With them (A and B both advertise them, ``s <= p``), B reads
-        the blocks before A's last ``tail`` positions chunk by chunk while A computes the rest of its part (all
-        of it but its first chunk, at most one step's budget, at A's prefill rate): the tail's transfer
-        remains, plus whatever of the early part's transfer that computation does not cover.
+        Without early pulls, the whole transfer. With them (A and B both advertise them), B reads the blocks
+        before A's last ``tail`` positions chunk by chunk while A computes the rest of its part (all of it but
+        its first chunk, at most one step's budget: at A's prefill rate, and for ``s > p`` the decode positions
+        at one of A's decode steps each): the tail's transfer remains, plus whatever of the early part's
+        transfer that computation does not cover (:func:`exposed_transfer_ms`).
         """
         x = self.transfer_ms_per_token(b)
         tail = a.early_pull_tail_tokens if b.early_pull_tail_tokens > 0 else 0
-        if tail <= 0 or s > p or s <= tail or x <= 0:
+        if tail <= 0 or x <= 0 or (s <= p and s <= tail):
             return s * x
         return exposed_transfer_ms(s, x, tail, self.prefill_budget(a, tbt_slo_ms),
-                                   self.prefill_ms_per_token(a, tbt_slo_ms))
+                                   self.prefill_ms_per_token(a, tbt_slo_ms), p,
+                                   self.decode_step_ms(a, p) if s > p else 0.0)
 
 
-def exposed_transfer_ms(s: int, x: float, tail: int, first_max: int, a_ms_per_token: float) -> float:
-    """The transfer of ``s`` positions (``x`` ms each) left after A's part when B pulls early: all but A's last
-    ``tail`` positions are read while A computes what follows its first chunk (at most ``first_max``
-    positions) at ``a_ms_per_token``; ``tail < s``."""
-    covered = (s - min(s - tail, first_max)) * a_ms_per_token
-    early = (s - tail) * x - covered
+def exposed_transfer_ms(
+    s: int, x: float, tail: int, first_max: int, a_ms_per_token: float, p: int = 0, a_step_ms: float = 0.0,
+) -> float:
+    """The transfer of ``s`` positions (``x`` ms each) left after A's part when B pulls early (``tail < s``).
+
+    B reads each chunk A publishes (its prefill chunks, at most ``first_max`` positions each at
+    ``a_ms_per_token``) after the previous one; A's last ``tail`` positions are read at the handoff. What shows
+    besides the tail is the later of two ends of the early reads: when they fall behind A (all of them after
+    A's first chunk), or when the last early chunk's read ends (it starts when A publishes it). For ``s <= p``
+    the last early chunk (at most ``first_max`` positions) is followed by the tail's prefill. A decode handoff
+    (``s > p``, a ``p``-token prompt, decode steps of ``a_step_ms``) publishes its last prefill chunk at the
+    prefill's end and the decode positions before the tail (at most all of them) while it decodes; all its
+    decode steps follow the prefill's end."""
+    if s > p > 0:
+        tail = min(tail, s - p)
+        decode_ms = (s - p) * a_step_ms
+        behind = (s - tail) * x - (p - min(p, first_max)) * a_ms_per_token - decode_ms
+        last = (min(p, first_max) + s - tail - p) * x - decode_ms
+    else:
+        behind = (s - tail) * x - (s - min(s - tail, first_max)) * a_ms_per_token
+        last = min(s - tail, first_max) * x - tail * a_ms_per_token
+    early = behind if behind > last else last
     return tail * x + (early if early > 0.0 else 0.0)

@@ -239,7 +239,8 @@ class BalancePolicy:
                 x = pr.transfer_ms_per_token(b)
                 tail = a.early_pull_tail_tokens if b.early_pull_tail_tokens > 0 else 0
                 first = pr.prefill_budget(a, slo) if tail else 0
-                s, cost = _balance(p, o, wa, ma, da, wb, mb, db, x, tail, first)
+                a_step = pr.decode_step_ms(a, p) if tail else 0.0
+                s, cost = _balance(p, o, wa, ma, da, wb, mb, db, x, tail, first, a_step)
                 if best_split is None or cost < best_split[0]:
                     best_split = (cost, a.id, b.id, s)
         if best_split is None:
@@ -257,13 +258,13 @@ class BalancePolicy:
 
 def _balance(
     p: int, o: int, wa: float, ma: float, da: float, wb: float, mb: float, db: float, x: float,
-    tail: int = 0, first: int = 0,
+    tail: int = 0, first: int = 0, a_step: float = 0.0,
 ) -> tuple[int, float]:
     """Split point s minimizing max(A's work, B's work), closed form on each linear segment.
 
     A: wa + ma*min(s, p) + da*max(0, s-p). B: wb + mb*(p - min(s, p)) + db*(o - emitted_by_A) + x*s, where
-    with early pulls (``tail`` > 0, A's first chunk at most ``first`` positions; see
-    :func:`exposed_transfer_ms`) x*s for tail < s <= p is only the transfer A's prefill does not cover.
+    with early pulls (``tail`` > 0, A's first chunk at most ``first`` positions, A's decode step ``a_step``
+    ms; see :func:`exposed_transfer_ms`) x*s is only the transfer A's part does not cover (s > tail).
     """
     cands = {1, p, min(p + o - 1, p + 1)}
     # Segment 1 (s <= p): wa + ma s = wb + mb (p - s) + db o + x s
@@ -277,6 +278,8 @@ def _balance(
     if den > 0:
         u = (wb + db * (o - 1) + x * p - wa - ma * p) / den
         cands.add(p + int(u))
+    if tail and da + db > 0:  # the same with all but the tail's transfer covered
+        cands.add(p + int((wb + db * (o - 1) + x * tail - wa - ma * p) / (da + db)))
     total = p + o
     last = total - 1
     valid = p >= 1 and o >= 1
@@ -304,7 +307,10 @@ def _balance(
                     sn, lo = t, p
                     ea = t - p + 1  # < o here
                 fa = wa + ma * lo + da * (sn - p if sn > p else 0)
-                xfer = exposed_transfer_ms(sn, x, tail, first, ma) if tail and tail < sn <= p else x * sn
+                if tail and sn < total and (sn > p or sn > tail):
+                    xfer = exposed_transfer_ms(sn, x, tail, first, ma, p, a_step)
+                else:
+                    xfer = x * sn
                 fb = wb + mb * (p - lo) + db * (o - ea) + xfer
                 c = fb if fb > fa else fa  # max(fa, fb)
                 if c < best_c:

@@ -11,7 +11,7 @@ Message groups by destination:
   worker -> broker: RegisterWorker, LoadReport, TokenBatch, HandoffReady, MicroFailed
   broker -> worker: RegisterAck, DispatchMicro, StartDecode, AbortMicro, Shutdown
   worker A -> worker B (its handoff inbox): StartDecode (a copy of what the broker relays), KvChunk (blocks A
-      finished while it still prefills, for B to pull early; advisory)
+      finished while it still runs, for B to pull early; advisory)
 """
 
 from __future__ import annotations
@@ -332,8 +332,9 @@ class RegisterWorker(Message):
     pool: str = "any"
     max_num_seqs: int = 0  # the engine's cap of running sequences (0: none known)
     handoff_addr: str = ""  # where peers send StartDecode directly (a PULL socket); empty = none
-    early_pull_tail_tokens: int = 0  # > 0: as A of s <= p it sends KvChunks, as B it pulls them early; A's last
-    # prefill step then computes about this many positions while B reads the rest (0: whole pull at the handoff)
+    early_pull_tail_tokens: int = 0  # > 0: as A it sends KvChunks, as B it pulls them early; A's last this-many
+    # positions (its last prefill step for s <= p, its last decode steps for s > p) are computed while B reads the
+    # rest (0: whole pull at the handoff)
 
 
 @dataclass(slots=True)
@@ -420,7 +421,7 @@ class StartDecode(Message):
 
 @dataclass(slots=True)
 class KvChunk(Message):
-    """Worker A -> B's handoff inbox, while A still prefills: positions ``[0, num_tokens)`` are in A's blocks
+    """Worker A -> B's handoff inbox, while A still runs: positions ``[0, num_tokens)`` are in A's blocks
     that ``kv`` names, and B may pull them now, ahead of A's StartDecode. Advisory: B uses it only for a
     request it holds admitted and waiting, and keeps what it pulled only if A's StartDecode names the same
     blocks (A's request was not preempted meanwhile)."""

@@ -238,7 +238,7 @@ class Worker:
 
     def _on_peer_frames(self, frames: list[bytes]) -> None:
         """A StartDecode straight from A (its copy through the broker follows and is then dropped), or a
-        KvChunk (blocks A has finished while it still prefills)."""
+        KvChunk (blocks A has finished while it still runs)."""
         try:
             if len(frames) != 1:
                 raise P.ProtocolError("malformed", f"a {len(frames)}-frame message")

@@ -34,8 +34,9 @@ class SimConfig:
     link_gbps: float = 25.0  # KV link bandwidth per direction, GB/s (one link per GPU of an instance)
     transfer_latency_ms: float = 1.0  # fixed cost of one KV handoff (setup, descriptor round trip)
     serialize_transfers: bool = True  # transfers into one instance share its link, one at a time
-    early_pull_tail_tokens: int = 0  # > 0: B of a split at s <= p reads A's blocks before A's last this-many
-    # positions while A computes those, and only the rest at the handoff (the vLLM workers' default is 128,
+    early_pull_tail_tokens: int = 0  # > 0: B reads A's blocks before A's last this-many positions while A
+    # computes those (a decode handoff: the prompt's as A prefills, its decode positions before them at one
+    # decode step), and only the rest at the handoff (the vLLM workers' default is 128,
     # RegisterWorker.early_pull_tail_tokens); 0: the whole pull starts at the handoff
     eager_pull: bool = False  # B admits and starts its pull when the handoff arrives (the live worker waits
     # for its next step boundary, as the default here)
@@ -121,8 +122,9 @@ class SimConfig:
         return self.transfer_latency_ms + tokens * self.kv_bytes_per_token / (self.link_gbps * 1e6)
 
     def early_pull_end(self, split: int) -> int:
-        """Positions B of a split at ``split`` (<= the prompt) reads before the handoff: A's blocks that end at
-        least ``early_pull_tail_tokens`` before it (0: none)."""
+        """Positions before ``split`` where A's early-pull tail begins: the last block boundary at least
+        ``early_pull_tail_tokens`` before it (0: none). B of a split at ``split`` <= the prompt reads A's blocks
+        up to here before the handoff; A of a decode handoff publishes its blocks up to here while decoding."""
         if self.early_pull_tail_tokens <= 0:
             return 0
         return max(0, (split - self.early_pull_tail_tokens) // self.block_size * self.block_size)

@@ -83,7 +83,7 @@ class MicroSeq:
     i0: int = 0  # first decode step index
     ctx0: int = 0  # context at the first decode step
     dsteps: int = 0  # decode steps (tokens emitted in the decode phase)
-    early_pos: int = 0  # role A of a split at s <= p with early pulls: positions B has read (or is reading)
+    early_pos: int = 0  # role A of a split with early pulls: positions B has read (or is reading)
     early_end: float = 0.0  # and when those reads end (B reads each step's new whole blocks, one read at a time)
 
     @property
@@ -274,7 +274,7 @@ class SimInstance:
         for seq, c in self.cur_prefills:
             seq.computed += c
             self.qp -= c
-            if self.early_tail and seq.role == ROLE_A and seq.split <= seq.req.prompt:
+            if self.early_tail and seq.role == ROLE_A:
                 self._publish(seq, c, now)
             if seq.computed >= seq.prefill_end:
                 self.prefilling.remove(seq)
@@ -284,10 +284,11 @@ class SimInstance:
         self.start_step(now)
 
     def _publish(self, seq: MicroSeq, c: int, now: float) -> None:
-        """Role A with early pulls: B reads the whole blocks before the tail that this step (``c`` positions,
-        ending ``now``) completed, after its earlier reads (the live A's KvChunks and B's early READs)."""
+        """Role A with early pulls, after a prefill step: B reads the whole blocks before the tail (a decode
+        handoff: before the split) that this step (``c`` positions, ending ``now``) completed, after its earlier
+        reads (the live A's KvChunks and B's early READs)."""
         cfg = self.sim.cfg
-        limit = cfg.early_pull_end(seq.split)
+        limit = cfg.early_pull_end(seq.split) if seq.split <= seq.req.prompt else seq.split - 1
         done = min(seq.computed, limit) // self.block_size * self.block_size
         if done <= seq.early_pos:
             return
@@ -297,6 +298,18 @@ class SimInstance:
             t = start + (limit - (seq.computed - c)) / c * (now - start)
         seq.early_end = max(t, seq.early_end) + cfg.transfer_ms(done - seq.early_pos) / 1000.0
         seq.early_pos = done
+
+    def publish_decoded(self, seq: MicroSeq) -> None:
+        """Role A of a decode handoff with early pulls, at its handoff: B has also read the blocks before the
+        tail that A's decode steps completed, from the end of the step that reached the tail (the live A's
+        KvChunk at that step), after its earlier reads."""
+        limit = self.sim.cfg.early_pull_end(seq.split)
+        k = limit - seq.ctx0  # decode steps that compute positions up to the tail's start
+        j = seq.i0 + k - 1
+        if limit <= seq.early_pos or k <= 0 or k > seq.dsteps or j >= len(self.step_ends):
+            return
+        seq.early_end = max(self.step_ends[j], seq.early_end) + self.sim.cfg.transfer_ms(limit - seq.early_pos) / 1000.0
+        seq.early_pos = limit
 
     def _grow(self, j: int) -> bool:
         """KV blocks for the decodes of step ``j`` (on demand); preempt when none is free. True if it did."""

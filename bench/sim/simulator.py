@@ -187,6 +187,8 @@ class Simulator:
         tokens = seq.split
         start = now
         a = seq.req.seq_a
+        if a is not None and self.cfg.early_pull_tail_tokens and seq.split > seq.req.prompt:
+            a.inst.publish_decoded(a)
         if a is not None and a.early_pos > 0:
             start = max(now, a.early_end)
             tokens -= a.early_pos

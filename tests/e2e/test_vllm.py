@@ -104,6 +104,31 @@ def test_pd_split_pulls_the_first_chunk_early_and_streams_exactly(control_cluste
     asyncio.run(main())
 
 
+def test_decode_handoff_pulls_early_and_streams_exactly(control_cluster: LocalCluster) -> None:
+    """A decode handoff at s = 600 of a 300-token prompt: A publishes the prompt's two whole blocks when its
+    prefill ends and a third (positions 256-383) at its decode step that reaches position 384, the last block
+    boundary at least 128 positions before s; B pulls all three early and only the rest at the handoff. B's
+    copy of the prompt and of A's tokens is scrambled (control cluster), so exact tokens prove it continued
+    from A's KV."""
+    o, s = 400, 600
+
+    async def main() -> None:
+        deltas = []
+        for seed in range(81, 87):  # B pulls early only from an A it has made its handshake with (by a pull)
+            p = prompt(seed=seed)
+            ref, _ = await run(control_cluster.client_addr, p, o, split=P_LEN + o)
+            before = _early_blocks(control_cluster)
+            got, kind = await run(control_cluster.client_addr, p, o, split=s)
+            assert kind == "decode" and got == ref
+            await wait_idle(control_cluster, 30)
+            deltas.append(_early_blocks(control_cluster) - before)
+            if deltas[-1]:
+                break
+        assert deltas[-1] == 3, deltas
+
+    asyncio.run(main())
+
+
 def test_control_scrambled_prefix_without_transfer_differs(control_cluster: LocalCluster) -> None:
     """The scrambled prompt computed locally gives other tokens, so the split tests above could fail."""
     from workers.engines.vllm_engine import scramble_token
@@ -167,8 +192,8 @@ def test_aborts_around_the_early_pull_leave_no_held_blocks(control_cluster: Loca
     asyncio.run(main())
 
 
-def _park_and_abort(admit_at_dispatch: bool) -> dict[str, object]:
-    """In a child process: a vLLM engine gets a waiting B (classic PD, s = p), steps until idle, gets malformed
+def _park_and_abort(admit_at_dispatch: bool, split: int) -> dict[str, object]:
+    """In a child process: a vLLM engine gets a waiting B (split at ``split``), steps until idle, gets malformed
     KvChunks, then loses it to an abort. Returns what its load said at each point."""
     import dataclasses
     import time
@@ -181,7 +206,8 @@ def _park_and_abort(admit_at_dispatch: bool) -> dict[str, object]:
         cfg = VllmEngineConfig(side_channel_port=5690, admit_b_at_dispatch=admit_at_dispatch)
         eng = make_vllm_engine(cfg, LocalSchedulerConfig())
         try:
-            desc = MicroDescriptor("b1", ROLE_B, prompt(seed=4), P_LEN, P_LEN, P_LEN + O_LEN, O_LEN - 1, "a",
+            desc = MicroDescriptor("b1", ROLE_B, prompt(seed=4), split, split, P_LEN + O_LEN,
+                                   O_LEN - max(1, split - P_LEN + 1), "a",
                                    SamplingParams(max_tokens=O_LEN, ignore_eos=True), 1000.0, 100.0, time.monotonic())
             eng.add(desc, time.monotonic())
             steps = 0
@@ -210,18 +236,19 @@ def _park_and_abort(admit_at_dispatch: bool) -> dict[str, object]:
     return asyncio.run(main())
 
 
-@pytest.mark.parametrize("admit_at_dispatch", [True, False])
-def test_b_is_admitted_at_dispatch_and_an_abort_frees_its_blocks(admit_at_dispatch: bool) -> None:
-    """A B that pulls at most its prompt enters vLLM when dispatched: its blocks are allocated before A's
-    StartDecode, it does not keep the engine stepping while it waits, and an abort then frees them (no READ
-    was posted). With admission at the StartDecode, nothing is allocated before it."""
+@pytest.mark.parametrize("admit_at_dispatch,split", [(True, P_LEN), (True, P_LEN + 90), (False, P_LEN)])
+def test_b_is_admitted_at_dispatch_and_an_abort_frees_its_blocks(admit_at_dispatch: bool, split: int) -> None:
+    """A B enters vLLM when dispatched: blocks for the positions it will pull (PD: the prompt's; a decode
+    handoff: also A's decode positions) are allocated before A's StartDecode, it does not keep the engine
+    stepping while it waits, and an abort then frees them (no READ was posted). With admission at the
+    StartDecode, nothing is allocated before it."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        got = pool.submit(_park_and_abort, admit_at_dispatch).result(timeout=300)
+        got = pool.submit(_park_and_abort, admit_at_dispatch, split).result(timeout=300)
     parked, after = got["parked"], got["after_abort"]
-    blocks = -(-P_LEN // got["block_size"])
+    blocks = -(-split // got["block_size"])
     assert parked["kv_used_tokens"] == (blocks * got["block_size"] if admit_at_dispatch else 0), parked
     assert parked["active_requests"] == 1 and got["idle_after_park"]
     assert after["kv_used_tokens"] == 0 and after["active_requests"] == 0, after
@@ -282,6 +309,30 @@ def test_handshake_probe_fails_a_dead_side_channel_without_calling_the_handshake
             probed(refused, failed=failed.append)("127.0.0.1", listening.getsockname()[1], 1,
                                                   expected_engine_id="engine-b")
     assert failed == ["engine-a", "engine-b"]  # each failure names its producer, for the engine's recompute
+
+
+def test_admission_at_the_start_decode_streams_exactly() -> None:
+    """With ``--no-vllm-admit-b-at-dispatch`` B enters vLLM only at A's StartDecode, with A's tokens in its
+    prompt (no placeholders, no early pulls): every split kind still streams exactly, from A's KV (B's copy
+    of the handed-off positions is scrambled), and nothing stays held."""
+    cluster = vllm_cluster("--no-vllm-admit-b-at-dispatch", "--vllm-fault-injection", "scramble_prefix", port=5750,
+                           metrics_base_port=free_base_port(3))
+    try:
+        async def main() -> None:
+            for split in (128, P_LEN, 384, P_LEN + 10):
+                p = prompt(seed=split + 1)
+                ref, _ = await run(cluster.client_addr, p, O_LEN, split=P_LEN + O_LEN)
+                got, _ = await run(cluster.client_addr, p, O_LEN, split=split)
+                assert got == ref, split
+            loads = await wait_idle(cluster, 60)
+            for inst, ld in loads.items():
+                assert ld["held_blocks"] == 0 and ld["kv_used_tokens"] == 0, (inst, ld)
+                assert ld["early_pull_tail_tokens"] == 0, (inst, ld)  # no parked B: nothing to pull early
+            assert _early_blocks(cluster) == 0
+
+        asyncio.run(main())
+    finally:
+        cluster.stop()
 
 
 def test_failed_transfer_recomputes_and_completes() -> None:

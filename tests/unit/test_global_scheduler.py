@@ -120,8 +120,31 @@ def test_handoff_transfer_price_with_early_pulls() -> None:
     plain = inst("b0", kv_bytes_per_token=1_500_000)
     assert PRICING.handoff_transfer_ms(a, plain, 1000, 1000, SLO) == pytest.approx(1000 * x)
     assert PRICING.handoff_transfer_ms(inst("a0"), b, 1000, 1000, SLO) == pytest.approx(1000 * x)
-    assert PRICING.handoff_transfer_ms(a, b, 1010, 1000, SLO) == pytest.approx(1010 * x)
     assert PRICING.handoff_transfer_ms(a, b, 100, 1000, SLO) == pytest.approx(100 * x)
+    assert PRICING.handoff_transfer_ms(inst("a0"), b, 1010, 1000, SLO) == pytest.approx(1010 * x)
+
+
+def test_decode_handoff_transfer_price_with_early_pulls() -> None:
+    """s > p: the prompt's blocks go as A prefills, the decode positions up to A's last 128 at one decode
+    step each; what is left is the tail (at most the decode positions), plus the uncovered early part."""
+    x = 1_500_000 / 25e6
+    a, b = inst("a", early_pull_tail_tokens=128), inst("b", kv_bytes_per_token=1_500_000, early_pull_tail_tokens=1)
+    slow = inst("b", kv_bytes_per_token=150_000_000, early_pull_tail_tokens=1)  # 100 times slower
+    step = MODEL.step_ms(0, 1, 1000)  # A's decode step with this request alone
+    assert PRICING.decode_step_ms(a, 1000) == pytest.approx(step)
+    # ten decode positions: they are the tail. The prompt's first 488 positions are read while A prefills
+    # its last chunk, whose 512 positions (30.7 ms) are read during A's 10 decode steps (30 ms)
+    assert step == 3.0
+    assert PRICING.handoff_transfer_ms(a, b, 1010, 1000, SLO) == pytest.approx(10 * x + 512 * x - 10 * step)
+    # 100 times slower link: the reads fall behind A, the prompt's 6,000 ms less A's 154 ms show
+    assert PRICING.handoff_transfer_ms(a, slow, 1010, 1000, SLO) == pytest.approx(
+        10 * 100 * x + (1000 * 100 * x - 488 * M_IDLE - 10 * step))
+    # 300 decode positions: the last 128 are the tail, the 172 before it and the last prefill chunk are covered
+    assert PRICING.handoff_transfer_ms(a, b, 1300, 1000, SLO) == pytest.approx(128 * x)
+    assert PRICING.handoff_transfer_ms(a, slow, 1300, 1000, SLO) == pytest.approx(
+        128 * 100 * x + (1172 * 100 * x - 488 * M_IDLE - 300 * step))
+    # a decode handoff right after the prefill pays the last prefill chunk's read: classic PD stays cheaper
+    assert PRICING.handoff_transfer_ms(a, b, 1001, 1000, SLO) > PRICING.handoff_transfer_ms(a, b, 1000, 1000, SLO)
 
 
 # ----------------------------------------------------------------------------------- colocate

@@ -141,10 +141,44 @@ def test_early_pulls_read_before_the_handoff(offset: int) -> None:
     assert res.stats["early_pulls"] == 1 and res.stats["transfer_ms"] == pytest.approx(fast.transfer_ms(tail))
 
 
-def test_early_pulls_leave_decode_handoffs_alone() -> None:
-    cfg = SimConfig(instances=2, early_pull_tail_tokens=128)
-    _, res = run(cfg, ForcedSplit(10), [TraceRequest(0.0, 400, 50)])
-    assert res.stats["early_pulls"] == 0 and res.stats["transfers"] == 1
+@pytest.mark.parametrize("offset", [10, 300])
+def test_early_pulls_of_a_decode_handoff(offset: int) -> None:
+    """s > p: B reads the prompt's blocks as A prefills and, past the tail's start, the blocks A's decode
+    steps completed; at the handoff only the rest moves (the last few decode positions, or the tail)."""
+    p, o = 4000, 400
+    s = p + offset
+    runs = {}
+    for tail in (0, 128):
+        cfg = SimConfig(instances=2, max_batched_tokens=1024, early_pull_tail_tokens=tail)
+        sim, res = run(cfg, ForcedSplit(offset), [TraceRequest(0.0, p, o)])
+        (rec,) = res.records
+        assert rec.kind == "decode" and len(rec.token_ts) == o and rec.finish_reason == "length"
+        a, b = sim.instances
+        assert a.free_blocks == a.total_blocks and b.free_blocks == b.total_blocks
+        runs[tail] = (cfg, res.stats, rec)
+    (cfg0, plain, rec0), (cfg, early, rec1) = runs[0], runs[128]
+    assert plain["early_pulls"] == 0 and plain["transfer_ms"] == pytest.approx(cfg0.transfer_ms(s))
+    assert early["early_pulls"] == 1
+    read_early = max(p // cfg.block_size * cfg.block_size, cfg.early_pull_end(s))
+    assert s - read_early == (offset if offset < 128 else s - cfg.early_pull_end(s))
+    # a 25 GB/s link reads A's earlier blocks within a decode step: only the rest moves after A's part
+    assert early["transfer_ms"] == pytest.approx(cfg.transfer_ms(s - read_early))
+    ea = tokens_emitted_by_a(p, o, s)
+    assert rec1.token_ts[ea] - rec1.token_ts[ea - 1] < rec0.token_ts[ea] - rec0.token_ts[ea - 1]
+
+
+def test_early_pulls_of_a_decode_handoff_on_a_slow_link() -> None:
+    """At 0.5 GB/s the prompt's early reads fall behind A; they still end before the whole pull would."""
+    p, o = 4000, 400
+    got = {}
+    for tail in (0, 128):
+        cfg = SimConfig(instances=2, max_batched_tokens=1024, link_gbps=0.5, early_pull_tail_tokens=tail)
+        _, res = run(cfg, ForcedSplit(10), [TraceRequest(0.0, p, o)])
+        got[tail] = res.stats["transfer_ms"]
+    assert cfg.transfer_ms(10) < got[128] < got[0]
+
+
+def test_early_pull_tail_must_not_be_negative() -> None:
     with pytest.raises(ValueError, match="early_pull_tail_tokens"):
         SimConfig(early_pull_tail_tokens=-1)
 

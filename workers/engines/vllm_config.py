@@ -48,8 +48,8 @@ class VllmEngineConfig:
     cpu_bind: str = ""  # CPU cores for this instance's compute threads, e.g. "0" or "2-3", one thread per core (CPU builds; empty = all cores of the process)
     loop_bind: str = ""  # CPU cores for the worker's event loop and socket threads, e.g. "1", to keep them off the engine's cores (CPU builds; empty = not bound)
     kv_lease_s: float = 30.0  # handed-off blocks are freed after this long without the reader's confirmation
-    admit_b_at_dispatch: bool = True  # a B that pulls at most its prompt (s <= p) enters vLLM when dispatched: its blocks are reserved then, and A's StartDecode only posts the READ
-    overlap_tail_tokens: int = 128  # with admit_b_at_dispatch, an A that hands its prompt's KV over (s <= p) prefills in two steps, the second the last >= this many tokens from a block boundary on, so B pulls the first step's blocks while A computes the rest; 0 = one step when the budget allows
+    admit_b_at_dispatch: bool = True  # a B enters vLLM when dispatched: its blocks are reserved then (for a decode handoff, through A's decode steps too), and A's StartDecode only posts the READ
+    overlap_tail_tokens: int = 128  # with admit_b_at_dispatch, an A that hands its prompt's KV over (s <= p) prefills in two steps, the second the last >= this many tokens from a block boundary on, so B pulls the first step's blocks while A computes the rest (0 = one step when the budget allows); an A of a decode handoff (s > p) publishes its blocks at its prefill's end and once more where this tail begins
     kv_pull_timeout_s: float = 5.0  # a B still waiting for A's KV after this long recomputes it locally
     ucx_error_handling: str = "none"  # UCX error handling of the KV transfer: none (nothing waits on the peer; one host, or a fabric where B's pull timeout suffices) or peer (UCX detects dead peers; NIXL's default)
     seed: int = 0  # sampling seed of the engine

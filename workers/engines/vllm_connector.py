@@ -49,11 +49,12 @@ What it changes on top of the stock connector:
   ``resume`` brings the producer's parameters (A's StartDecode). The READ is then posted at the next step,
   with no ``add_request`` or block allocation left on the handoff's path, and B's blocks are reserved from
   dispatch on (a handoff never waits for B's free blocks).
-* Early pulls (``KvChunk``): while a producer still prefills, the engine publishes the blocks each of its
-  steps completes (``chunk_params``), and a parked consumer pulls them at once (``prefetch``: a READ without
-  notification, into the blocks it was allocated at dispatch). At the StartDecode, ``settle`` keeps the
-  leading blocks whose early READ completed from the same producer blocks, with no preemption of the
-  producer's request in between (its count travels with every chunk and with the handoff), and ``resume``
+* Early pulls (``KvChunk``): while a producer still runs, the engine publishes the blocks its steps complete
+  (``chunk_params``; each prefill step, and for a decode handoff one decode step where the tail begins),
+  and a parked consumer pulls them at once (``prefetch``: a READ without notification, into the blocks it
+  was allocated at dispatch). At the StartDecode, ``settle`` keeps the leading blocks whose early READ
+  completed from the same producer blocks, with no preemption of the producer's request in between (its
+  count travels with every chunk and with the handoff), and ``resume``
   pulls only the rest (the stock pull reads the tail of the producer's blocks when the consumer has fewer
   blocks left to fill, as after a local prefix hit). Only for one KV cache group, one producer rank and
   equal block sizes; otherwise nothing is pulled early.

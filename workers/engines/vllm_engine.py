@@ -33,10 +33,13 @@ Micro-request mapping (the connector, workers.engines.vllm_connector, does the N
                     the s positions A computed; B's first step computes position s (A's last token) and
                     samples B's first token.
     B, s < p:       prompt, A's parameters switched to the bidirectional path; pulls s positions.
-A B with s <= p enters vLLM when the broker dispatches it (``admit_b_at_dispatch``): with its prompt and
-``dynaserve_pending``, so vLLM allocates its blocks and parks it waiting for remote KV. A's StartDecode then
-appends A's token (s = p) to its prompt and hands the connector A's parameters (``resume``); the READ is
-posted at the next step. A parked B does not keep the engine stepping (``_live``).
+A B enters vLLM when the broker dispatches it (``admit_b_at_dispatch``): with its prompt and
+``dynaserve_pending``, so vLLM allocates its blocks and parks it waiting for remote KV. For s >= p its
+prompt ends with s - p + 1 placeholders where A's tokens will be (B's sequence has its final length from the
+start); A's StartDecode writes A's tokens over them and hands the connector A's parameters (``resume``); the
+READ is posted at the next step. A parked B does not keep the engine stepping (``_live``). Meanwhile A
+publishes its finished blocks (``KvChunk``): per prefill step, and for s > p once more while it decodes, at
+the last block boundary at least ``overlap_tail_tokens`` before s; the parked B pulls them early.
 Only workers/engines/vllm* imports vllm.
 """
 
@@ -108,7 +111,7 @@ class _Req:
     b_max_tokens: int = 0
     b_deadline: float = 0.0  # role B: recompute locally if A's KV has not arrived by then
     b_producer: str = ""  # role B: A's vLLM engine id (its handshake failing also means recompute)
-    published: int = 0  # role A, s <= p: blocks announced to B so far (KvChunk)
+    published: int = 0  # role A: blocks announced to B so far (KvChunk)
     parked: bool = False  # role B: in vLLM since its dispatch, waiting for A's StartDecode (admit_b_at_dispatch)
     vllm_id: str = ""  # the id we gave vLLM (changes when B falls back to recomputing)
     internal_id: str = ""  # vLLM's internal id (its scheduler and the connector key requests by it)
@@ -177,7 +180,8 @@ class VllmEngine:
         self._ship: Callable[[StepOutput], None] | None = None
         self._next_pull_check = math.inf  # earliest deadline of a B's pull (monotonic s); 0 after a failed handshake
         self._failed_producers: set[str] = set()  # engine ids of producers whose handshake failed since the last check
-        self._publishing: dict[str, _Req] = {}  # internal id -> A (s <= p) whose finished blocks go to B early
+        self._publishing: dict[str, _Req] = {}  # internal id -> A whose finished blocks go to B early
+        self._decode_publish: dict[str, int] = {}  # internal id -> position at which A (s > p) publishes while decoding
         self._early_kept = 0  # blocks pulled early and kept since the last shipped output (engine thread)
         self._parked: set[str] = set()  # internal ids of parked Bs in vLLM (engine thread; they do not keep it stepping)
         self.last_step_ms = 0.0
@@ -285,14 +289,16 @@ class VllmEngine:
                 self._add_op(req, desc.prompt[:s], self._params(desc, 1, kv))
         else:
             req.state = WAIT_KV
-            if s <= p and self.cfg.admit_b_at_dispatch:
+            if self.cfg.admit_b_at_dispatch:
                 self._park(req)
 
     def _park(self, req: _Req) -> None:
         """Queue adding a waiting B to vLLM now: its blocks are allocated at its next step, and its pull waits
-        for A's parameters (the connector's ``dynaserve_pending``)."""
+        for A's parameters (the connector's ``dynaserve_pending``). For s >= p its prompt ends with placeholders
+        for A's s - p + 1 tokens (``_resume`` writes them), so that vLLM sees B's sequence at its final length."""
         desc = req.desc
-        prompt = list(desc.prompt)
+        p, s = len(desc.prompt), desc.split
+        prompt = list(desc.prompt) + [desc.prompt[-1]] * (s - p + 1 if s >= p else 0)
         if self.cfg.fault_injection == "scramble_prefix":  # as in _start_decode
             prompt = [scramble_token(t, self.info.vocab_size) for t in prompt[:desc.split]] + prompt[desc.split:]
         kv = {ROLE_KEY: "B", PENDING_KEY: True, "remote_num_tokens": desc.split}
@@ -381,12 +387,8 @@ class VllmEngine:
                     req.internal_id = self.llm.add_request(vllm_id, {"prompt_token_ids": prompt}, params)
                     if parked:
                         self._parked.add(req.internal_id)
-                    elif (req.desc.role == ROLE_A and req.desc.split <= len(req.desc.prompt) and req.desc.peer_addr
-                          and self.cfg.admit_b_at_dispatch):  # B is parked and A can reach its handoff inbox
-                        self._publishing[req.internal_id] = req
-                        end = self._first_chunk_end(req.desc.split) if self.cfg.overlap_tail_tokens else 0
-                        if end:
-                            self.sched.split_prefill[req.internal_id] = end
+                    elif req.desc.role == ROLE_A and req.desc.peer_addr and self.cfg.admit_b_at_dispatch:
+                        self._start_publishing(req)  # B is parked and A can reach its handoff inbox
                     self.sched.ranks[req.internal_id] = self.local.prefill_rank(req.desc.arrival,
                                                                                 req.desc.ttft_slo_ms)
             elif kind == "abort":
@@ -405,9 +407,26 @@ class VllmEngine:
                 self.llm.abort_request([arg.vllm_id])
             elif kind == "unpublish":
                 self._publishing.pop(arg, None)
+                self._decode_publish.pop(arg, None)
                 self.sched.split_prefill.pop(arg, None)
             elif kind == "expire":
                 self.connector.expire(arg)
+
+    def _start_publishing(self, req: _Req) -> None:
+        """On the engine thread: A's finished blocks go to its parked B from now on. For s <= p its prefill
+        is split where the tail begins (its first chunk's blocks are read while it computes the rest); for
+        s > p it publishes once more while decoding, where the tail begins, if that adds blocks to the
+        prompt's."""
+        iid, s, p = req.internal_id, req.desc.split, len(req.desc.prompt)
+        self._publishing[iid] = req
+        if s <= p:
+            end = self._first_chunk_end(s) if self.cfg.overlap_tail_tokens else 0
+            if end:
+                self.sched.split_prefill[iid] = end
+            return
+        at = self._first_chunk_end(s)
+        if p // self.block_size * self.block_size < at < s:
+            self._decode_publish[iid] = at
 
     def _first_chunk_end(self, split: int) -> int:
         """Where A's first prefill chunk ends when it is split for an early pull: the last block boundary at
@@ -435,27 +454,41 @@ class VllmEngine:
             log.warning("request %s: early KV pull not started: %s", req.desc.req_id, exc)
 
     def _publish(self, plan: Any, out: StepOutput) -> None:
-        """On the engine thread, after a step: the blocks an A (s <= p) has completed while it still prefills
-        go to its B as a KvChunk."""
+        """On the engine thread, after a step: the blocks an A has completed while it still prefills, and for
+        s > p those it has at its decode publishing point, go to its B as a KvChunk."""
+        requests = self.sched.requests
         for iid, _ in plan.prefills:
             req = self._publishing.get(iid)
-            vreq = self.sched.requests.get(iid) if req is not None else None
-            if req is None or vreq is None:
-                continue
-            done = vreq.num_computed_tokens
-            if done >= req.desc.split:
-                continue  # the last chunk: the handoff names every block
-            full = done // self.block_size
-            groups = self.sched.kv_cache_manager.get_block_ids(iid)
-            if full <= req.published or len(groups) != 1:
-                continue
-            req.published = full
-            kv = self.connector.chunk_params(vreq, groups[0][:full])
-            out.chunks.append(Handoff(req.desc.req_id, kv, full * self.block_size, []))
+            vreq = requests.get(iid) if req is not None else None
+            if req is not None and vreq is not None:
+                self._chunk(req, vreq, out)
+        if self._decode_publish:
+            for iid, at in list(self._decode_publish.items()):
+                req = self._publishing.get(iid)
+                vreq = requests.get(iid) if req is not None else None
+                if req is None or vreq is None:
+                    del self._decode_publish[iid]
+                elif vreq.num_computed_tokens >= at:
+                    del self._decode_publish[iid]
+                    self._chunk(req, vreq, out)
+
+    def _chunk(self, req: _Req, vreq: Any, out: StepOutput) -> None:
+        """A KvChunk of A's finished blocks not published yet (none at A's last step: the handoff names them)."""
+        done = vreq.num_computed_tokens
+        if done >= req.desc.split:
+            return
+        full = done // self.block_size
+        groups = self.sched.kv_cache_manager.get_block_ids(vreq.request_id)
+        if full <= req.published or len(groups) != 1:
+            return
+        req.published = full
+        kv = self.connector.chunk_params(vreq, groups[0][:full])
+        out.chunks.append(Handoff(req.desc.req_id, kv, full * self.block_size, []))
 
     def _resume(self, req: _Req, tokens: list[int], params: dict) -> None:
-        """On the engine thread: a parked B gets A's tokens (appended to its prompt, before vLLM schedules it
-        again) and A's parameters; the blocks it pulled early are kept if they still match."""
+        """On the engine thread: a parked B gets A's tokens (over the placeholders at the end of its prompt,
+        before vLLM schedules it again) and A's parameters; the blocks it pulled early are kept if they still
+        match."""
         self._parked.discard(req.internal_id)
         local = self.connector.parked_block_ids(req.internal_id)
         try:
@@ -469,9 +502,11 @@ class VllmEngine:
         if vreq is None:
             return
         if tokens:
-            vreq.prompt_token_ids.extend(tokens)
-            vreq._all_token_ids.extend(tokens)
-            vreq.num_prompt_tokens += len(tokens)
+            if self.cfg.fault_injection == "scramble_prefix":  # as in _start_decode: positions before s
+                tokens = [scramble_token(t, self.info.vocab_size) for t in tokens[:-1]] + tokens[-1:]
+            n = len(tokens)
+            vreq.prompt_token_ids[-n:] = tokens
+            vreq._all_token_ids[-n:] = tokens
         self._early_kept += pulled
         self.connector.resume(vreq, params, pulled)
 
