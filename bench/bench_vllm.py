@@ -10,7 +10,8 @@ against bare vLLM, and memory per process. One run, three phases, markdown table
     shim switches while a flag file exists), an unsplit run of a prompt of the same length
     (max_tokens = 8: its token gaps are single decode steps at that context), and a raw NIXL READ of the
     same blocks between two processes of this benchmark, in rotating order. The first split of the run
-    (first contact of B with A) is reported separately.
+    (first contact of B with A) is reported separately. ``--decode-tokens d`` (> 1) makes every split a
+    decode handoff instead: A emits d tokens (s = p + d - 1), B pulls s positions and emits one more.
     - handoff (client) = (B's first token - A's token) at the client, minus the unsplit decode-step time
       (median TBT of the unsplit runs of that length): the gap holds the handoff plus B's first decode step;
     - handoff (workers) = from the end of A's last step to the start of B's first step (the KV is in
@@ -47,7 +48,7 @@ against bare vLLM, and memory per process. One run, three phases, markdown table
     warm-up) and after the phase's load, plus a simulated-engine worker and its broker.
 
 Usage: python -m bench.bench_vllm [--reps 3] [--sizes 1000,2000,4000] [--raw-reps 5] [--rounds 3]
-                                  [--concurrency 8,32] [--phases handoff,overhead,memory]
+                                  [--concurrency 8,32] [--phases handoff,overhead,memory] [--decode-tokens 1]
 Environment: VLLM_CACHE_ROOT (default /tmp/vcache), UCX_NET_DEVICES (default lo).
 """
 
@@ -591,7 +592,8 @@ class Handoff:
 
 def analyse_split(run: Run, trace_dir: Path, t_from: float) -> Handoff:
     """Match the worker events of one split request (the only request in flight) and break its handoff down."""
-    h = Handoff(run.prompt_tokens, False, (run.token_ts[1] - run.token_ts[0]) * 1000.0)
+    # the handoff is between A's last token and B's first, the run's last two (B emits one)
+    h = Handoff(run.prompt_tokens, False, (run.token_ts[-1] - run.token_ts[-2]) * 1000.0)
     t_to = run.token_ts[-1] + 0.5
     ev_a = [e for e in read_trace(trace_dir, run.a or "") if t_from <= e["t"] <= t_to]
     ev_b = [e for e in read_trace(trace_dir, run.b or "") if t_from <= e["t"] <= t_to]
@@ -615,7 +617,7 @@ def analyse_split(run: Run, trace_dir: Path, t_from: float) -> Handoff:
         h.ok, h.note = False, f"missing events (A done {len(a_done)}, B steps {len(b_steps)}, reads {len(reads)}, done {len(done)})"
         return h
     t_a = a_done[0]["t"]
-    dec = b_steps[0]  # B's first step: position p, token 2
+    dec = b_steps[0]  # B's first step: position s, B's first token
     rd, dn = reads[0], done[0]
     ships = [e for e in ev_a if e["k"] == "ship" and e["t"] >= t_a]
     sends = [e for e in ev_a if e["k"] == "direct_sent" and e["t0"] >= t_a]
@@ -644,10 +646,10 @@ def analyse_split(run: Run, trace_dir: Path, t_from: float) -> Handoff:
         "read_seen": (dn["t"] - rd["t"]) * ms,
         "to_decode": (dec["t0"] - dn["t"]) * ms,
         "decode": (dec["t"] - dec["t0"]) * ms,
-        "relay_b_client": (run.token_ts[1] - dec["t"]) * ms,
-        "relay_a_client": (run.token_ts[0] - t_a) * ms,
+        "relay_b_client": (run.token_ts[-1] - dec["t"]) * ms,
+        "relay_a_client": (run.token_ts[-2] - t_a) * ms,
         "handoff_workers": (dec["t0"] - t_a) * ms,
-        "a_to_b2": (run.token_ts[1] - t_a) * ms,
+        "a_to_b2": (run.token_ts[-1] - t_a) * ms,
         "a_release": ((sent[0]["t"] - t_a) * ms) if sent else float("nan"),
         "b_waiting_steps": float(sum(1 for e in ev_b if e["k"] == "step" and t_sd <= e["t0"] < dec["t0"])),
         "early_blocks": float(sum(e["n"] for e in early)),  # blocks B pulled before A finished
@@ -673,6 +675,8 @@ async def phase_handoff(args: argparse.Namespace, bar: Any, mem: dict) -> dict:
     trace_dir = Path(tempfile.mkdtemp(prefix="bench-vllm-trace-"))
     os.environ[TRACE_ENV] = str(trace_dir)
     sizes = args.sizes
+    d = args.decode_tokens  # A's tokens: split s = p + d - 1 (1: classic PD), B emits one more
+    kind = "pd" if d == 1 else "decode"
     cluster = make_cluster(
         True, engine="vllm", model_dir=str(model), workers=2, policy="dynaserve",
         side_channel_base_port=SIDE_PORT_WIDE, tbt_slo_ms=10000.0, ttft_slo_ms=60000.0, ready_timeout_s=300.0,
@@ -682,7 +686,7 @@ async def phase_handoff(args: argparse.Namespace, bar: Any, mem: dict) -> dict:
     )
     raw = None
     res: dict[str, Any] = {"splits": [], "unsplit_tbt": {p: [] for p in sizes}, "unsplit_ttft": {p: [] for p in sizes},
-                           "raw": {}, "errors": [], "vs": args.vs}
+                           "raw": {}, "errors": [], "vs": args.vs, "decode_tokens": d}
     try:
         t0 = time.monotonic()
         cluster.start()
@@ -692,7 +696,7 @@ async def phase_handoff(args: argparse.Namespace, bar: Any, mem: dict) -> dict:
         st = await status(cluster.client_addr)
         res["kv_capacity_tokens"] = {k: v["kv_capacity_tokens"] for k, v in st.stats["instances"].items()}
         mem["wide"] = {"idle": {n: mem_row(p.pid) for n, p in cluster.procs.items()}}
-        max_blocks = -(-max(sizes) // BLOCK)
+        max_blocks = -(-(max(sizes) + d - 1) // BLOCK)
         raw = RawBaseline(max_blocks + 1)
         res["raw"] = {(p, lay): [] for p in sizes for lay in ("layers", "contiguous")}
         bar.update(1)
@@ -701,7 +705,7 @@ async def phase_handoff(args: argparse.Namespace, bar: Any, mem: dict) -> dict:
             # first contact: B has never talked to A (NIXL handshake on the way)
             bar.set_postfix_str("first-contact split")
             t_from = time.monotonic()
-            run = await one_request(client, prompt_ids(sizes[0], seed), 2, sizes[0])
+            run = await one_request(client, prompt_ids(sizes[0], seed), d + 1, sizes[0] + d - 1)
             await wait_idle(cluster.client_addr, 60)
             h = analyse_split(run, trace_dir, t_from)
             h.cold = True
@@ -724,10 +728,10 @@ async def phase_handoff(args: argparse.Namespace, bar: Any, mem: dict) -> dict:
                             t_from = time.monotonic()
                             try:
                                 run = await one_request(client, prompt_ids(p, seed + (7 if path != "direct" else 0)),
-                                                        2, p)
+                                                        d + 1, p + d - 1)
                             finally:
                                 flag.unlink(missing_ok=True)
-                            if run.kind != "pd" or len(run.token_ts) != 2:
+                            if run.kind != kind or len(run.token_ts) != d + 1:
                                 res["errors"].append(f"split p={p}: kind {run.kind}, {len(run.token_ts)} tokens")
                             b_instance = run.b or b_instance
                             await wait_idle(cluster.client_addr, 60)
@@ -743,7 +747,7 @@ async def phase_handoff(args: argparse.Namespace, bar: Any, mem: dict) -> dict:
                             res["unsplit_ttft"][p].append((run.token_ts[0] - run.submit_ts) * 1000.0)
                             await wait_idle(cluster.client_addr, 60)
                         else:
-                            nb = -(-p // BLOCK)
+                            nb = -(-(p + d - 1) // BLOCK)
                             for lay in ("layers", "contiguous"):
                                 res["raw"][(p, lay)] += [x * 1000.0 for x in raw.read(nb, lay, args.raw_reps, b_core)]
                     bar.update(1)
@@ -766,9 +770,12 @@ def handoff_tables(res: dict, sizes: list[int]) -> str:
     lines = []
     warm = [h for h in res["splits"] if not h.cold and h.ok and h.path == "direct"]
     cold = [h for h in res["splits"] if h.cold]
-    lines.append("#### KV handoff (PD split, s = p, max_tokens = 2) against a raw NIXL READ of the same blocks\n")
+    d = res.get("decode_tokens", 1)
+    what = ("PD split, s = p, max_tokens = 2" if d == 1
+            else f"decode handoff after A's {d} tokens, s = p + {d - 1}, max_tokens = {d + 1}")
+    lines.append(f"#### KV handoff ({what}) against a raw NIXL READ of the same blocks\n")
     lines.append(
-        "| prompt tokens | KV bytes (tokens x 32 KiB) | bytes moved (whole blocks) | descriptors (vLLM / raw) "
+        "| prompt tokens | KV bytes (s positions x 32 KiB) | bytes moved (whole blocks) | descriptors (vLLM / raw) "
         "| A->B token gap, client ms | unsplit decode step (TBT p50) ms | **handoff, client** ms "
         "| **handoff, workers** ms | B's first step (decode) ms "
         "| NIXL READ inside the handoff ms | raw READ, 1 desc. per (layer, block) ms | raw READ, 1 descriptor ms |")
@@ -781,7 +788,7 @@ def handoff_tables(res: dict, sizes: list[int]) -> str:
         if not hs:
             lines.append(f"| {p} | no successful handoff |" + " |" * 10)
             continue
-        nb = -(-p // BLOCK)
+        nb = -(-(p + d - 1) // BLOCK)
         moved = nb * BLOCK * WIDE_KV_BYTES_PER_TOKEN
         tbt = med(res["unsplit_tbt"][p])
         gap = med([h.gap_ms for h in hs])
@@ -796,7 +803,7 @@ def handoff_tables(res: dict, sizes: list[int]) -> str:
         raw_c = med(res["raw"][(p, "contiguous")])
         note = "" if not tbytes or tbytes == moved else f" (NIXL: {tbytes / 2**20:.1f} MiB)"
         lines.append(
-            f"| {p} | {p * WIDE_KV_BYTES_PER_TOKEN / 2**20:.1f} MiB | {moved / 2**20:.0f} MiB{note} "
+            f"| {p} | {(p + d - 1) * WIDE_KV_BYTES_PER_TOKEN / 2**20:.1f} MiB | {moved / 2**20:.0f} MiB{note} "
             f"| {descs} / {nb * 8} | {gap:.1f} | {tbt:.1f} | **{client:.1f}** | **{inner:.1f}** | {first:.1f} "
             f"| {xfer:.1f} | {raw_l:.1f} | {raw_c:.1f} |")
 
@@ -832,7 +839,7 @@ def handoff_tables(res: dict, sizes: list[int]) -> str:
             ("read_seen", "post -> completion seen"),
             ("to_decode", "-> B's first step starts"),
             ("handoff_workers", "= handoff, workers"),
-            ("decode", "B's first step (position p, token 2)"),
+            ("decode", "B's first step (position s, B's first token)"),
             ("relay_b_client", "B step end -> client")]
     lines.append("| component | first contact, p=" + (str(cold[0].p) if cold else "-") + " | "
                  + " | ".join(f"p={p}" for p in sizes) + " |")
@@ -866,8 +873,7 @@ def handoff_tables(res: dict, sizes: list[int]) -> str:
 
 def early_table(res: dict, sizes: list[int], warm: list[Handoff]) -> str:
     """What B pulled while A still prefilled (KvChunk), and what splitting A's prefill cost its first token."""
-    lines = ["\n#### Early pulls: B reads the blocks of A's first prefill step while A computes the rest "
-             "(medians)\n",
+    lines = ["\n#### Early pulls: B reads the blocks A has finished while A computes the rest (medians)\n",
              "| prompt tokens | A's prefill steps | blocks pulled early / all | of them kept at the StartDecode "
              "| early READ posts ms (CPU ms) | last early READ done before A's last step ended, ms "
              "| TTFT split (A's token); unsplit, client ms |",
@@ -880,7 +886,7 @@ def early_table(res: dict, sizes: list[int], warm: list[Handoff]) -> str:
         def m(key: str, hs: list[Handoff] = hs) -> float:
             return med([h.inner[key] for h in hs])
 
-        nb = -(-p // BLOCK)
+        nb = -(-(p + res.get("decode_tokens", 1) - 1) // BLOCK)
         lines.append(f"| {p} | {m('a_prefill_steps'):.0f} | {m('early_blocks'):.0f} / {nb} | {m('kept_blocks'):.0f} "
                      f"| {m('early_post'):.1f} ({m('early_cpu'):.1f}) | {m('early_slack'):.1f} "
                      f"| {m('ttft'):.0f}; {med(res['unsplit_ttft'][p]):.0f} |")
@@ -1459,6 +1465,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=3, help="warm handoffs per prompt length")
     parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1000, 2000, 4000],
                         help="prompt lengths of the handoff phase (at most 4000)")
+    parser.add_argument("--decode-tokens", type=int, default=1,
+                        help="handoff phase: A's tokens before the handoff (split s = p + this - 1; 1: classic PD, "
+                             f"more: a decode handoff; p + this at most {WIDE_MAX_MODEL_LEN})")
     parser.add_argument("--raw-reps", type=int, default=5, help="raw READs per layout per handoff")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of the overhead phase")
     parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[8, 32],
@@ -1482,6 +1491,8 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, _term)
     if max(args.sizes) + 8 > WIDE_MAX_MODEL_LEN:
         parser.error(f"prompt lengths must be at most {WIDE_MAX_MODEL_LEN - 8}")
+    if args.decode_tokens < 1 or max(args.sizes) + args.decode_tokens > WIDE_MAX_MODEL_LEN:
+        parser.error(f"--decode-tokens must be >= 1 and at most {WIDE_MAX_MODEL_LEN} - the longest prompt")
     asyncio.run(amain(args))
 
 

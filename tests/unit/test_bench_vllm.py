@@ -102,6 +102,17 @@ def test_handoff_tables_with_early_pulls_and_the_late_variant() -> None:
     assert "(- : B was added at dispatch) | - | - |" in text  # no add_request on the handoff's path
 
 
+def test_handoff_tables_of_a_decode_handoff() -> None:
+    """--decode-tokens 100: s = p + 99 positions, whose whole blocks are what a raw READ moves."""
+    res = {"vs": "late", "unsplit_tbt": {1000: [15.0]}, "unsplit_ttft": {1000: [530.0]}, "decode_tokens": 100,
+           "raw": {(1000, "layers"): [3.0], (1000, "contiguous"): [2.8]},
+           "splits": [_handoff(1000, "direct", 3.0), _handoff(1000, "late", 6.0)]}
+    text = handoff_tables(res, [1000])
+    assert "decode handoff after A's 100 tokens, s = p + 99, max_tokens = 101" in text
+    assert "| 1000 | 34.3 MiB | 36 MiB (NIXL: 8.0 MiB) | 16 / 72 |" in text  # 1,099 positions: 9 whole blocks
+    assert "| 1000 | 2 | 6 / 9 | 6 |" in text
+
+
 def test_vllm_rss_report_and_plot(tmp_path: Path) -> None:
     from bench.vllm_rss import plot, report
 
