@@ -122,6 +122,8 @@ class SimInstance:
         self.n_xfer = 0
         self.finish_heap: list[tuple[int, int, MicroSeq]] = []
         self.grow_heap: list[tuple[int, int, MicroSeq]] = []  # (step that needs one more block, tie, seq)
+        # (step whose end publishes an A's decode blocks before its tail, tie, seq): decode handoffs, early pulls
+        self.publish_heap: list[tuple[int, int, MicroSeq]] = []
         self.preemptions = 0
         self.step_ends: list[float] = []
         self.busy = False
@@ -266,6 +268,11 @@ class SimInstance:
         self.pd -= n
         if self.cur_plan is not None:
             self.sched.observe(self.cur_plan, self.last_step_ms)
+        pub = self.publish_heap
+        while pub and pub[0][0] <= j:
+            _, tie, seq = heapq.heappop(pub)
+            if seq.entry == tie and seq.state == DECODE:  # else stale: preempted (its KV is recomputed)
+                self._early_read(seq, now, self.sim.cfg.early_pull_end(seq.split))
         heap = self.finish_heap
         while heap and heap[0][0] <= j:
             _, tie, seq = heapq.heappop(heap)
@@ -284,32 +291,37 @@ class SimInstance:
         self.start_step(now)
 
     def _publish(self, seq: MicroSeq, c: int, now: float) -> None:
-        """Role A with early pulls, after a prefill step: B reads the whole blocks before the tail (a decode
-        handoff: before the split) that this step (``c`` positions, ending ``now``) completed, after its earlier
-        reads (the live A's KvChunks and B's early READs)."""
-        cfg = self.sim.cfg
-        limit = cfg.early_pull_end(seq.split) if seq.split <= seq.req.prompt else seq.split - 1
-        done = min(seq.computed, limit) // self.block_size * self.block_size
+        """Role A with early pulls, after a prefill step (``c`` positions, ending ``now``): B reads the whole
+        blocks it completed (the live A's KvChunks and B's early READs). As the live scheduler does, A's
+        prefill (s <= p) is split where the tail begins only when A is the step's one prefill: that share of
+        the step publishes the blocks before the tail, and the rest waits for the handoff. Otherwise (other
+        prefills, or a decode handoff) every whole block of a step that does not reach the split goes."""
+        s = seq.split
+        if s <= seq.req.prompt and len(self.cur_prefills) == 1:
+            limit = self.sim.cfg.early_pull_end(s)
+            t = now
+            if seq.computed > limit:  # the live A splits this step at the boundary: that share of it
+                start = now - self.last_step_ms / 1000.0
+                t = start + (limit - (seq.computed - c)) / c * (now - start)
+            self._early_read(seq, t, min(seq.computed, limit))
+        elif seq.computed < s:
+            self._early_read(seq, now, seq.computed)
+
+    def _early_read(self, seq: MicroSeq, t: float, upto: int) -> None:
+        """B of A's (``seq``) request reads A's whole blocks before position ``upto`` it has not read yet, from
+        time ``t`` on, after its earlier early reads and (``serialize_transfers``) other transfers into B."""
+        done = upto // self.block_size * self.block_size
         if done <= seq.early_pos:
             return
-        t = now
-        if seq.computed > limit:  # the live A splits this step at the boundary: that share of it
-            start = now - self.last_step_ms / 1000.0
-            t = start + (limit - (seq.computed - c)) / c * (now - start)
-        seq.early_end = max(t, seq.early_end) + cfg.transfer_ms(done - seq.early_pos) / 1000.0
+        sim = self.sim
+        dur = sim.cfg.transfer_ms(done - seq.early_pos) / 1000.0
+        start = max(t, seq.early_end)
+        b = seq.req.seq_b
+        if sim.cfg.serialize_transfers and b is not None:
+            start = max(start, sim.link_free.get(b.inst.id, 0.0))
+            sim.link_free[b.inst.id] = start + dur
+        seq.early_end = start + dur
         seq.early_pos = done
-
-    def publish_decoded(self, seq: MicroSeq) -> None:
-        """Role A of a decode handoff with early pulls, at its handoff: B has also read the blocks before the
-        tail that A's decode steps completed, from the end of the step that reached the tail (the live A's
-        KvChunk at that step), after its earlier reads."""
-        limit = self.sim.cfg.early_pull_end(seq.split)
-        k = limit - seq.ctx0  # decode steps that compute positions up to the tail's start
-        j = seq.i0 + k - 1
-        if limit <= seq.early_pos or k <= 0 or k > seq.dsteps or j >= len(self.step_ends):
-            return
-        seq.early_end = max(self.step_ends[j], seq.early_end) + self.sim.cfg.transfer_ms(limit - seq.early_pos) / 1000.0
-        seq.early_pos = limit
 
     def _grow(self, j: int) -> bool:
         """KV blocks for the decodes of step ``j`` (on demand); preempt when none is free. True if it did."""
@@ -371,6 +383,11 @@ class SimInstance:
         self._tie += 1
         seq.entry = self._tie
         heapq.heappush(self.finish_heap, (i0 + tokens - 1, self._tie, seq))
+        if self.early_tail and seq.role == ROLE_A and seq.split > seq.req.prompt:
+            # a decode handoff: the step that reaches the tail's start publishes the blocks before it
+            k = self.sim.cfg.early_pull_end(seq.split) - seq.ctx0
+            if 0 < k < tokens:
+                heapq.heappush(self.publish_heap, (i0 + k - 1, self._tie, seq))
         if self.on_demand:  # the step that writes position blocks * block_size needs one more block
             heapq.heappush(self.grow_heap, (i0 + seq.blocks * self.block_size - seq.ctx0, self._tie, seq))
 

@@ -181,14 +181,12 @@ class Simulator:
         """Role B was admitted: pull A's KV of positions [0, split) over B's link.
 
         With early pulls (``early_pull_tail_tokens``), B has read A's blocks before the tail step by step
-        while A computed (``MicroSeq.early_pos``, ``early_end``: reads of their own, not serialized with
-        other transfers on B's link) and pulls only the rest now, once those reads have ended.
+        while A computed (``MicroSeq.early_pos``, ``early_end``; they took B's link in turn with other
+        transfers into B) and pulls only the rest now, once those reads have ended.
         """
         tokens = seq.split
         start = now
         a = seq.req.seq_a
-        if a is not None and self.cfg.early_pull_tail_tokens and seq.split > seq.req.prompt:
-            a.inst.publish_decoded(a)
         if a is not None and a.early_pos > 0:
             start = max(now, a.early_end)
             tokens -= a.early_pos

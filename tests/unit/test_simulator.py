@@ -178,6 +178,30 @@ def test_early_pulls_of_a_decode_handoff_on_a_slow_link() -> None:
     assert cfg.transfer_ms(10) < got[128] < got[0]
 
 
+def test_a_prefill_sharing_its_step_is_not_split_for_an_early_pull() -> None:
+    """As the live scheduler: A's prefill is cut where the tail begins only when it is the step's one prefill.
+    Three PD splits at once: the first starts a step alone (cut there: B reads its blocks before the tail);
+    the other two share the next step, which both prompts fit: neither is cut, both chunks reach the split,
+    nothing of theirs is read early."""
+    cfg = SimConfig(instances=2, max_batched_tokens=8192, early_pull_tail_tokens=128)
+    _, res = run(cfg, ForcedSplit(0), [TraceRequest(0.0, 2000, 20) for _ in range(3)])
+    assert res.stats["early_pulls"] == 1 and res.stats["transfers"] == 3
+
+
+def test_early_reads_take_b_s_link_in_turn() -> None:
+    """Two long PD splits on a 0.5 GB/s link: the second's early reads queue behind the first's reads and
+    handoff on B's link (serialize_transfers), so its handoff waits longer than with a link per transfer."""
+    reqs = [TraceRequest(0.0, 4000, 20), TraceRequest(0.0, 4000, 20)]
+    waits = {}
+    for serialize in (False, True):
+        cfg = SimConfig(instances=2, max_batched_tokens=1024, link_gbps=0.5, early_pull_tail_tokens=128,
+                        serialize_transfers=serialize)
+        _, res = run(cfg, ForcedSplit(0), reqs)
+        assert res.stats["early_pulls"] == 2 and len(res.records) == 2
+        waits[serialize] = res.stats["transfer_ms"]
+    assert waits[True] > waits[False]
+
+
 def test_early_pull_tail_must_not_be_negative() -> None:
     with pytest.raises(ValueError, match="early_pull_tail_tokens"):
         SimConfig(early_pull_tail_tokens=-1)
