@@ -396,8 +396,9 @@ def test_prefill_order_follows_ttft_deadlines(order: str, tmp_path: pytest.TempP
         cluster.stop()
 
 
-KILLS = [  # (split, victim, tokens read before the kill), run in this order on one cluster of three workers
+KILLS = [  # (split, victim, tokens read before the kill), run in this order on one cluster of four workers
     (P_LEN, "a", 1),  # classic PD: A dies right after its handoff (B may still be pulling from it)
+    (P_LEN + 60, "a", 20),  # decode handoff: A dies while it decodes its part; B, parked since dispatch, is aborted
     (P_LEN + 5, "b", 40),  # decode handoff: B dies while it decodes; the last worker takes the request over
 ]
 
@@ -425,7 +426,7 @@ async def assert_one_clean_survivor(cluster: LocalCluster) -> None:
 def test_killed_vllm_workers_streams_complete_exactly() -> None:
     """kill -9 vLLM workers mid-request (UCX error handling ``none``): every stream still equals the
     failure-free greedy run, the broker re-plans where needed, and the survivors hold no blocks."""
-    cluster = kill_cluster(5900, 3)
+    cluster = kill_cluster(5900, len(KILLS) + 1)
     try:
         async def main() -> None:
             async with DynaServeClient(cluster.client_addr) as c:
@@ -437,6 +438,9 @@ def test_killed_vllm_workers_streams_complete_exactly() -> None:
                     assert killed.instance_b is not None, killed
                     assert got == ref, (split, victim)
                     assert stream.finish_reason == "length"
+                    loads = await wait_idle(cluster, 60)  # the survivors hold nothing (a parked B was aborted)
+                    assert all(ld["active_requests"] == 0 and ld["held_blocks"] == 0 and ld["kv_used_tokens"] == 0
+                               for ld in loads.values()), (split, victim, loads)
                 st = await c.status()
                 assert st.stats["failed"] == 0 and st.stats["replanned"] >= 1, st.stats
             await assert_one_clean_survivor(cluster)
