@@ -15,6 +15,7 @@ from bench.bench_vllm import (
     Handoff,
     descendants,
     handoff_tables,
+    median_ci,
     overhead_table,
     records,
 )
@@ -46,6 +47,21 @@ def test_overhead_table_has_a_ratio_row_against_every_bare_system_including_vllm
     assert cells[7] == "**-**"  # no step time measured for vLLM serving
     assert [c.strip() for c in rows["**ratio DynaServe / bare**"].split("|")][5] == "**1.12**"  # 4.5 / 4.0
     assert "TBT p50 ratio DynaServe / bare_serve per round: N=2: 0.90." in table
+    assert "| 2 | 1.12 (1.12–1.12) | 1.12 (1.12–1.12) | 1.12 (1.12–1.12) | 1.12 (1.12–1.12) | 0.90 (0.90–0.90) |" in table
+
+
+def test_median_ci_brackets_the_median_and_narrows_with_more_rounds() -> None:
+    import random
+
+    rng = random.Random(5)
+    few = [1.05 + rng.gauss(0, 0.1) for _ in range(9)]
+    many = [1.05 + rng.gauss(0, 0.1) for _ in range(90)]
+    for xs in (few, many):
+        mid, lo, hi = median_ci(xs)
+        assert lo <= mid <= hi
+    assert median_ci(many)[2] - median_ci(many)[1] < median_ci(few)[2] - median_ci(few)[1]
+    assert median_ci([1.0, 2.0, 3.0]) == median_ci([1.0, 2.0, 3.0])  # seeded
+    assert median_ci([])[0] != median_ci([])[0]  # nan
 
 
 def test_descendants_follows_the_process_tree_down() -> None:
