@@ -7,7 +7,15 @@ falls on all alike. No worker, broker or client: only what the connector and the
 vLLM's own step. Each round decodes N requests (128-token prompts) for ``--tokens`` tokens; a variant's
 figure is the median over its rounds of the per-round median decode step (steps that decode all N).
 
-Usage: python -m bench.engine_ab [--rounds 8] [--n 32] [--tokens 150] [--engine-core 0]
+With ``--engine-class`` two more variants run DynaServe's ``VllmEngine`` itself, as a worker runs it (its engine
+thread stepping in bursts and shipping every step: tokens encoded for the wire, a load report every 20 ms), one
+without and one with the ZeroMQ send of each step's tokens to a socket this process drains: what the engine
+class adds on top of the parts inside vLLM. A third, ``worker``, is a real worker process (``python -m workers``,
+its engine on the engine core and its loop on the others) that a stand-in broker in this process feeds the same
+requests and drains (its decode steps from the worker's step log): the whole worker, without the broker's and
+the client's work.
+
+Usage: python -m bench.engine_ab [--rounds 8] [--n 32] [--tokens 150] [--engine-core 0] [--engine-class]
 """
 
 from __future__ import annotations
@@ -22,7 +30,218 @@ from typing import Any
 from tqdm import tqdm
 
 VARIANTS = {"bare": "", "conn": "conn", "sched": "sched", "conn+sched": "conn+sched"}
+# with --engine-class: DynaServe's VllmEngine itself (its engine thread stepping in bursts and shipping each step,
+# as in a worker), without and with the ZeroMQ send of each step's tokens; no worker loop, broker or client
+ENGINE_VARIANTS = {"engine": False, "engine+zmq": True}
 SIDE_PORT = 6690  # NIXL handshake ports (base + 10 i) of the variants with the connector
+REPORT_S = 0.02  # the worker's heartbeat: a load report (engine.load()) this often, as its engine thread sends
+
+
+def _engine_main(conn: Any, model: str, log_path: str, cores: str, side_port: int, sink: str) -> None:
+    """A VllmEngine (the worker's engine class) in this process, its engine thread bound to ``cores``: each
+    round adds the prompts as whole (unsplit) micro-requests and runs them to the end, the engine thread
+    shipping every step as in a worker: the step's token entries encoded for the wire, a load report every
+    ``REPORT_S``, and, with ``sink`` (a ZeroMQ address), the encoded tokens sent there. Protocol on ``conn``
+    as bench.bench_vllm's ``_bare_main``; the step times are the engine's own (``StepOutput.step_ms``) of the
+    steps that decode every request and prefill nothing."""
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    import asyncio
+    import threading
+    import time
+
+    import zmq
+
+    from dynaserve import protocol as P
+    from workers.engine import StepOutput
+    from workers.engines import make_vllm_engine
+    from workers.engines.vllm_config import VllmEngineConfig
+    from workers.local_scheduler import LocalSchedulerConfig
+
+    eng = make_vllm_engine(VllmEngineConfig(model=model, cpu_bind=cores, side_channel_port=side_port),
+                           LocalSchedulerConfig())
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH) if sink else None
+    if push is not None:
+        push.connect(sink)
+    lock = threading.Lock()
+    state: dict[str, Any] = {"n": 0, "steps": [], "report": 0.0}
+
+    def ship(out: StepOutput) -> None:
+        if out.step_ms > 0 and out.decode_seqs == state["n"] and out.prefill_tokens == 0:
+            state["steps"].append(out.step_ms)
+        frame = P.encode_token_entries(P.TokenBatch.TYPE, out.entries) if out.entries else b""
+        if push is not None and frame:
+            with lock:
+                push.send(frame)
+        if time.monotonic() >= state["report"] + REPORT_S:
+            state["report"] = time.monotonic()
+            eng.load()
+
+    eng.set_shipper(ship)
+
+    async def run(prompts: list[list[int]], max_tokens: int, tag: str) -> tuple[list, list[float]]:
+        state["n"], state["steps"] = len(prompts), []
+        now = time.monotonic()
+        for i, p in enumerate(prompts):
+            eng.add(P.MicroDescriptor(f"{tag}-{i}", P.ROLE_FULL, p, len(p) + max_tokens, 0, len(p) + max_tokens,
+                                      max_tokens, None, P.SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+                                      60000.0, 10000.0, now), now)
+        while eng.has_work():
+            await eng.step(time.monotonic())
+        return [], list(state["steps"])
+
+    async def serve() -> None:
+        await run([[3] * 16], 2, "warmup")
+        conn.send(("ready", eng.info.kv_capacity_tokens))
+        n_run = 0
+        while True:
+            cmd = await asyncio.to_thread(conn.recv)
+            if cmd[0] == "stop":
+                break
+            _, prompts, max_tokens = cmd
+            n_run += 1
+            conn.send(await run(prompts, max_tokens, f"r{n_run}"))
+
+    try:
+        asyncio.run(serve())
+    finally:
+        eng.close()
+        if push is not None:
+            push.close(0)
+        ctx.term()
+
+
+class _StandInBroker:
+    """The broker's part for one real worker process (``python -m workers``), reduced to the protocol: it
+    accepts the worker's registration, dispatches each round's prompts as whole micro-requests, and takes the
+    worker's messages until every request has finished. No client, no policy, no forwarding."""
+
+    def __init__(self) -> None:
+        import zmq
+
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        self._sock.bind("tcp://127.0.0.1:*")
+        self.addr = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._ident = b""
+
+    def _messages(self, timeout_s: float) -> list[Any]:
+        from dynaserve import protocol as P
+
+        if not self._sock.poll(int(timeout_s * 1000)):
+            raise RuntimeError(f"the worker sent nothing for {timeout_s} s")
+        frames = self._sock.recv_multipart()
+        self._ident = frames[0]
+        return [P.decode(f, P.WORKER_TO_BROKER) for f in frames[1:]]
+
+    def wait_registered(self, timeout_s: float) -> None:
+        import time
+
+        from dynaserve import protocol as P
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for msg in self._messages(timeout_s):
+                if isinstance(msg, P.RegisterWorker):
+                    self._sock.send_multipart([self._ident, P.encode(P.RegisterAck(msg.instance_id, True, "", 20))])
+                    return
+        raise RuntimeError("the worker did not register")
+
+    def run(self, prompts: list[list[int]], max_tokens: int, tag: str) -> None:
+        import time
+
+        from dynaserve import protocol as P
+
+        now = time.monotonic()
+        left = set()
+        for i, p in enumerate(prompts):
+            rid = f"{tag}-{i}"
+            left.add(rid)
+            desc = P.MicroDescriptor(rid, P.ROLE_FULL, p, len(p) + max_tokens, 0, len(p) + max_tokens, max_tokens,
+                                     None, P.SamplingParams(max_tokens=max_tokens, ignore_eos=True), 60000.0,
+                                     10000.0, now)
+            self._sock.send_multipart([self._ident, P.encode(P.DispatchMicro(desc))])
+        while left:
+            for msg in self._messages(120.0):
+                if isinstance(msg, P.TokenBatch):
+                    left.difference_update(e[0] for e in msg.entries if e[2] is not None)
+                elif isinstance(msg, P.MicroFailed):
+                    raise RuntimeError(f"{msg.req_id} failed: {msg.code} {msg.message}")
+
+    def close(self) -> None:
+        self._sock.close(0)
+        self._ctx.term()
+
+
+class _WorkerVariant:
+    """The ``worker`` variant: a real worker process on the engine core (its loop and socket threads on the
+    other cores), driven by a stand-in broker in this process; its decode steps come from its step log."""
+
+    def __init__(self, model: str, core: int, others: str, side_port: int, log_dir: str) -> None:
+        import subprocess
+        import sys
+
+        self.broker = _StandInBroker()
+        self.step_log = f"{log_dir}/worker.steps"
+        self._log = open(f"{log_dir}/worker.log", "ab")  # noqa: SIM115 - open while the worker runs
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "workers", "--broker-addr", self.broker.addr, "--instance-id", "w0",
+             "--engine", "vllm", "--vllm-model", model, "--vllm-side-channel-port", str(side_port),
+             "--vllm-cpu-bind", str(core), *(["--vllm-loop-bind", others] if others else []),
+             "--step-log", self.step_log],
+            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.broker.wait_registered(300.0)
+
+    def run(self, prompts: list[list[int]], max_tokens: int, tag: str) -> list[float]:
+        import time
+
+        from dynaserve.calibration import read_step_log
+
+        t0 = time.monotonic()
+        self.broker.run(prompts, max_tokens, tag)
+        time.sleep(0.05)  # the step log is flushed when a request ends; its last lines follow the tokens
+        return [sm[4] for _, sm in read_step_log(self.step_log, t0, time.monotonic())
+                if sm[0] == 0 and sm[1] == len(prompts)]
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except Exception:  # noqa: BLE001 - a worker that does not stop is killed
+            self.proc.kill()
+        self.broker.close()
+        self._log.close()
+
+
+class _Drain:
+    """A PULL socket on loopback that a thread empties: where ``engine+zmq`` sends each step's tokens (the
+    broker's part, reduced to receiving)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        import zmq
+
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.PULL)
+        self._sock.bind("tcp://127.0.0.1:*")
+        self.addr = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if self._sock.poll(100):
+                self._sock.recv()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self._sock.close(0)
+        self._ctx.term()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -31,6 +250,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n", type=int, default=32, help="requests decoding together (128-token prompts)")
     ap.add_argument("--tokens", type=int, default=150, help="output tokens per request and run")
     ap.add_argument("--engine-core", type=int, default=0, help="the core every variant computes on")
+    ap.add_argument("--engine-class", action="store_true",
+                    help="also run DynaServe's VllmEngine itself, shipping every step (without and with the "
+                         "ZeroMQ send), in a process of its own like the others")
     args = ap.parse_args(argv)
     if args.rounds < 1 or args.n < 1 or args.tokens < 8 or args.engine_core not in os.sched_getaffinity(0):
         ap.error("need --rounds >= 1, --n >= 1, --tokens >= 8 and an engine core this process may use")
@@ -44,16 +266,31 @@ def main(argv: list[str] | None = None) -> None:
     log_dir = tempfile.mkdtemp(prefix="bench-engine-ab-")
     procs: dict[str, tuple[Any, Any]] = {}
     prompts = [[3 + (i * 31 + j * 7) % 4000 for j in range(128)] for i in range(args.n)]
-    steps: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    names = list(VARIANTS)
+    names = list(VARIANTS) + ([*ENGINE_VARIANTS, "worker"] if args.engine_class else [])
+    steps: dict[str, list[float]] = {v: [] for v in names}
+    drain = _Drain() if args.engine_class else None
+    worker: _WorkerVariant | None = None
+    others = os.sched_getaffinity(0) - {args.engine_core}
     try:
         with tqdm(total=len(names) * (args.rounds + 1), desc="engine_ab", unit="run") as bar:
-            for i, (name, parts) in enumerate(VARIANTS.items()):
+            for i, name in enumerate(names):
                 bar.set_postfix_str(f"starting {name}")
+                if name == "worker":
+                    worker = _WorkerVariant(model, args.engine_core, ",".join(map(str, sorted(others))),
+                                            SIDE_PORT + 10 * i, log_dir)
+                    worker.run(prompts, 32, "warm")
+                    bar.update(1)
+                    continue
                 conn, child = ctx.Pipe()
-                proc = ctx.Process(target=_bare_main, daemon=True, args=(
-                    child, model, "engine_thread", f"{log_dir}/{name}.log", str(args.engine_core), parts,
-                    SIDE_PORT + 10 * i))
+                if name in ENGINE_VARIANTS:
+                    assert drain is not None
+                    proc = ctx.Process(target=_engine_main, daemon=True, args=(
+                        child, model, f"{log_dir}/{name}.log", str(args.engine_core), SIDE_PORT + 10 * i,
+                        drain.addr if ENGINE_VARIANTS[name] else ""))
+                else:
+                    proc = ctx.Process(target=_bare_main, daemon=True, args=(
+                        child, model, "engine_thread", f"{log_dir}/{name}.log", str(args.engine_core),
+                        VARIANTS[name], SIDE_PORT + 10 * i))
                 proc.start()
                 child.close()
                 procs[name] = (proc, conn)
@@ -63,13 +300,19 @@ def main(argv: list[str] | None = None) -> None:
                 conn.send(("run", prompts, 32))  # warm-up
                 conn.recv()
                 bar.update(1)
+            if args.engine_class and others:  # after the starts (children inherit it): the stand-in broker and
+                os.sched_setaffinity(0, others)  # the drain stay off the engine core
             for rnd in range(args.rounds):
                 k = rnd % len(names)
                 for name in names[k:] + names[:k]:
                     bar.set_postfix_str(f"round {rnd + 1}/{args.rounds}, {name}")
-                    conn = procs[name][1]
-                    conn.send(("run", prompts, args.tokens))
-                    _, step_ms = conn.recv()
+                    if name == "worker":
+                        assert worker is not None
+                        step_ms = worker.run(prompts, args.tokens, f"r{rnd}")
+                    else:
+                        conn = procs[name][1]
+                        conn.send(("run", prompts, args.tokens))
+                        _, step_ms = conn.recv()
                     steps[name].append(statistics.median(step_ms))
                     bar.update(1)
     finally:
@@ -81,6 +324,10 @@ def main(argv: list[str] | None = None) -> None:
             proc.join(10)
             if proc.is_alive():
                 proc.kill()
+        if drain is not None:
+            drain.close()
+        if worker is not None:
+            worker.close()
     base = steps["bare"]
     print(f"| variant | decode step p50 ms (median over {args.rounds} rounds) | / bare (median of per-round "
           "ratios) | per round |\n|---|---|---|---|")
