@@ -70,6 +70,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -1040,6 +1041,22 @@ def _bare_main(conn: Any, model: str, mode: str, log_path: str, cores: str = "",
         conn.send(go(prompts, max_tokens, f"r{n_run}"))
 
 
+RunFn = Callable[[list[list[int]], int, str], Awaitable[tuple[list, list[float]]]]
+
+
+async def serve_runs(conn: Any, run: RunFn) -> None:
+    """A benchmark child's command loop on ``conn``: each ("run", prompts, max_tokens) gets ``run``'s result
+    (its tag "r<k>" for the k-th run), until ("stop",)."""
+    n_run = 0
+    while True:
+        cmd = await asyncio.to_thread(conn.recv)
+        if cmd[0] == "stop":
+            return
+        _, prompts, max_tokens = cmd
+        n_run += 1
+        conn.send(await run(prompts, max_tokens, f"r{n_run}"))
+
+
 SPIN_SETTLE_S = 1.5  # vLLM's SpinCondition busy-loops 1 s (shm_broadcast.py, busy_loop_s)
 
 
@@ -1088,15 +1105,12 @@ def _serve_main(conn: Any, model: str, log_path: str, cores: str = "", others: s
             await one("warmup", [3] * 16, 2)
             kv_tokens = llm.vllm_config.cache_config.num_gpu_blocks * llm.vllm_config.cache_config.block_size
             conn.send(("ready", kv_tokens))
-            n_run = 0
-            while True:
-                cmd = await asyncio.to_thread(conn.recv)
-                if cmd[0] == "stop":
-                    break
-                _, prompts, max_tokens = cmd
-                n_run += 1
-                out = await asyncio.gather(*(one(f"r{n_run}-{i}", p, max_tokens) for i, p in enumerate(prompts)))
-                conn.send((list(out), []))
+
+            async def run(prompts: list[list[int]], max_tokens: int, tag: str) -> tuple[list, list[float]]:
+                out = await asyncio.gather(*(one(f"{tag}-{i}", p, max_tokens) for i, p in enumerate(prompts)))
+                return list(out), []
+
+            await serve_runs(conn, run)
         finally:
             llm.shutdown()
 

@@ -53,6 +53,7 @@ def _engine_main(conn: Any, model: str, log_path: str, cores: str, side_port: in
 
     import zmq
 
+    from bench.bench_vllm import serve_runs
     from dynaserve import protocol as P
     from workers.engine import StepOutput
     from workers.engines import make_vllm_engine
@@ -95,14 +96,7 @@ def _engine_main(conn: Any, model: str, log_path: str, cores: str, side_port: in
     async def serve() -> None:
         await run([[3] * 16], 2, "warmup")
         conn.send(("ready", eng.info.kv_capacity_tokens))
-        n_run = 0
-        while True:
-            cmd = await asyncio.to_thread(conn.recv)
-            if cmd[0] == "stop":
-                break
-            _, prompts, max_tokens = cmd
-            n_run += 1
-            conn.send(await run(prompts, max_tokens, f"r{n_run}"))
+        await serve_runs(conn, run)
 
     try:
         asyncio.run(serve())
