@@ -107,14 +107,27 @@ def _engine_main(conn: Any, model: str, log_path: str, cores: str, side_port: in
         ctx.term()
 
 
+def _busy(ms: float) -> None:
+    """``ms`` of Python work that allocates and touches small objects (dictionary updates)."""
+    import time
+
+    end = time.perf_counter() + ms / 1000.0
+    d: dict[int, list] = {}
+    i = 0
+    while time.perf_counter() < end:
+        d[i % 997] = [i, str(i)]
+        i += 1
+
+
 class _StandInBroker:
     """The broker's part for one real worker process (``python -m workers``), reduced to the protocol: it
     accepts the worker's registration, dispatches each round's prompts as whole micro-requests, and takes the
     worker's messages until every request has finished. No client, no policy, no forwarding."""
 
-    def __init__(self) -> None:
+    def __init__(self, cpu_ms: float = 0.0) -> None:
         import zmq
 
+        self.cpu_ms = cpu_ms  # Python work per TokenBatch, as a broker and a client do per step (0: none)
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.bind("tcp://127.0.0.1:*")
@@ -161,6 +174,8 @@ class _StandInBroker:
             for msg in self._messages(120.0):
                 if isinstance(msg, P.TokenBatch):
                     left.difference_update(e[0] for e in msg.entries if e[2] is not None)
+                    if self.cpu_ms > 0:
+                        _busy(self.cpu_ms)
                 elif isinstance(msg, P.MicroFailed):
                     raise RuntimeError(f"{msg.req_id} failed: {msg.code} {msg.message}")
 
@@ -173,11 +188,11 @@ class _WorkerVariant:
     """The ``worker`` variant: a real worker process on the engine core (its loop and socket threads on the
     other cores), driven by a stand-in broker in this process; its decode steps come from its step log."""
 
-    def __init__(self, model: str, core: int, others: str, side_port: int, log_dir: str) -> None:
+    def __init__(self, model: str, core: int, others: str, side_port: int, log_dir: str, cpu_ms: float = 0.0) -> None:
         import subprocess
         import sys
 
-        self.broker = _StandInBroker()
+        self.broker = _StandInBroker(cpu_ms)
         self.step_log = f"{log_dir}/worker.steps"
         self._log = open(f"{log_dir}/worker.log", "ab")  # noqa: SIM115 - open while the worker runs
         self.proc = subprocess.Popen(
@@ -244,6 +259,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n", type=int, default=32, help="requests decoding together (128-token prompts)")
     ap.add_argument("--tokens", type=int, default=150, help="output tokens per request and run")
     ap.add_argument("--engine-core", type=int, default=0, help="the core every variant computes on")
+    ap.add_argument("--only", default="", help="comma-separated variants to run (bare always runs), e.g. worker")
+    ap.add_argument("--stand-in-cpu-ms", type=float, default=0.0,
+                    help="worker variant: ms of Python work the stand-in broker does per TokenBatch on the other "
+                         "cores, a neighbour load tied to the steps as a broker's and a client's is")
     ap.add_argument("--engine-class", action="store_true",
                     help="also run DynaServe's VllmEngine itself, shipping every step (without and with the "
                          "ZeroMQ send), in a process of its own like the others")
@@ -261,6 +280,11 @@ def main(argv: list[str] | None = None) -> None:
     procs: dict[str, tuple[Any, Any]] = {}
     prompts = [[3 + (i * 31 + j * 7) % 4000 for j in range(128)] for i in range(args.n)]
     names = list(VARIANTS) + ([*ENGINE_VARIANTS, "worker"] if args.engine_class else [])
+    if args.only:
+        unknown = set(args.only.split(",")) - set(names)
+        if unknown:
+            ap.error(f"unknown variants {sorted(unknown)} (known: {names})")
+        names = ["bare", *[n for n in names if n in args.only.split(",") and n != "bare"]]
     steps: dict[str, list[float]] = {v: [] for v in names}
     drain = _Drain() if args.engine_class else None
     worker: _WorkerVariant | None = None
@@ -271,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
                 bar.set_postfix_str(f"starting {name}")
                 if name == "worker":
                     worker = _WorkerVariant(model, args.engine_core, ",".join(map(str, sorted(others))),
-                                            SIDE_PORT + 10 * i, log_dir)
+                                            SIDE_PORT + 10 * i, log_dir, args.stand_in_cpu_ms)
                     worker.run(prompts, 32, "warm")
                     bar.update(1)
                     continue
