@@ -201,7 +201,11 @@ class _WorkerVariant:
              "--vllm-cpu-bind", str(core), *(["--vllm-loop-bind", others] if others else []),
              "--step-log", self.step_log],
             stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.broker.wait_registered(300.0)
+        try:
+            self.broker.wait_registered(300.0)
+        except BaseException:
+            self.close()
+            raise
 
     def run(self, prompts: list[list[int]], max_tokens: int, tag: str) -> list[float]:
         import time
@@ -209,8 +213,7 @@ class _WorkerVariant:
         from dynaserve.calibration import read_step_log
 
         t0 = time.monotonic()
-        self.broker.run(prompts, max_tokens, tag)
-        time.sleep(0.05)  # the step log is flushed when a request ends; its last lines follow the tokens
+        self.broker.run(prompts, max_tokens, tag)  # the worker flushes its step log before a request's last tokens
         return [sm[4] for _, sm in read_step_log(self.step_log, t0, time.monotonic())
                 if sm[0] == 0 and sm[1] == len(prompts)]
 
