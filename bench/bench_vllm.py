@@ -108,6 +108,11 @@ def num(x: float) -> str:
     return f"{x:.2f}" if x == x else "-"
 
 
+def split_blocks(p: int, d: int) -> int:
+    """Whole KV blocks of a handoff after A's ``d`` tokens of a ``p``-token prompt (s = p + d - 1 positions)."""
+    return -(-(p + d - 1) // BLOCK)
+
+
 def med(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
@@ -710,7 +715,7 @@ async def phase_handoff(args: argparse.Namespace, bar: Any, mem: dict) -> dict:
         st = await status(cluster.client_addr)
         res["kv_capacity_tokens"] = {k: v["kv_capacity_tokens"] for k, v in st.stats["instances"].items()}
         mem["wide"] = {"idle": {n: mem_row(p.pid) for n, p in cluster.procs.items()}}
-        max_blocks = -(-(max(sizes) + d - 1) // BLOCK)
+        max_blocks = split_blocks(max(sizes), d)
         raw = RawBaseline(max_blocks + 1)
         res["raw"] = {(p, lay): [] for p in sizes for lay in ("layers", "contiguous")}
         bar.update(1)
@@ -761,7 +766,7 @@ async def phase_handoff(args: argparse.Namespace, bar: Any, mem: dict) -> dict:
                             res["unsplit_ttft"][p].append((run.token_ts[0] - run.submit_ts) * 1000.0)
                             await wait_idle(cluster.client_addr, 60)
                         else:
-                            nb = -(-(p + d - 1) // BLOCK)
+                            nb = split_blocks(p, d)
                             for lay in ("layers", "contiguous"):
                                 res["raw"][(p, lay)] += [x * 1000.0 for x in raw.read(nb, lay, args.raw_reps, b_core)]
                     bar.update(1)
@@ -802,7 +807,7 @@ def handoff_tables(res: dict, sizes: list[int]) -> str:
         if not hs:
             lines.append(f"| {p} | no successful handoff |" + " |" * 10)
             continue
-        nb = -(-(p + d - 1) // BLOCK)
+        nb = split_blocks(p, d)
         moved = nb * BLOCK * WIDE_KV_BYTES_PER_TOKEN
         tbt = med(res["unsplit_tbt"][p])
         gap = med([h.gap_ms for h in hs])
@@ -900,7 +905,7 @@ def early_table(res: dict, sizes: list[int], warm: list[Handoff]) -> str:
         def m(key: str, hs: list[Handoff] = hs) -> float:
             return med([h.inner[key] for h in hs])
 
-        nb = -(-(p + res.get("decode_tokens", 1) - 1) // BLOCK)
+        nb = split_blocks(p, res.get("decode_tokens", 1))
         lines.append(f"| {p} | {m('a_prefill_steps'):.0f} | {m('early_blocks'):.0f} / {nb} | {m('kept_blocks'):.0f} "
                      f"| {m('early_post'):.1f} ({m('early_cpu'):.1f}) | {m('early_slack'):.1f} "
                      f"| {m('ttft'):.0f}; {med(res['unsplit_ttft'][p]):.0f} |")

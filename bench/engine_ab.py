@@ -37,6 +37,15 @@ SIDE_PORT = 6690  # NIXL handshake ports (base + 10 i) of the variants with the 
 REPORT_S = 0.02  # the worker's heartbeat: a load report (engine.load()) this often, as its engine thread sends
 
 
+def _whole_request(rid: str, prompt: list[int], max_tokens: int, now: float) -> Any:
+    """An unsplit micro-request (what a broker dispatches for a request it does not split)."""
+    from dynaserve import protocol as P
+
+    end = len(prompt) + max_tokens
+    return P.MicroDescriptor(rid, P.ROLE_FULL, prompt, end, 0, end, max_tokens, None,
+                             P.SamplingParams(max_tokens=max_tokens, ignore_eos=True), 60000.0, 10000.0, now)
+
+
 def _engine_main(conn: Any, model: str, log_path: str, cores: str, side_port: int, sink: str) -> None:
     """A VllmEngine (the worker's engine class) in this process, its engine thread bound to ``cores``: each
     round adds the prompts as whole (unsplit) micro-requests and runs them to the end, the engine thread
@@ -48,7 +57,6 @@ def _engine_main(conn: Any, model: str, log_path: str, cores: str, side_port: in
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     import asyncio
-    import threading
     import time
 
     import zmq
@@ -66,7 +74,6 @@ def _engine_main(conn: Any, model: str, log_path: str, cores: str, side_port: in
     push = ctx.socket(zmq.PUSH) if sink else None
     if push is not None:
         push.connect(sink)
-    lock = threading.Lock()
     state: dict[str, Any] = {"n": 0, "steps": [], "report": 0.0}
 
     def ship(out: StepOutput) -> None:
@@ -74,8 +81,7 @@ def _engine_main(conn: Any, model: str, log_path: str, cores: str, side_port: in
             state["steps"].append(out.step_ms)
         frame = P.encode_token_entries(P.TokenBatch.TYPE, out.entries) if out.entries else b""
         if push is not None and frame:
-            with lock:
-                push.send(frame)
+            push.send(frame)  # only the engine thread ships
         if time.monotonic() >= state["report"] + REPORT_S:
             state["report"] = time.monotonic()
             eng.load()
@@ -86,9 +92,7 @@ def _engine_main(conn: Any, model: str, log_path: str, cores: str, side_port: in
         state["n"], state["steps"] = len(prompts), []
         now = time.monotonic()
         for i, p in enumerate(prompts):
-            eng.add(P.MicroDescriptor(f"{tag}-{i}", P.ROLE_FULL, p, len(p) + max_tokens, 0, len(p) + max_tokens,
-                                      max_tokens, None, P.SamplingParams(max_tokens=max_tokens, ignore_eos=True),
-                                      60000.0, 10000.0, now), now)
+            eng.add(_whole_request(f"{tag}-{i}", p, max_tokens, now), now)
         while eng.has_work():
             await eng.step(time.monotonic())
         return [], list(state["steps"])
@@ -166,9 +170,7 @@ class _StandInBroker:
         for i, p in enumerate(prompts):
             rid = f"{tag}-{i}"
             left.add(rid)
-            desc = P.MicroDescriptor(rid, P.ROLE_FULL, p, len(p) + max_tokens, 0, len(p) + max_tokens, max_tokens,
-                                     None, P.SamplingParams(max_tokens=max_tokens, ignore_eos=True), 60000.0,
-                                     10000.0, now)
+            desc = _whole_request(rid, p, max_tokens, now)
             self._sock.send_multipart([self._ident, P.encode(P.DispatchMicro(desc))])
         while left:
             for msg in self._messages(120.0):
@@ -284,10 +286,10 @@ def main(argv: list[str] | None = None) -> None:
     prompts = [[3 + (i * 31 + j * 7) % 4000 for j in range(128)] for i in range(args.n)]
     names = list(VARIANTS) + ([*ENGINE_VARIANTS, "worker"] if args.engine_class else [])
     if args.only:
-        unknown = set(args.only.split(",")) - set(names)
-        if unknown:
-            ap.error(f"unknown variants {sorted(unknown)} (known: {names})")
-        names = ["bare", *[n for n in names if n in args.only.split(",") and n != "bare"]]
+        only = set(args.only.split(","))
+        if only - set(names):
+            ap.error(f"unknown variants {sorted(only - set(names))} (known: {names})")
+        names = ["bare", *[n for n in names if n in only and n != "bare"]]
     steps: dict[str, list[float]] = {v: [] for v in names}
     drain = _Drain() if args.engine_class else None
     worker: _WorkerVariant | None = None

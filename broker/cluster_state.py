@@ -161,7 +161,7 @@ class Pricing:
 
 
 def exposed_transfer_ms(
-    s: int, x: float, tail: int, first_max: int, a_ms_per_token: float, p: int = 0, a_step_ms: float = 0.0,
+    s: int, x: float, tail: int, first_max: int, a_ms_per_token: float, p: int, a_step_ms: float,
 ) -> float:
     """The transfer of ``s`` positions (``x`` ms each) left after A's part when B pulls early (``tail < s``).
 
@@ -173,7 +173,7 @@ def exposed_transfer_ms(
     (``s > p``, a ``p``-token prompt, decode steps of ``a_step_ms``) publishes its last prefill chunk at the
     prefill's end and the decode positions before the tail (at most all of them) while it decodes; all its
     decode steps follow the prefill's end."""
-    if s > p > 0:
+    if s > p:
         tail = min(tail, s - p)
         decode_ms = (s - p) * a_step_ms
         behind = (s - tail) * x - (p - min(p, first_max)) * a_ms_per_token - decode_ms
