@@ -13,9 +13,15 @@ without and one with the ZeroMQ send of each step's tokens to a socket this proc
 class adds on top of the parts inside vLLM. A third, ``worker``, is a real worker process (``python -m workers``,
 its engine on the engine core and its loop on the others) that a stand-in broker in this process feeds the same
 requests and drains (its decode steps from the worker's step log): the whole worker, without the broker's and
-the client's work.
+the client's work. A fourth, ``cluster``, is the same worker behind a real broker (``LocalCluster``, colocate
+policy, the broker on the other cores) with this process as the client (the SDK): what the overhead phase of
+bench.bench_vllm runs, in the same alternating rounds. ``bare_main`` is bare vLLM built and stepped in its
+process's main thread. For ``cluster`` the benchmark also prints the TBT p50 each client saw (the SDK's receive
+times; the bare loops' own stamps) against ``bare`` and ``bare_main``: the median of the per-round ratios with a
+95 % bootstrap interval.
 
 Usage: python -m bench.engine_ab [--rounds 8] [--n 32] [--tokens 150] [--engine-core 0] [--engine-class]
+       [--only engine,engine+zmq,worker,cluster,bare_main,...]
 """
 
 from __future__ import annotations
@@ -229,6 +235,54 @@ class _WorkerVariant:
         self._log.close()
 
 
+class _ClusterVariant:
+    """The ``cluster`` variant: a one-worker ``LocalCluster`` (the worker as in ``worker``, a real broker on the
+    other cores) that this process drives through the client SDK; its decode steps from the worker's step log."""
+
+    def __init__(self, model: str, core: int, others: str, side_port: int, log_dir: str) -> None:
+        import asyncio
+
+        from bench.bench_vllm import bind_process, make_cluster
+        from workers.engines.vllm_config import parse_cpu_list
+
+        self.step_log = f"{log_dir}/w0.steps"
+        self.cluster = make_cluster(False, engine="vllm", workers=1, policy="colocate",
+                                    model_dir=model, side_channel_base_port=side_port, ready_timeout_s=300.0,
+                                    step_log_dir=log_dir,
+                                    worker_args=["--vllm-cpu-bind", str(core),
+                                                 *(["--vllm-loop-bind", others] if others else [])])
+        try:
+            self.cluster.start()
+            asyncio.run(self.cluster.wait_ready(300.0))
+            if others:
+                bind_process(self.cluster.procs["broker"].pid, parse_cpu_list(others))
+        except BaseException:
+            self.cluster.stop()
+            raise
+
+    def run(self, prompts: list[list[int]], max_tokens: int, tag: str) -> tuple[list, list[float]]:
+        """Each request's (submit time, token receive times) at the client, and the decode steps."""
+        import asyncio
+        import time
+
+        from dynaserve.calibration import read_step_log
+        from dynaserve.client import DynaServeClient
+
+        async def go() -> list[tuple[float, list[float]]]:
+            async with DynaServeClient(self.cluster.client_addr) as c:
+                streams = [c.generate(p, max_tokens=max_tokens, ignore_eos=True) for p in prompts]
+                await asyncio.wait_for(asyncio.gather(*(s.collect() for s in streams)), 180)
+            return [(s.submit_ts, list(s.token_ts)) for s in streams]
+
+        t0 = time.monotonic()
+        out = asyncio.run(go())  # the worker flushes its step log before a request's last tokens
+        return out, [sm[4] for _, sm in read_step_log(self.step_log, t0, time.monotonic())
+                     if sm[0] == 0 and sm[1] == len(prompts)]
+
+    def close(self) -> None:
+        self.cluster.stop()
+
+
 class _Drain:
     """A PULL socket on loopback that a thread empties: where ``engine+zmq`` sends each step's tokens (the
     broker's part, reduced to receiving)."""
@@ -258,87 +312,81 @@ class _Drain:
         self._ctx.term()
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=8, help="alternating rounds (each runs every variant)")
-    ap.add_argument("--n", type=int, default=32, help="requests decoding together (128-token prompts)")
-    ap.add_argument("--tokens", type=int, default=150, help="output tokens per request and run")
-    ap.add_argument("--engine-core", type=int, default=0, help="the core every variant computes on")
-    ap.add_argument("--only", default="", help="comma-separated variants to run (bare always runs), e.g. worker")
-    ap.add_argument("--stand-in-cpu-ms", type=float, default=0.0,
-                    help="worker variant: ms of Python work the stand-in broker does per TokenBatch on the other "
-                         "cores, a neighbour load tied to the steps as a broker's and a client's is")
-    ap.add_argument("--engine-class", action="store_true",
-                    help="also run DynaServe's VllmEngine itself, shipping every step (without and with the "
-                         "ZeroMQ send), in a process of its own like the others")
-    args = ap.parse_args(argv)
-    if args.rounds < 1 or args.n < 1 or args.tokens < 8 or args.engine_core not in os.sched_getaffinity(0):
-        ap.error("need --rounds >= 1, --n >= 1, --tokens >= 8 and an engine core this process may use")
-    os.environ.setdefault("VLLM_CACHE_ROOT", "/tmp/vcache")
-    os.environ.setdefault("UCX_NET_DEVICES", "lo")
-    from bench.bench_vllm import _bare_main
-    from dynaserve.tinymodel import DEFAULT_OUT, build
+def _session(args: argparse.Namespace, names: list[str], model: str, prompts: list[list[int]], log_dir: str,
+             session: int, bar: Any) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Start every variant's process (fresh ones), run the alternating rounds and stop them: each variant's
+    per-round decode step p50 (ms) and, for ``bare``, ``bare_main`` and ``cluster``, per-round TBT p50 (ms)."""
+    from bench.bench_vllm import _bare_main, records
+    from dynaserve.metrics import summarize
 
-    model = str(build(DEFAULT_OUT))
     ctx = mp.get_context("spawn")
-    log_dir = tempfile.mkdtemp(prefix="bench-engine-ab-")
+    os.makedirs(log_dir, exist_ok=True)
     procs: dict[str, tuple[Any, Any]] = {}
-    prompts = [[3 + (i * 31 + j * 7) % 4000 for j in range(128)] for i in range(args.n)]
-    names = list(VARIANTS) + ([*ENGINE_VARIANTS, "worker"] if args.engine_class else [])
-    if args.only:
-        only = set(args.only.split(","))
-        if only - set(names):
-            ap.error(f"unknown variants {sorted(only - set(names))} (known: {names})")
-        names = ["bare", *[n for n in names if n in only and n != "bare"]]
     steps: dict[str, list[float]] = {v: [] for v in names}
+    tbt: dict[str, list[float]] = {v: [] for v in ("bare", "bare_main", "cluster") if v in names}
     drain = _Drain() if args.engine_class else None
     worker: _WorkerVariant | None = None
-    others = os.sched_getaffinity(0) - {args.engine_core}
+    cluster: _ClusterVariant | None = None
+    cores = os.sched_getaffinity(0)
+    others = cores - {args.engine_core}
+    port = SIDE_PORT + 100 * session
+    tag = f"s{session + 1}/{args.sessions} " if args.sessions > 1 else ""
     try:
-        with tqdm(total=len(names) * (args.rounds + 1), desc="engine_ab", unit="run") as bar:
-            for i, name in enumerate(names):
-                bar.set_postfix_str(f"starting {name}")
-                if name == "worker":
-                    worker = _WorkerVariant(model, args.engine_core, ",".join(map(str, sorted(others))),
-                                            SIDE_PORT + 10 * i, log_dir, args.stand_in_cpu_ms)
-                    worker.run(prompts, 32, "warm")
-                    bar.update(1)
-                    continue
-                conn, child = ctx.Pipe()
-                if name in ENGINE_VARIANTS:
-                    assert drain is not None
-                    proc = ctx.Process(target=_engine_main, daemon=True, args=(
-                        child, model, f"{log_dir}/{name}.log", str(args.engine_core), SIDE_PORT + 10 * i,
-                        drain.addr if ENGINE_VARIANTS[name] else ""))
-                else:
-                    proc = ctx.Process(target=_bare_main, daemon=True, args=(
-                        child, model, "engine_thread", f"{log_dir}/{name}.log", str(args.engine_core),
-                        VARIANTS[name], SIDE_PORT + 10 * i))
-                proc.start()
-                child.close()
-                procs[name] = (proc, conn)
-                if not conn.poll(300):
-                    raise RuntimeError(f"{name} did not start (log: {log_dir}/{name}.log)")
-                conn.recv()
-                conn.send(("run", prompts, 32))  # warm-up
-                conn.recv()
+        for i, name in enumerate(names):
+            bar.set_postfix_str(f"{tag}starting {name}")
+            if name == "worker":
+                worker = _WorkerVariant(model, args.engine_core, ",".join(map(str, sorted(others))), port + 10 * i,
+                                        log_dir, args.stand_in_cpu_ms)
+                worker.run(prompts, 32, "warm")
                 bar.update(1)
-            if args.engine_class and others:  # after the starts (children inherit it): the stand-in broker and
-                os.sched_setaffinity(0, others)  # the drain stay off the engine core
-            for rnd in range(args.rounds):
-                k = rnd % len(names)
-                for name in names[k:] + names[:k]:
-                    bar.set_postfix_str(f"round {rnd + 1}/{args.rounds}, {name}")
-                    if name == "worker":
-                        assert worker is not None
-                        step_ms = worker.run(prompts, args.tokens, f"r{rnd}")
-                    else:
-                        conn = procs[name][1]
-                        conn.send(("run", prompts, args.tokens))
-                        _, step_ms = conn.recv()
-                    steps[name].append(statistics.median(step_ms))
-                    bar.update(1)
+                continue
+            if name == "cluster":
+                cluster = _ClusterVariant(model, args.engine_core, ",".join(map(str, sorted(others))), port + 10 * i,
+                                          log_dir)
+                cluster.run(prompts, 32, "warm")
+                bar.update(1)
+                continue
+            conn, child = ctx.Pipe()
+            if name in ENGINE_VARIANTS:
+                assert drain is not None
+                proc = ctx.Process(target=_engine_main, daemon=True, args=(
+                    child, model, f"{log_dir}/{name}.log", str(args.engine_core), port + 10 * i,
+                    drain.addr if ENGINE_VARIANTS[name] else ""))
+            else:
+                proc = ctx.Process(target=_bare_main, daemon=True, args=(
+                    child, model, "main" if name == "bare_main" else "engine_thread", f"{log_dir}/{name}.log",
+                    str(args.engine_core), VARIANTS.get(name, ""), port + 10 * i))
+            proc.start()
+            child.close()
+            procs[name] = (proc, conn)
+            if not conn.poll(300):
+                raise RuntimeError(f"{name} did not start (log: {log_dir}/{name}.log)")
+            conn.recv()
+            conn.send(("run", prompts, 32))  # warm-up
+            conn.recv()
+            bar.update(1)
+        if args.engine_class and others:  # after the starts (children inherit it): the stand-in broker, the
+            os.sched_setaffinity(0, others)  # drain and the client stay off the engine core
+        for rnd in range(args.rounds):
+            k = rnd % len(names)
+            for name in names[k:] + names[:k]:
+                bar.set_postfix_str(f"{tag}round {rnd + 1}/{args.rounds}, {name}")
+                if name == "worker":
+                    assert worker is not None
+                    step_ms = worker.run(prompts, args.tokens, f"r{rnd}")
+                elif name == "cluster":
+                    assert cluster is not None
+                    out, step_ms = cluster.run(prompts, args.tokens, f"r{rnd}")
+                else:
+                    conn = procs[name][1]
+                    conn.send(("run", prompts, args.tokens))
+                    out, step_ms = conn.recv()
+                steps[name].append(statistics.median(step_ms))
+                if name in tbt:
+                    tbt[name].append(summarize(records(out, 128, args.tokens, f"{name}{rnd}")).tbt_p50_ms)
+                bar.update(1)
     finally:
+        os.sched_setaffinity(0, cores)  # the next session's processes may use the engine core again
         for proc, conn in procs.values():
             try:
                 conn.send(("stop",))
@@ -351,13 +399,78 @@ def main(argv: list[str] | None = None) -> None:
             drain.close()
         if worker is not None:
             worker.close()
-    base = steps["bare"]
-    print(f"| variant | decode step p50 ms (median over {args.rounds} rounds) | / bare (median of per-round "
-          "ratios) | per round |\n|---|---|---|---|")
+        if cluster is not None:
+            cluster.close()
+    return steps, tbt
+
+
+def _ratios(xs: list[float], base: list[float]) -> list[float]:
+    return [x / b for x, b in zip(xs, base, strict=True)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=8, help="alternating rounds per session (each runs every variant)")
+    ap.add_argument("--sessions", type=int, default=1,
+                    help="sessions, each with fresh processes for every variant: two processes of the same engine "
+                         "differ in speed by a few percent, which more rounds do not average out")
+    ap.add_argument("--n", type=int, default=32, help="requests decoding together (128-token prompts)")
+    ap.add_argument("--tokens", type=int, default=150, help="output tokens per request and run")
+    ap.add_argument("--engine-core", type=int, default=0, help="the core every variant computes on")
+    ap.add_argument("--only", default="", help="comma-separated variants to run (bare always runs), e.g. worker")
+    ap.add_argument("--stand-in-cpu-ms", type=float, default=0.0,
+                    help="worker variant: ms of Python work the stand-in broker does per TokenBatch on the other "
+                         "cores, a neighbour load tied to the steps as a broker's and a client's is")
+    ap.add_argument("--engine-class", action="store_true",
+                    help="also run DynaServe's VllmEngine itself (without and with the ZeroMQ send of each step), "
+                         "a real worker process, a one-worker cluster and bare vLLM on its main thread")
+    args = ap.parse_args(argv)
+    if (args.rounds < 1 or args.sessions < 1 or args.n < 1 or args.tokens < 8
+            or args.engine_core not in os.sched_getaffinity(0)):
+        ap.error("need --rounds >= 1, --sessions >= 1, --n >= 1, --tokens >= 8 and an engine core this process "
+                 "may use")
+    os.environ.setdefault("VLLM_CACHE_ROOT", "/tmp/vcache")
+    os.environ.setdefault("UCX_NET_DEVICES", "lo")
+    from bench.bench_vllm import median_ci
+    from dynaserve.tinymodel import DEFAULT_OUT, build
+
+    model = str(build(DEFAULT_OUT))
+    log_dir = tempfile.mkdtemp(prefix="bench-engine-ab-")
+    prompts = [[3 + (i * 31 + j * 7) % 4000 for j in range(128)] for i in range(args.n)]
+    names = list(VARIANTS) + ([*ENGINE_VARIANTS, "worker", "cluster", "bare_main"] if args.engine_class else [])
+    if args.only:
+        only = set(args.only.split(","))
+        if only - set(names):
+            ap.error(f"unknown variants {sorted(only - set(names))} (known: {names})")
+        names = ["bare", *[n for n in names if n in only and n != "bare"]]
+    sessions: list[tuple[dict[str, list[float]], dict[str, list[float]]]] = []
+    with tqdm(total=args.sessions * len(names) * (args.rounds + 1), desc="engine_ab", unit="run") as bar:
+        for sn in range(args.sessions):
+            sessions.append(_session(args, names, model, prompts, f"{log_dir}/s{sn}", sn, bar))
+    steps = {n: [x for st, _ in sessions for x in st[n]] for n in names}
+    by_session = {n: [statistics.median(_ratios(st[n], st["bare"])) for st, _ in sessions] for n in names}
+    print(f"| variant | decode step p50 ms (median over {args.sessions} x {args.rounds} rounds) | / bare (median of "
+          "per-round ratios) | per session | per round |\n|---|---|---|---|---|")
     for name in names:
-        per = [x / b for x, b in zip(steps[name], base, strict=True)]
+        per = _ratios(steps[name], steps["bare"])
         print(f"| {name} | {statistics.median(steps[name]):.3f} | {statistics.median(per):.3f} | "
-              f"{', '.join(f'{x:.2f}' for x in per)} |")
+              f"{', '.join(f'{x:.3f}' for x in by_session[name])} | {', '.join(f'{x:.2f}' for x in per)} |")
+    if "cluster" in names:
+        print("\nTBT p50 at the client (bare: its own loop's stamps; cluster: the SDK's receive times), cluster / "
+              "baseline: the median of the per-round ratios with a 95 % bootstrap interval over the rounds, and "
+              "(with --sessions > 1) the median of the per-session medians with one over the sessions\n\n"
+              "| baseline | TBT p50 ms, baseline / cluster (medians over rounds) | cluster / baseline, rounds | "
+              "over sessions | per session | per round |\n|---|---|---|---|---|---|")
+        for b in [n for n in ("bare", "bare_main") if n in names]:
+            per = [x for _, tb in sessions for x in _ratios(tb["cluster"], tb[b])]
+            sess = [statistics.median(_ratios(tb["cluster"], tb[b])) for _, tb in sessions]
+            mid, lo, hi = median_ci(per)
+            smid, slo, shi = median_ci(sess)
+            over = f"{smid:.3f} ({slo:.3f}-{shi:.3f})" if len(sess) > 1 else "-"
+            pooled = {n: [x for _, tb in sessions for x in tb[n]] for n in (b, "cluster")}
+            print(f"| {b} | {statistics.median(pooled[b]):.3f} / {statistics.median(pooled['cluster']):.3f} | "
+                  f"{mid:.3f} ({lo:.3f}-{hi:.3f}) | {over} | {', '.join(f'{x:.3f}' for x in sess)} | "
+                  f"{', '.join(f'{x:.2f}' for x in per)} |")
     print(f"\nN = {args.n}, {args.tokens} tokens per run, every variant on core {args.engine_core}; load average "
           f"{os.getloadavg()[0]:.1f}; vLLM logs: {log_dir}")
 
