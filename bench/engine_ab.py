@@ -41,6 +41,7 @@ VARIANTS = {"bare": "", "conn": "conn", "sched": "sched", "conn+sched": "conn+sc
 ENGINE_VARIANTS = {"engine": False, "engine+zmq": True}
 SIDE_PORT = 6690  # NIXL handshake ports (base + 10 i) of the variants with the connector
 REPORT_S = 0.02  # the worker's heartbeat: a load report (engine.load()) this often, as its engine thread sends
+Session = tuple[dict[str, list[float]], dict[str, list[float]]]  # per-round decode steps and TBT p50, per variant
 
 
 def _whole_request(rid: str, prompt: list[int], max_tokens: int, now: float) -> Any:
@@ -313,7 +314,7 @@ class _Drain:
 
 
 def _session(args: argparse.Namespace, names: list[str], model: str, prompts: list[list[int]], log_dir: str,
-             session: int, bar: Any) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+             session: int, bar: Any) -> Session:
     """Start every variant's process (fresh ones), run the alternating rounds and stop them: each variant's
     per-round decode step p50 (ms) and, for ``bare``, ``bare_main`` and ``cluster``, per-round TBT p50 (ms)."""
     from bench.bench_vllm import _bare_main, records
@@ -408,6 +409,40 @@ def _ratios(xs: list[float], base: list[float]) -> list[float]:
     return [x / b for x, b in zip(xs, base, strict=True)]
 
 
+def tables(names: list[str], sessions: list[Session], rounds: int) -> str:
+    """The decode-step table of every variant against ``bare`` and, with ``cluster``, the client TBT table
+    (markdown). Ratios are per round (a variant's round against ``bare``'s same round), summarized per
+    session (median) and over all rounds and sessions."""
+    from bench.bench_vllm import median_ci
+
+    lines: list[str] = []
+    steps = {n: [x for st, _ in sessions for x in st[n]] for n in names}
+    by_session = {n: [statistics.median(_ratios(st[n], st["bare"])) for st, _ in sessions] for n in names}
+    lines.append(f"| variant | decode step p50 ms (median over {len(sessions)} x {rounds} rounds) | / bare (median "
+                 "of per-round ratios) | per session | per round |\n|---|---|---|---|---|")
+    for name in names:
+        per = _ratios(steps[name], steps["bare"])
+        lines.append(f"| {name} | {statistics.median(steps[name]):.3f} | {statistics.median(per):.3f} | "
+                     f"{', '.join(f'{x:.3f}' for x in by_session[name])} | {', '.join(f'{x:.2f}' for x in per)} |")
+    if "cluster" in names:
+        lines.append("\nTBT p50 at the client (bare: its own loop's stamps; cluster: the SDK's receive times), "
+                     "cluster / baseline: the median of the per-round ratios with a 95 % bootstrap interval over "
+                     "the rounds, and (with --sessions > 1) the median of the per-session medians with one over "
+                     "the sessions\n\n| baseline | TBT p50 ms, baseline / cluster (medians over rounds) | "
+                     "cluster / baseline, rounds | over sessions | per session | per round |\n|---|---|---|---|---|---|")
+        for b in [n for n in ("bare", "bare_main") if n in names]:
+            per = [x for _, tb in sessions for x in _ratios(tb["cluster"], tb[b])]
+            sess = [statistics.median(_ratios(tb["cluster"], tb[b])) for _, tb in sessions]
+            mid, lo, hi = median_ci(per)
+            smid, slo, shi = median_ci(sess)
+            over = f"{smid:.3f} ({slo:.3f}-{shi:.3f})" if len(sess) > 1 else "-"
+            pooled = {n: [x for _, tb in sessions for x in tb[n]] for n in (b, "cluster")}
+            lines.append(f"| {b} | {statistics.median(pooled[b]):.3f} / {statistics.median(pooled['cluster']):.3f} | "
+                         f"{mid:.3f} ({lo:.3f}-{hi:.3f}) | {over} | {', '.join(f'{x:.3f}' for x in sess)} | "
+                         f"{', '.join(f'{x:.2f}' for x in per)} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=8, help="alternating rounds per session (each runs every variant)")
@@ -431,7 +466,6 @@ def main(argv: list[str] | None = None) -> None:
                  "may use")
     os.environ.setdefault("VLLM_CACHE_ROOT", "/tmp/vcache")
     os.environ.setdefault("UCX_NET_DEVICES", "lo")
-    from bench.bench_vllm import median_ci
     from dynaserve.tinymodel import DEFAULT_OUT, build
 
     model = str(build(DEFAULT_OUT))
@@ -443,34 +477,11 @@ def main(argv: list[str] | None = None) -> None:
         if only - set(names):
             ap.error(f"unknown variants {sorted(only - set(names))} (known: {names})")
         names = ["bare", *[n for n in names if n in only and n != "bare"]]
-    sessions: list[tuple[dict[str, list[float]], dict[str, list[float]]]] = []
+    sessions: list[Session] = []
     with tqdm(total=args.sessions * len(names) * (args.rounds + 1), desc="engine_ab", unit="run") as bar:
         for sn in range(args.sessions):
             sessions.append(_session(args, names, model, prompts, f"{log_dir}/s{sn}", sn, bar))
-    steps = {n: [x for st, _ in sessions for x in st[n]] for n in names}
-    by_session = {n: [statistics.median(_ratios(st[n], st["bare"])) for st, _ in sessions] for n in names}
-    print(f"| variant | decode step p50 ms (median over {args.sessions} x {args.rounds} rounds) | / bare (median of "
-          "per-round ratios) | per session | per round |\n|---|---|---|---|---|")
-    for name in names:
-        per = _ratios(steps[name], steps["bare"])
-        print(f"| {name} | {statistics.median(steps[name]):.3f} | {statistics.median(per):.3f} | "
-              f"{', '.join(f'{x:.3f}' for x in by_session[name])} | {', '.join(f'{x:.2f}' for x in per)} |")
-    if "cluster" in names:
-        print("\nTBT p50 at the client (bare: its own loop's stamps; cluster: the SDK's receive times), cluster / "
-              "baseline: the median of the per-round ratios with a 95 % bootstrap interval over the rounds, and "
-              "(with --sessions > 1) the median of the per-session medians with one over the sessions\n\n"
-              "| baseline | TBT p50 ms, baseline / cluster (medians over rounds) | cluster / baseline, rounds | "
-              "over sessions | per session | per round |\n|---|---|---|---|---|---|")
-        for b in [n for n in ("bare", "bare_main") if n in names]:
-            per = [x for _, tb in sessions for x in _ratios(tb["cluster"], tb[b])]
-            sess = [statistics.median(_ratios(tb["cluster"], tb[b])) for _, tb in sessions]
-            mid, lo, hi = median_ci(per)
-            smid, slo, shi = median_ci(sess)
-            over = f"{smid:.3f} ({slo:.3f}-{shi:.3f})" if len(sess) > 1 else "-"
-            pooled = {n: [x for _, tb in sessions for x in tb[n]] for n in (b, "cluster")}
-            print(f"| {b} | {statistics.median(pooled[b]):.3f} / {statistics.median(pooled['cluster']):.3f} | "
-                  f"{mid:.3f} ({lo:.3f}-{hi:.3f}) | {over} | {', '.join(f'{x:.3f}' for x in sess)} | "
-                  f"{', '.join(f'{x:.2f}' for x in per)} |")
+    print(tables(names, sessions, args.rounds))
     print(f"\nN = {args.n}, {args.tokens} tokens per run, every variant on core {args.engine_core}; load average "
           f"{os.getloadavg()[0]:.1f}; vLLM logs: {log_dir}")
 

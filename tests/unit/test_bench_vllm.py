@@ -143,3 +143,22 @@ def test_vllm_rss_report_and_plot(tmp_path: Path) -> None:
     assert "w0 (A 4, B 0) MiB" in text
     plot(res, tmp_path / "rss.png")
     assert (tmp_path / "rss.png").stat().st_size > 1000
+
+
+def test_engine_ab_tables_summarize_per_session_and_over_sessions() -> None:
+    from bench.engine_ab import tables
+
+    def session(step: float, tbt: float) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+        steps = {"bare": [2.0, 2.0], "cluster": [2.0 * step, 2.0 * step], "bare_main": [2.0, 2.0]}
+        return steps, {"bare": [2.0, 2.0], "bare_main": [2.5, 2.5], "cluster": [2.0 * tbt, 2.0 * tbt]}
+
+    out = tables(["bare", "cluster", "bare_main"], [session(1.02, 1.04), session(1.06, 1.10)], 2)
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    assert "1.020, 1.060" in rows["cluster"]  # the decode step per session
+    tbt = [line for line in out.splitlines() if line.startswith("| bare |") and "/" in line.split("|")[2]]
+    assert len(tbt) == 1 and "1.040, 1.100" in tbt[0]  # TBT cluster / bare per session
+    tbt_main = next(line for line in out.splitlines() if line.startswith("| bare_main |") and "0.832" in line)
+    assert "0.832, 0.880" in tbt_main  # against bare_main's 2.5 ms
+    one = tables(["bare", "cluster"], [session(1.02, 1.04)], 2)
+    assert "| - |" in one  # no interval over sessions from one session
+    assert "bare_main" not in one
