@@ -20,13 +20,18 @@ process's main thread. For ``cluster`` the benchmark also prints the TBT p50 eac
 times; the bare loops' own stamps) against ``bare`` and ``bare_main``: the median of the per-round ratios with a
 95 % bootstrap interval.
 
-Usage: python -m bench.engine_ab [--rounds 8] [--n 32] [--tokens 150] [--engine-core 0] [--engine-class]
-       [--only engine,engine+zmq,worker,cluster,bare_main,...]
+Two processes of the same engine step a few percent apart for their whole life, which more rounds do not average
+out: ``--sessions K`` runs the whole comparison K times, each with new processes for every variant, and adds the
+median of the per-session ratios with an interval over the sessions.
+
+Usage: python -m bench.engine_ab [--rounds 8] [--sessions 1] [--n 32] [--tokens 150] [--engine-core 0]
+       [--engine-class] [--only engine,engine+zmq,worker,cluster,bare_main,...]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import multiprocessing as mp
 import os
 import statistics
@@ -240,16 +245,16 @@ class _ClusterVariant:
     """The ``cluster`` variant: a one-worker ``LocalCluster`` (the worker as in ``worker``, a real broker on the
     other cores) that this process drives through the client SDK; its decode steps from the worker's step log."""
 
-    def __init__(self, model: str, core: int, others: str, side_port: int, log_dir: str) -> None:
+    def __init__(self, model: str, core: int, others: str, side_port: int, log_dir: str, step_log: bool = True) -> None:
         import asyncio
 
         from bench.bench_vllm import bind_process, make_cluster
         from workers.engines.vllm_config import parse_cpu_list
 
-        self.step_log = f"{log_dir}/w0.steps"
+        self.step_log = f"{log_dir}/w0.steps" if step_log else ""  # off: as deployed, no decode-step times
         self.cluster = make_cluster(False, engine="vllm", workers=1, policy="colocate",
                                     model_dir=model, side_channel_base_port=side_port, ready_timeout_s=300.0,
-                                    step_log_dir=log_dir,
+                                    step_log_dir=log_dir if step_log else "",
                                     worker_args=["--vllm-cpu-bind", str(core),
                                                  *(["--vllm-loop-bind", others] if others else [])])
         try:
@@ -277,6 +282,8 @@ class _ClusterVariant:
 
         t0 = time.monotonic()
         out = asyncio.run(go())  # the worker flushes its step log before a request's last tokens
+        if not self.step_log:
+            return out, []
         return out, [sm[4] for _, sm in read_step_log(self.step_log, t0, time.monotonic())
                      if sm[0] == 0 and sm[1] == len(prompts)]
 
@@ -343,7 +350,7 @@ def _session(args: argparse.Namespace, names: list[str], model: str, prompts: li
                 continue
             if name == "cluster":
                 cluster = _ClusterVariant(model, args.engine_core, ",".join(map(str, sorted(others))), port + 10 * i,
-                                          log_dir)
+                                          log_dir, not args.no_step_log)
                 cluster.run(prompts, 32, "warm")
                 bar.update(1)
                 continue
@@ -382,7 +389,7 @@ def _session(args: argparse.Namespace, names: list[str], model: str, prompts: li
                     conn = procs[name][1]
                     conn.send(("run", prompts, args.tokens))
                     out, step_ms = conn.recv()
-                steps[name].append(statistics.median(step_ms))
+                steps[name].append(statistics.median(step_ms) if step_ms else math.nan)
                 if name in tbt:
                     tbt[name].append(summarize(records(out, 128, args.tokens, f"{name}{rnd}")).tbt_p50_ms)
                 bar.update(1)
@@ -417,10 +424,14 @@ def tables(names: list[str], sessions: list[Session], rounds: int) -> str:
 
     lines: list[str] = []
     steps = {n: [x for st, _ in sessions for x in st[n]] for n in names}
-    by_session = {n: [statistics.median(_ratios(st[n], st["bare"])) for st, _ in sessions] for n in names}
+    by_session = {n: [statistics.median(_ratios(st[n], st["bare"])) for st, _ in sessions] for n in names
+                  if not any(math.isnan(x) for x in steps[n])}
     lines.append(f"| variant | decode step p50 ms (median over {len(sessions)} x {rounds} rounds) | / bare (median "
                  "of per-round ratios) | per session | per round |\n|---|---|---|---|---|")
     for name in names:
+        if any(math.isnan(x) for x in steps[name]):
+            lines.append(f"| {name} | - (no step log) | - | - | - |")
+            continue
         per = _ratios(steps[name], steps["bare"])
         lines.append(f"| {name} | {statistics.median(steps[name]):.3f} | {statistics.median(per):.3f} | "
                      f"{', '.join(f'{x:.3f}' for x in by_session[name])} | {', '.join(f'{x:.2f}' for x in per)} |")
@@ -456,6 +467,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--stand-in-cpu-ms", type=float, default=0.0,
                     help="worker variant: ms of Python work the stand-in broker does per TokenBatch on the other "
                          "cores, a neighbour load tied to the steps as a broker's and a client's is")
+    ap.add_argument("--no-step-log", action="store_true",
+                    help="cluster variant: the worker without its step log, as deployed (no decode-step times)")
     ap.add_argument("--engine-class", action="store_true",
                     help="also run DynaServe's VllmEngine itself (without and with the ZeroMQ send of each step), "
                          "a real worker process, a one-worker cluster and bare vLLM on its main thread")

@@ -162,3 +162,14 @@ def test_engine_ab_tables_summarize_per_session_and_over_sessions() -> None:
     one = tables(["bare", "cluster"], [session(1.02, 1.04)], 2)
     assert "| - |" in one  # no interval over sessions from one session
     assert "bare_main" not in one
+
+
+def test_engine_ab_tables_without_the_cluster_step_log() -> None:
+    import math
+
+    from bench.engine_ab import tables
+
+    steps = {"bare": [2.0, 2.0], "cluster": [math.nan, math.nan]}
+    out = tables(["bare", "cluster"], [(steps, {"bare": [2.0, 2.0], "cluster": [2.2, 2.2]})], 2)
+    assert "| cluster | - (no step log) |" in out
+    assert "1.100 (1.100-1.100)" in out  # the TBT ratio still comes from the client's receive times
