@@ -466,6 +466,26 @@ class Run:
     b: str | None = None
 
 
+async def stream_all(client_addr: str, prompts: list[list[int]], max_tokens: int,
+                     timeout: float = 180.0) -> list[tuple[float, list[float]]]:
+    """Submit every prompt at once through the client SDK and wait for all streams: each request's (submit
+    time, token receive times)."""
+    from dynaserve.client import DynaServeClient
+
+    async with DynaServeClient(client_addr) as c:
+        streams = [c.generate(p, max_tokens=max_tokens, ignore_eos=True) for p in prompts]
+        await asyncio.wait_for(asyncio.gather(*(s.collect() for s in streams)), timeout)
+    return [(s.submit_ts, list(s.token_ts)) for s in streams]
+
+
+def decode_steps(step_log: str | Path, t0: float, t1: float, n: int) -> list[float]:
+    """The step times (ms) in a worker's step log between ``t0`` and ``t1`` of the steps that decode all ``n``
+    requests and prefill nothing (the worker logs a step before shipping its tokens)."""
+    from dynaserve.calibration import read_step_log
+
+    return [sm[4] for _, sm in read_step_log(step_log, t0, t1) if sm[0] == 0 and sm[1] == n]
+
+
 async def one_request(client: Any, prompt: list[int], max_tokens: int, split: int | None,
                       timeout: float = 120.0) -> Run:
     stream = client.generate(prompt, max_tokens=max_tokens, ignore_eos=True, force_split=split)
@@ -1162,8 +1182,6 @@ LOAD_DUTY_MS, LOAD_PERIOD_MS = 0.6, 3.6
 
 
 async def phase_overhead(args: argparse.Namespace, bar: Any, mem: dict) -> dict:
-    from dynaserve.calibration import read_step_log
-    from dynaserve.client import DynaServeClient
     from dynaserve.metrics import summarize
     from dynaserve.tinymodel import DEFAULT_OUT, build
 
@@ -1241,13 +1259,10 @@ async def phase_overhead(args: argparse.Namespace, bar: Any, mem: dict) -> dict:
 
         async def run_ds(prompts: list[list[int]]) -> list[tuple[float, list[float]]]:
             t0 = time.monotonic()
-            async with DynaServeClient(cluster.client_addr) as c:
-                streams = [c.generate(p, max_tokens=olen, ignore_eos=True) for p in prompts]
-                await asyncio.wait_for(asyncio.gather(*(s.collect() for s in streams)), 180)
-            if args.step_times:  # the worker logs a step before shipping its tokens: the last one is in the log
-                step_ms["ds"] = [sm[4] for _, sm in read_step_log(step_log, t0, time.monotonic())
-                                 if sm[0] == 0 and sm[1] == len(prompts)]
-            return [(s.submit_ts, list(s.token_ts)) for s in streams]
+            out = await stream_all(cluster.client_addr, prompts, olen)
+            if args.step_times:
+                step_ms["ds"] = decode_steps(step_log, t0, time.monotonic(), len(prompts))
+            return out
 
         runners = {**{name: run_bare(name) for name in BARE_MODES}, "ds": run_ds}
         seed = 7000

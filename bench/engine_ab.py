@@ -224,12 +224,11 @@ class _WorkerVariant:
     def run(self, prompts: list[list[int]], max_tokens: int, tag: str) -> list[float]:
         import time
 
-        from dynaserve.calibration import read_step_log
+        from bench.bench_vllm import decode_steps
 
         t0 = time.monotonic()
         self.broker.run(prompts, max_tokens, tag)  # the worker flushes its step log before a request's last tokens
-        return [sm[4] for _, sm in read_step_log(self.step_log, t0, time.monotonic())
-                if sm[0] == 0 and sm[1] == len(prompts)]
+        return decode_steps(self.step_log, t0, time.monotonic(), len(prompts))
 
     def close(self) -> None:
         self.proc.terminate()
@@ -271,21 +270,13 @@ class _ClusterVariant:
         import asyncio
         import time
 
-        from dynaserve.calibration import read_step_log
-        from dynaserve.client import DynaServeClient
-
-        async def go() -> list[tuple[float, list[float]]]:
-            async with DynaServeClient(self.cluster.client_addr) as c:
-                streams = [c.generate(p, max_tokens=max_tokens, ignore_eos=True) for p in prompts]
-                await asyncio.wait_for(asyncio.gather(*(s.collect() for s in streams)), 180)
-            return [(s.submit_ts, list(s.token_ts)) for s in streams]
+        from bench.bench_vllm import decode_steps, stream_all
 
         t0 = time.monotonic()
-        out = asyncio.run(go())  # the worker flushes its step log before a request's last tokens
+        out = asyncio.run(stream_all(self.cluster.client_addr, prompts, max_tokens))
         if not self.step_log:
             return out, []
-        return out, [sm[4] for _, sm in read_step_log(self.step_log, t0, time.monotonic())
-                     if sm[0] == 0 and sm[1] == len(prompts)]
+        return out, decode_steps(self.step_log, t0, time.monotonic(), len(prompts))
 
     def close(self) -> None:
         self.cluster.stop()
@@ -424,17 +415,17 @@ def tables(names: list[str], sessions: list[Session], rounds: int) -> str:
 
     lines: list[str] = []
     steps = {n: [x for st, _ in sessions for x in st[n]] for n in names}
-    by_session = {n: [statistics.median(_ratios(st[n], st["bare"])) for st, _ in sessions] for n in names
-                  if not any(math.isnan(x) for x in steps[n])}
+    unlogged = {n for n in names if any(math.isnan(x) for x in steps[n])}  # cluster with --no-step-log
     lines.append(f"| variant | decode step p50 ms (median over {len(sessions)} x {rounds} rounds) | / bare (median "
                  "of per-round ratios) | per session | per round |\n|---|---|---|---|---|")
     for name in names:
-        if any(math.isnan(x) for x in steps[name]):
+        if name in unlogged:
             lines.append(f"| {name} | - (no step log) | - | - | - |")
             continue
         per = _ratios(steps[name], steps["bare"])
+        sess = [statistics.median(_ratios(st[name], st["bare"])) for st, _ in sessions]
         lines.append(f"| {name} | {statistics.median(steps[name]):.3f} | {statistics.median(per):.3f} | "
-                     f"{', '.join(f'{x:.3f}' for x in by_session[name])} | {', '.join(f'{x:.2f}' for x in per)} |")
+                     f"{', '.join(f'{x:.3f}' for x in sess)} | {', '.join(f'{x:.2f}' for x in per)} |")
     if "cluster" in names:
         lines.append("\nTBT p50 at the client (bare: its own loop's stamps; cluster: the SDK's receive times), "
                      "cluster / baseline: the median of the per-round ratios with a 95 % bootstrap interval over "
