@@ -313,11 +313,19 @@ class Worker:
                 self._send_direct(*to, P.StartDecode(h.req_id, h.kv, h.num_tokens, h.tokens))
             frames.append(P.encode(P.HandoffReady(h.req_id, h.kv, h.num_tokens, h.tokens)))
         frames += [P.encode(P.MicroFailed(rid, code, message)) for rid, code, message in out.failures]
-        for i in range(0, len(frames), P.MAX_WORKER_FRAMES):
-            self._send_frames(frames[i : i + P.MAX_WORKER_FRAMES], i == 0 and bool(out.entries))
-        self.metrics.on_output(out)
         if self._burst and time.monotonic() >= self._last_report + self.heartbeat_s:
-            self._report()  # the engine thread's heartbeat during a burst (_report_loop)
+            # the engine thread's heartbeat during a burst (_report_loop) rides with the step: one send, not two
+            with self._report_lock:
+                frames.append(self._load_report())
+                self._send_step(frames, bool(out.entries))
+        elif frames:
+            self._send_step(frames, bool(out.entries))
+        self.metrics.on_output(out)
+
+    def _send_step(self, frames: list[bytes], tokens: bool) -> None:
+        """A step's frames as one message (several when there are more than a message may hold)."""
+        for i in range(0, len(frames), P.MAX_WORKER_FRAMES):
+            self._send_frames(frames[i : i + P.MAX_WORKER_FRAMES], i == 0 and tokens)
 
     def _log_step(self, out: StepOutput) -> None:
         """Log a step (buffered), and flush the log before the tokens or the handoff of a step that ends a
@@ -331,17 +339,23 @@ class Worker:
                 self._step_log.flush()
 
     def _report(self) -> None:
-        """Send a LoadReport; the loop and, during bursts, the engine thread call it (numbered in send order)."""
-        ld = self.engine.load()
+        """Send a LoadReport now (the loop's heartbeat)."""
         with self._report_lock:
-            self._seq += 1
-            self._last_report = time.monotonic()
-            self._send(P.LoadReport(
-                self.cfg.instance_id, self._seq, ld.queued_prefill_tokens, ld.running_seqs, ld.decode_ctx_tokens,
-                ld.pending_decode_tokens, ld.kv_used_tokens, ld.kv_capacity_tokens, ld.step_ms, ld.token_budget,
-                ld.held_blocks, ld.active_requests,
-            ))
+            self._send_frames([self._load_report()], False)
+
+    def _load_report(self) -> bytes:
+        """The next LoadReport, encoded. The caller holds ``_report_lock`` until it is sent, so reports leave
+        in number order: the loop sends them alone, and during bursts the engine thread adds them to a step's
+        message (``_ship``)."""
+        ld = self.engine.load()
+        self._seq += 1
+        self._last_report = time.monotonic()
         self.metrics.on_load(ld)
+        return P.encode(P.LoadReport(
+            self.cfg.instance_id, self._seq, ld.queued_prefill_tokens, ld.running_seqs, ld.decode_ctx_tokens,
+            ld.pending_decode_tokens, ld.kv_used_tokens, ld.kv_capacity_tokens, ld.step_ms, ld.token_budget,
+            ld.held_blocks, ld.active_requests,
+        ))
 
     async def _report_loop(self) -> None:
         """Heartbeats with load, on their own timer: a long engine step (it runs off the event loop) must

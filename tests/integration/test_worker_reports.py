@@ -22,7 +22,8 @@ HEARTBEAT_MS = 10
 
 
 class BurstEngine:
-    """Runs each queued burst (a list of step durations, s) on its own thread, shipping every step itself."""
+    """Runs each queued burst (a list of step durations, s) on its own thread, shipping every step (one token)
+    itself."""
 
     def __init__(self) -> None:
         self.info = EngineInfo(kind="burst", model="none", block_size=16, max_model_len=4096,
@@ -57,7 +58,7 @@ class BurstEngine:
             for s in steps:
                 time.sleep(s)
                 assert self.ship is not None
-                self.ship(StepOutput(step_ms=s * 1000.0))
+                self.ship(StepOutput(step_ms=s * 1000.0, entries=[["r0", [5], None]]))
             if self.last is not None:
                 assert self.ship is not None
                 self.ship(self.last)
@@ -87,13 +88,13 @@ def _serve_and_record(tmp_path: Path, bursts: list[list[float]], last: StepOutpu
     engine.last = last
     worker = Worker(WorkerConfig(broker_addr=addr, instance_id="w0", handoff_bind=""), engine)
     sent: list[tuple[float, str]] = []
-    report = worker._report
+    report = worker._load_report
 
-    def recording_report() -> None:
+    def recording_report() -> bytes:
         sent.append((time.monotonic(), threading.current_thread().name))
-        report()
+        return report()
 
-    worker._report = recording_report  # type: ignore[method-assign]
+    worker._load_report = recording_report  # type: ignore[method-assign]
     seqs: list[int] = []
 
     async def broker() -> None:
@@ -137,7 +138,8 @@ def _serve_and_record(tmp_path: Path, bursts: list[list[float]], last: StepOutpu
 
 
 def test_during_a_burst_the_engine_thread_sends_the_heartbeats(tmp_path: Path) -> None:
-    engine, sent, seqs = _serve_and_record(tmp_path, [[0.01] * 40])
+    messages: list[list[str]] = []
+    engine, sent, seqs = _serve_and_record(tmp_path, [[0.01] * 40], messages=messages)
     t0, t1 = engine.spans[0]
     inside = [name for t, name in sent if t0 + 0.05 < t < t1]
     loop_thread = threading.main_thread().name
@@ -145,6 +147,8 @@ def test_during_a_burst_the_engine_thread_sends_the_heartbeats(tmp_path: Path) -
     assert loop_thread not in inside  # the loop slept through the burst
     assert any(name == loop_thread for t, name in sent if t < t0)  # and sends them itself outside bursts
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    # the engine thread's reports ride with its steps' tokens: one message, one send
+    assert messages.count(["TokenBatch", "LoadReport"]) >= 10
 
 
 def test_a_long_step_still_gets_heartbeats_from_the_loop(tmp_path: Path) -> None:
