@@ -25,6 +25,7 @@ class InstanceState:
     pool: str = "any"  # "prefill" / "decode" / "any" (only the disagg policy reads it)
     max_num_seqs: int = 0  # the engine's cap of running sequences (0: none known)
     early_pull_tail_tokens: int = 0  # RegisterWorker.early_pull_tail_tokens (0: pulls all KV at the handoff)
+    block_size: int = 16  # RegisterWorker.block_size: where an early-pull tail may begin
     alive: bool = True
     queued_prefill_tokens: int = 0
     running_seqs: int = 0
@@ -100,6 +101,8 @@ class Pricing:
     min_chunk_tokens: int = 16
     transfer_gbps: float = 25.0  # KV link bandwidth, GB/s
     handoff_ms: float = 2.0  # fixed cost of a handoff (descriptor round trip, transfer setup)
+    early_tail_auto: bool = True  # early pulls: each split's tail for its link and A's load (early_tail);
+    # False: A's advertised one
 
     def prefill_budget(self, inst: InstanceState, tbt_slo_ms: float) -> int:
         """Prefill tokens per step the local scheduler can add without breaking the TBT SLO."""
@@ -151,13 +154,69 @@ class Pricing:
         at one of A's decode steps each): the tail's transfer remains, plus whatever of the early part's
         transfer that computation does not cover (:func:`exposed_transfer_ms`).
         """
+        return self.early_tail(a, b, s, p, tbt_slo_ms)[1]
+
+    def early_tail(self, a: InstanceState, b: InstanceState, s: int, p: int, tbt_slo_ms: float) -> tuple[int, float]:
+        """The early-pull tail for a handoff of ``s`` positions from A to B (:func:`best_early_tail`, or A's
+        advertised one without ``early_tail_auto``) and the transfer it leaves exposed. 0 (no early pull) when
+        A and B do not both advertise early pulls, the link is free, or A's part is a prompt part no longer than
+        A's advertised tail (A prefills it in one step)."""
         x = self.transfer_ms_per_token(b)
         tail = a.early_pull_tail_tokens if b.early_pull_tail_tokens > 0 else 0
         if tail <= 0 or x <= 0 or (s <= p and s <= tail):
-            return s * x
-        return exposed_transfer_ms(s, x, tail, self.prefill_budget(a, tbt_slo_ms),
-                                   self.prefill_ms_per_token(a, tbt_slo_ms), p,
-                                   self.decode_step_ms(a, p) if s > p else 0.0)
+            return 0, s * x
+        if not self.early_tail_auto:
+            return tail, exposed_transfer_ms(s, x, tail, self.prefill_budget(a, tbt_slo_ms),
+                                             self.prefill_ms_per_token(a, tbt_slo_ms), p,
+                                             self.decode_step_ms(a, p) if s > p else 0.0)
+        return best_early_tail(s, x, self.prefill_budget(a, tbt_slo_ms), self.prefill_ms_per_token(a, tbt_slo_ms),
+                               p, self.decode_step_ms(a, p) if s > p else 0.0, a.block_size, tail)
+
+
+def best_early_tail(
+    s: int, x: float, first_max: int, a_ms_per_token: float, p: int, a_step_ms: float, block: int, default: int,
+) -> tuple[int, float]:
+    """The early-pull tail of a handoff of ``s`` positions that leaves the least transfer exposed after A's
+    part (:func:`exposed_transfer_ms`; the arguments as there), and that transfer.
+
+    A tail begins at a block boundary: it is ``s - end`` for a block-aligned ``end`` in (0, s), or ``s`` (no
+    early pull). A short tail leaves little to read at the handoff, but the last early chunk may then not be
+    read by the time A ends; a long one is read whole at the handoff. The exposed transfer is piecewise linear
+    in the tail, so its least value over block boundaries lies next to a break between pieces or at an end:
+    where the last early chunk's read ends with A (``min(s - t, first_max) x = t a``), where the early reads
+    catch up with A, where A's first chunk reaches ``first_max``, for a decode handoff where the tail reaches
+    the prompt and where either early end meets A's decode steps, and the shortest and longest tails.
+    ``default`` (the worker's own tail) is a candidate too and wins ties, then the longer tail."""
+    if s <= 1 or block <= 0:
+        return s, s * x
+    a = a_ms_per_token
+    cands = [float(default), float(block), float(s - block), float(s - first_max)]
+    if x + a > 0:
+        cands.append(s * x / (x + a))
+    if a > 0:
+        cands.append(first_max * x / a)
+    if s <= p and x > 0:
+        cands.append(s - (s - first_max) * a / x)
+    if s > p:  # a decode handoff
+        f = min(first_max, p)
+        decode_ms = (s - p) * a_step_ms
+        cands.append(float(s - p))
+        if x > 0:
+            cands.append(f + s - p - decode_ms / x)
+            cands.append(s - ((p - f) * a + decode_ms) / x)
+    own = s - max(0, (s - default) // block * block)  # the tail the worker's own would give
+    best = (round(s * x, 9), True, -s)  # no early pull: (exposed transfer, not the worker's own, longer first)
+    seen: set[int] = set()
+    for t in cands:
+        lo = max(0, int((s - t) // block) * block)  # first chunk's end at or below s - t, and the next boundary
+        for end in (lo, lo + block):
+            if 0 < end < s and end not in seen:
+                seen.add(end)
+                tail = s - end
+                cost = round(exposed_transfer_ms(s, x, tail, first_max, a, p, a_step_ms), 9)
+                best = min(best, (cost, tail != own, -tail))
+    best_c, _, neg_t = best
+    return -neg_t, best_c
 
 
 def exposed_transfer_ms(

@@ -68,6 +68,8 @@ class BrokerConfig:
     max_replans: int = 3  # times a request may be re-planned after losing an instance before it fails
     allow_forced_splits: bool = False  # honour SubmitRequest.force_split (debugging, split experiments)
     direct_handoff: bool = True  # A sends StartDecode to B's handoff inbox as well as through the broker
+    early_tail_auto: bool = True  # early pulls: pick each split's tail for the link and A's load
+    # (Pricing.early_tail); off (--no-early-tail-auto): every A uses its worker's own (--vllm-overlap-tail-tokens)
     metrics_port: int = 0  # Prometheus metrics on http://127.0.0.1:PORT/metrics; 0 = off
     curve_dir: str = ""  # CURVE key directory (scripts/keygen.py): authenticate and encrypt; empty = off
 
@@ -109,7 +111,7 @@ class Broker:
         self.cluster = ClusterState()
         self.pricing = Pricing(
             choose_step_model(config.step_model, config.model, config.gpu, config.tp)[0],
-            transfer_gbps=config.transfer_gbps,
+            transfer_gbps=config.transfer_gbps, early_tail_auto=config.early_tail_auto,
         )
         opts: dict[str, object] = {}
         if config.policy == "disagg":
@@ -418,6 +420,10 @@ class Broker:
             plan = self.policy.plan(info, self.cluster, now)
         if plan is None:
             return False
+        tail = 0
+        if plan.b is not None:  # the early-pull tail for this link and A's load, before commit adds this request
+            a, b = self.cluster.instances[plan.a], self.cluster.instances[plan.b]
+            tail = self.pricing.early_tail(a, b, plan.split, info.prompt_len, req.tbt_slo_ms)[0]
         commit(plan, info, self.cluster)
         req.plan = plan
         self.table.add(req)
@@ -430,7 +436,7 @@ class Broker:
             inbox = self.handoff_addrs.get(plan.b, "") if self.cfg.direct_handoff else ""
             descs = [
                 (plan.a, P.MicroDescriptor(req.iid, P.ROLE_A, req.prompt, s, 0, s, ea, plan.b, req.sampling,
-                                           req.ttft_slo_ms, req.tbt_slo_ms, req.arrival, inbox)),
+                                           req.ttft_slo_ms, req.tbt_slo_ms, req.arrival, inbox, tail)),
                 (plan.b, P.MicroDescriptor(req.iid, P.ROLE_B, req.prompt, s, s, p + o, o - ea, plan.a,
                                            req.sampling, req.ttft_slo_ms, req.tbt_slo_ms, req.arrival)),
             ]
@@ -558,7 +564,7 @@ class Broker:
         self.cluster.add(InstanceState(
             id=inst_id, kv_capacity_tokens=msg.kv_capacity_tokens, max_model_len=msg.max_model_len,
             kv_bytes_per_token=msg.kv_bytes_per_token, pool=msg.pool, max_num_seqs=msg.max_num_seqs, last_report=now,
-            early_pull_tail_tokens=msg.early_pull_tail_tokens,
+            early_pull_tail_tokens=msg.early_pull_tail_tokens, block_size=msg.block_size,
         ))
         self.vocabs[inst_id] = msg.vocab_size
         if msg.handoff_addr:

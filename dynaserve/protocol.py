@@ -211,7 +211,9 @@ class MicroDescriptor:
     ``prompt`` is always the full prompt. For role B, ``start`` equals the split point and the instance
     waits for a StartDecode carrying A's KV parameters before it computes anything. For role A,
     ``peer_addr`` is B's handoff inbox (RegisterWorker.handoff_addr): A sends its StartDecode there
-    directly as well as to the broker; empty = through the broker only.
+    directly as well as to the broker; empty = through the broker only. ``early_tail`` (role A, when it and B
+    pull early): how many positions before ``split`` the last early chunk ends (the broker's choice for this
+    request's link and load; 0 = the worker's own default).
     """
 
     req_id: str
@@ -227,6 +229,7 @@ class MicroDescriptor:
     tbt_slo_ms: float
     arrival: float
     peer_addr: str = ""
+    early_tail: int = 0
 
 
 # --------------------------------------------------------------------------------------------

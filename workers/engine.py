@@ -42,6 +42,8 @@ def validate_descriptor(desc: MicroDescriptor, info: EngineInfo, active: Contain
         raise EngineError("too_long", f"prompt + max_tokens = {total} exceeds max_model_len {info.max_model_len}")
     if desc.emit_tokens < 0 or desc.emit_tokens > desc.sampling.max_tokens:
         raise EngineError("bad_field", "emit_tokens out of range")
+    if desc.early_tail < 0:
+        raise EngineError("bad_field", "early_tail must be >= 0")
     if desc.role != ROLE_FULL and not (1 <= desc.split < total):
         raise EngineError("bad_split", f"split {desc.split} outside [1, {total})")
 

@@ -38,6 +38,8 @@ class SimConfig:
     # computes those (a decode handoff: the prompt's as A prefills, its decode positions before them at one
     # decode step), and only the rest at the handoff (the vLLM workers' default is 128,
     # RegisterWorker.early_pull_tail_tokens); 0: the whole pull starts at the handoff
+    early_tail_auto: bool = True  # the broker picks each split's tail for the link and A's load (Pricing.early_tail,
+    # MicroDescriptor.early_tail); False: every A uses early_pull_tail_tokens
     eager_pull: bool = False  # B admits and starts its pull when the handoff arrives (the live worker waits
     # for its next step boundary, as the default here)
     prefill_order: str = "deadline"  # order of prefill chunks in a step (workers.local_scheduler.prefill_rank):
@@ -121,13 +123,14 @@ class SimConfig:
         """Time to move the KV of ``tokens`` positions from A to B (all TP shards in parallel)."""
         return self.transfer_latency_ms + tokens * self.kv_bytes_per_token / (self.link_gbps * 1e6)
 
-    def early_pull_end(self, split: int) -> int:
+    def early_pull_end(self, split: int, tail: int = 0) -> int:
         """Positions before ``split`` where A's early-pull tail begins: the last block boundary at least
-        ``early_pull_tail_tokens`` before it (0: none). B of a split at ``split`` <= the prompt reads A's blocks
-        up to here before the handoff; A of a decode handoff publishes its blocks up to here while decoding."""
+        ``tail`` (the broker's choice for the request; 0: ``early_pull_tail_tokens``) before it (0: none). B of
+        a split at ``split`` <= the prompt reads A's blocks up to here before the handoff; A of a decode handoff
+        publishes its blocks up to here while decoding."""
         if self.early_pull_tail_tokens <= 0:
             return 0
-        return max(0, (split - self.early_pull_tail_tokens) // self.block_size * self.block_size)
+        return max(0, (split - (tail or self.early_pull_tail_tokens)) // self.block_size * self.block_size)
 
     def local_config(self) -> LocalSchedulerConfig:
         return LocalSchedulerConfig(
@@ -149,4 +152,5 @@ class SimConfig:
             min_chunk_tokens=self.min_chunk_tokens,
             transfer_gbps=self.link_gbps,
             handoff_ms=self.handoff_ms,
+            early_tail_auto=self.early_tail_auto,
         )

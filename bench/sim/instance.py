@@ -85,6 +85,7 @@ class MicroSeq:
     dsteps: int = 0  # decode steps (tokens emitted in the decode phase)
     early_pos: int = 0  # role A of a split with early pulls: positions B has read (or is reading)
     early_end: float = 0.0  # and when those reads end (B reads each step's new whole blocks, one read at a time)
+    tail_start: int = 0  # role A with early pulls: where its tail begins (SimConfig.early_pull_end; 0: none)
 
     @property
     def pre_left(self) -> int:
@@ -272,7 +273,7 @@ class SimInstance:
         while pub and pub[0][0] <= j:
             _, tie, seq = heapq.heappop(pub)
             if seq.entry == tie and seq.state == DECODE:  # else stale: preempted (its KV is recomputed)
-                self._early_read(seq, now, self.sim.cfg.early_pull_end(seq.split))
+                self._early_read(seq, now, seq.tail_start)
         heap = self.finish_heap
         while heap and heap[0][0] <= j:
             _, tie, seq = heapq.heappop(heap)
@@ -298,7 +299,7 @@ class SimInstance:
         prefills, or a decode handoff) every whole block of a step that does not reach the split goes."""
         s = seq.split
         if s <= seq.req.prompt and len(self.cur_prefills) == 1:
-            limit = self.sim.cfg.early_pull_end(s)
+            limit = seq.tail_start
             t = now
             if seq.computed > limit:  # the live A splits this step at the boundary: that share of it
                 start = now - self.last_step_ms / 1000.0
@@ -385,7 +386,7 @@ class SimInstance:
         heapq.heappush(self.finish_heap, (i0 + tokens - 1, self._tie, seq))
         if self.early_tail and seq.role == ROLE_A and seq.split > seq.req.prompt:
             # a decode handoff: the step that reaches the tail's start publishes the blocks before it
-            k = self.sim.cfg.early_pull_end(seq.split) - seq.ctx0
+            k = seq.tail_start - seq.ctx0
             if 0 < k < tokens:
                 heapq.heappush(self.publish_heap, (i0 + k - 1, self._tie, seq))
         if self.on_demand:  # the step that writes position blocks * block_size needs one more block

@@ -151,8 +151,10 @@ class Simulator:
             self.instances.append(SimInstance(iid, self, sched, cap, config.block_size, inst_truth))
             self.cluster.add(InstanceState(id=iid, kv_capacity_tokens=cap, kv_bytes_per_token=config.kv_bytes_per_token,
                                            max_num_seqs=config.max_num_seqs,
-                                           early_pull_tail_tokens=config.early_pull_tail_tokens))
+                                           early_pull_tail_tokens=config.early_pull_tail_tokens,
+                                           block_size=config.block_size))
         self.by_id = {inst.id: inst for inst in self.instances}
+        self.pricing = config.pricing()  # the early-pull tail of each split, as the live broker picks it
         self._heap: list[tuple[float, int, int, Any]] = []
         self._tie = 0
         self.now = 0.0
@@ -234,11 +236,16 @@ class Simulator:
         self.stats["plans"] += 1
         if plan is None:
             return False
+        tail = 0
+        if plan.b is not None and self.cfg.early_pull_tail_tokens:  # as the live broker: before commit
+            a, b = self.cluster.instances[plan.a], self.cluster.instances[plan.b]
+            tail = self.pricing.early_tail(a, b, plan.split, req.prompt, req.tbt_slo_ms)[0]
         commit(plan, info, self.cluster)
-        self._dispatch(req, plan, now)
+        self._dispatch(req, plan, now, tail)
         return True
 
-    def _dispatch(self, req: SimRequest, plan: Plan, now: float) -> None:
+    def _dispatch(self, req: SimRequest, plan: Plan, now: float, tail: int = 0) -> None:
+        """Start the plan's micro-requests; ``tail`` is A's early-pull tail (MicroDescriptor.early_tail)."""
         req.plan = plan
         self.active += 1
         p, mt, o = req.prompt, req.max_tokens, req.output
@@ -253,7 +260,8 @@ class Simulator:
         b.dirty = True
         s = plan.split
         ea = tokens_emitted_by_a(p, mt, s)
-        seq_a = MicroSeq(req, a, ROLE_A, min(s, p), s >= p, 0, ea, min(ea, o), s, QUEUED, split=s)
+        seq_a = MicroSeq(req, a, ROLE_A, min(s, p), s >= p, 0, ea, min(ea, o), s, QUEUED, split=s,
+                         tail_start=self.cfg.early_pull_end(s, tail))
         seq_b = MicroSeq(req, b, ROLE_B, max(s, p), s < p, 0, mt - ea, max(0, o - ea), p + mt, WAIT_KV, split=s)
         req.seq_a, req.seq_b = seq_a, seq_b
         b.add(seq_b, now)

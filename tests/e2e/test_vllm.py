@@ -106,10 +106,11 @@ def test_pd_split_pulls_the_first_chunk_early_and_streams_exactly(control_cluste
 
 def test_decode_handoff_pulls_early_and_streams_exactly(control_cluster: LocalCluster) -> None:
     """A decode handoff at s = 600 of a 300-token prompt: A publishes the prompt's two whole blocks when its
-    prefill ends and a third (positions 256-383) at its decode step that reaches position 384, the last block
-    boundary at least 128 positions before s; B pulls all three early and only the rest at the handoff. B's
-    copy of the prompt and of A's tokens is scrambled (control cluster), so exact tokens prove it continued
-    from A's KV."""
+    prefill ends and two more (positions 256-511) at its decode step that reaches position 512. That is where
+    the broker's tail begins (MicroDescriptor.early_tail: 88, the shortest, since A's 300 decode steps cover
+    every read); the worker's own 128 would begin it at 384, with one block less. B pulls all four early and
+    only the rest at the handoff. B's copy of the prompt and of A's tokens is scrambled (control cluster), so
+    exact tokens prove it continued from A's KV."""
     o, s = 400, 600
 
     async def main() -> None:
@@ -124,7 +125,7 @@ def test_decode_handoff_pulls_early_and_streams_exactly(control_cluster: LocalCl
             deltas.append(_early_blocks(control_cluster) - before)
             if deltas[-1]:
                 break
-        assert deltas[-1] == 3, deltas
+        assert deltas[-1] == 4, deltas
 
     asyncio.run(main())
 

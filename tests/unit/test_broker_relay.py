@@ -114,13 +114,15 @@ def test_ttft_slo_grows_with_the_prompt_when_asked() -> None:
         model.step_ms(n, 0, 0, model.chunk_attn(n, done)) for n, done in ((8192, 0), (8192, 8192), (3616, 16384)))
 
 
-def _two_workers(direct: bool = True) -> Broker:
+def _two_workers(direct: bool = True, tail: int = 0, auto: bool = True) -> Broker:
+    """A broker with two registered workers (``tail``: their early-pull tail, 0 = no early pulls)."""
     b = Broker(BrokerConfig(client_addr="ipc:///tmp/dynaserve-unit-c", worker_addr="ipc:///tmp/dynaserve-unit-w",
-                            allow_forced_splits=True, direct_handoff=direct))
+                            allow_forced_splits=True, direct_handoff=direct, early_tail_auto=auto))
     b.clients, b.workers = RecordingChannel(), RecordingChannel()  # type: ignore[assignment]
     for wid in ("w0", "w1"):
         b._on_worker_frames([wid.encode(), P.encode(P.RegisterWorker(
-            wid, "sim", "m", 1 << 20, 16, 1 << 20, "nixl", 32000, 2, 512, "any", 64, f"ipc:///tmp/inbox-{wid}"))])
+            wid, "sim", "m", 1 << 20, 16, 1 << 20, "nixl", 32000, 2, 131072, "any", 64, f"ipc:///tmp/inbox-{wid}",
+            tail))])
     return b
 
 
@@ -131,6 +133,28 @@ def _dispatched(b: Broker) -> dict[str, P.MicroDescriptor]:
         if isinstance(msg, P.DispatchMicro):
             out[ident.decode()] = msg.desc
     return out
+
+
+def test_a_is_told_the_early_pull_tail_the_broker_picked() -> None:
+    """A 4,000-token PD split between two idle workers with early pulls (128-position tails, 16-position blocks):
+    A's descriptor carries the tail Pricing.early_tail picks for the link and A's load, B's none; with
+    --no-early-tail-auto A is told its own; without early pulls, nothing."""
+    for tail, auto in ((128, True), (128, False), (0, True)):
+        b = _two_workers(tail=tail, auto=auto)
+        w0, w1 = b.cluster.instances["w0"], b.cluster.instances["w1"]
+        assert w0.block_size == 16
+        want = b.pricing.early_tail(w0, w1, 4000, 4000, b.cfg.tbt_slo_ms)[0]
+        b._on_submit(b"c", P.SubmitRequest("r", [5] * 4000, P.SamplingParams(max_tokens=8), force_split=4000), 0.0)
+        descs = _dispatched(b)
+        a_desc = next(d for d in descs.values() if d.role == P.ROLE_A)
+        b_desc = next(d for d in descs.values() if d.role == P.ROLE_B)
+        assert a_desc.early_tail == want and b_desc.early_tail == 0
+        if not tail:
+            assert want == 0
+        elif auto:  # the whole prompt fits A's first step: a longer tail covers the first chunk's read
+            assert want > 128 and (4000 - want) % 16 == 0
+        else:
+            assert want == 128
 
 
 def test_a_is_told_b_handoff_inbox_unless_direct_handoffs_are_off() -> None:

@@ -8,11 +8,20 @@ per token, and every decode token costs 1 ms.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.cluster_state import ClusterState, InstanceState, Pricing, RequestInfo
+from broker.cluster_state import (
+    ClusterState,
+    InstanceState,
+    Pricing,
+    RequestInfo,
+    best_early_tail,
+    exposed_transfer_ms,
+)
 from broker.scheduler import (
     POLICIES,
     BalancePolicy,
@@ -29,6 +38,7 @@ from dynaserve.split import KIND_DECODE, KIND_NONE, KIND_PD, KIND_PROMPT, Plan
 
 MODEL = StepLatencyModel(a=2.0, b=0.25, c=1.0, d=0.0, e=0.0)
 PRICING = Pricing(MODEL, tbt_margin=0.5, max_batched_tokens=512, min_chunk_tokens=16, handoff_ms=2.0)
+FIXED_TAIL = dataclasses.replace(PRICING, early_tail_auto=False)  # every A pulls early with its advertised tail
 M_IDLE = 0.25390625  # ms per prefill token on an instance without running decodes
 SLO = 100.0
 BIG = 1 << 30
@@ -107,21 +117,21 @@ def test_handoff_transfer_price_with_early_pulls() -> None:
     a, b = inst("a", early_pull_tail_tokens=128), inst("b", kv_bytes_per_token=1_500_000, early_pull_tail_tokens=1)
     # A computes 1000 - 512 positions after its first chunk (budget 512): 123.9 ms, more than the early part's
     # 872 x 0.06 = 52.3 ms; only the tail's transfer remains
-    assert PRICING.handoff_transfer_ms(a, b, 1000, 1000, SLO) == pytest.approx(128 * x)
+    assert FIXED_TAIL.handoff_transfer_ms(a, b, 1000, 1000, SLO) == pytest.approx(128 * x)
     # ten times slower link: the early part's 523 ms less those 123.9 ms show too
     slow = inst("b", kv_bytes_per_token=15_000_000, early_pull_tail_tokens=1)
-    assert PRICING.handoff_transfer_ms(a, slow, 1000, 1000, SLO) == pytest.approx(
+    assert FIXED_TAIL.handoff_transfer_ms(a, slow, 1000, 1000, SLO) == pytest.approx(
         128 * 10 * x + (872 * 10 * x - 488 * M_IDLE))
     # one chunk before the tail (472 <= 512): A's last 128 positions cover the early part's 28.3 ms
-    assert PRICING.handoff_transfer_ms(a, b, 600, 1000, SLO) == pytest.approx(128 * x)
-    assert PRICING.handoff_transfer_ms(a, slow, 600, 1000, SLO) == pytest.approx(
+    assert FIXED_TAIL.handoff_transfer_ms(a, b, 600, 1000, SLO) == pytest.approx(128 * x)
+    assert FIXED_TAIL.handoff_transfer_ms(a, slow, 600, 1000, SLO) == pytest.approx(
         128 * 10 * x + (472 * 10 * x - 128 * M_IDLE))
     # the whole transfer without them: B does not pull early, A does not publish, a decode handoff, a short split
     plain = inst("b0", kv_bytes_per_token=1_500_000)
-    assert PRICING.handoff_transfer_ms(a, plain, 1000, 1000, SLO) == pytest.approx(1000 * x)
-    assert PRICING.handoff_transfer_ms(inst("a0"), b, 1000, 1000, SLO) == pytest.approx(1000 * x)
-    assert PRICING.handoff_transfer_ms(a, b, 100, 1000, SLO) == pytest.approx(100 * x)
-    assert PRICING.handoff_transfer_ms(inst("a0"), b, 1010, 1000, SLO) == pytest.approx(1010 * x)
+    assert FIXED_TAIL.handoff_transfer_ms(a, plain, 1000, 1000, SLO) == pytest.approx(1000 * x)
+    assert FIXED_TAIL.handoff_transfer_ms(inst("a0"), b, 1000, 1000, SLO) == pytest.approx(1000 * x)
+    assert FIXED_TAIL.handoff_transfer_ms(a, b, 100, 1000, SLO) == pytest.approx(100 * x)
+    assert FIXED_TAIL.handoff_transfer_ms(inst("a0"), b, 1010, 1000, SLO) == pytest.approx(1010 * x)
 
 
 def test_decode_handoff_transfer_price_with_early_pulls() -> None:
@@ -131,20 +141,80 @@ def test_decode_handoff_transfer_price_with_early_pulls() -> None:
     a, b = inst("a", early_pull_tail_tokens=128), inst("b", kv_bytes_per_token=1_500_000, early_pull_tail_tokens=1)
     slow = inst("b", kv_bytes_per_token=150_000_000, early_pull_tail_tokens=1)  # 100 times slower
     step = MODEL.step_ms(0, 1, 1000)  # A's decode step with this request alone
-    assert PRICING.decode_step_ms(a, 1000) == pytest.approx(step)
+    assert FIXED_TAIL.decode_step_ms(a, 1000) == pytest.approx(step)
     # ten decode positions: they are the tail. The prompt's first 488 positions are read while A prefills
     # its last chunk, whose 512 positions (30.7 ms) are read during A's 10 decode steps (30 ms)
     assert step == 3.0
-    assert PRICING.handoff_transfer_ms(a, b, 1010, 1000, SLO) == pytest.approx(10 * x + 512 * x - 10 * step)
+    assert FIXED_TAIL.handoff_transfer_ms(a, b, 1010, 1000, SLO) == pytest.approx(10 * x + 512 * x - 10 * step)
     # 100 times slower link: the reads fall behind A, the prompt's 6,000 ms less A's 154 ms show
-    assert PRICING.handoff_transfer_ms(a, slow, 1010, 1000, SLO) == pytest.approx(
+    assert FIXED_TAIL.handoff_transfer_ms(a, slow, 1010, 1000, SLO) == pytest.approx(
         10 * 100 * x + (1000 * 100 * x - 488 * M_IDLE - 10 * step))
     # 300 decode positions: the last 128 are the tail, the 172 before it and the last prefill chunk are covered
-    assert PRICING.handoff_transfer_ms(a, b, 1300, 1000, SLO) == pytest.approx(128 * x)
-    assert PRICING.handoff_transfer_ms(a, slow, 1300, 1000, SLO) == pytest.approx(
+    assert FIXED_TAIL.handoff_transfer_ms(a, b, 1300, 1000, SLO) == pytest.approx(128 * x)
+    assert FIXED_TAIL.handoff_transfer_ms(a, slow, 1300, 1000, SLO) == pytest.approx(
         128 * 100 * x + (1172 * 100 * x - 488 * M_IDLE - 300 * step))
     # a decode handoff right after the prefill pays the last prefill chunk's read: classic PD stays cheaper
-    assert PRICING.handoff_transfer_ms(a, b, 1001, 1000, SLO) > PRICING.handoff_transfer_ms(a, b, 1000, 1000, SLO)
+    assert FIXED_TAIL.handoff_transfer_ms(a, b, 1001, 1000, SLO) > FIXED_TAIL.handoff_transfer_ms(a, b, 1000, 1000, SLO)
+
+def _least_exposed(s: int, x: float, first: int, a: float, p: int, a_step: float, block: int) -> float:
+    """The least exposed transfer over every block-aligned first-chunk end, and no early pull."""
+    return min([s * x] + [exposed_transfer_ms(s, x, s - end, first, a, p, a_step) for end in range(block, s, block)])
+
+
+@settings(max_examples=400, deadline=None)
+@given(p=st.integers(1, 5000), extra=st.integers(-4999, 600), x=st.floats(0.001, 3.0), a=st.floats(0.005, 1.0),
+       first=st.integers(16, 8192), a_step=st.floats(0.0, 60.0), block=st.sampled_from([16, 128]),
+       default=st.integers(1, 600))
+def test_best_early_tail_is_the_least_exposed_block_boundary(p: int, extra: int, x: float, a: float, first: int,
+                                                             a_step: float, block: int, default: int) -> None:
+    s = max(2, p + extra)
+    tail, cost = best_early_tail(s, x, first, a, p, a_step, block, default)
+    assert cost == pytest.approx(_least_exposed(s, x, first, a, p, a_step, block), rel=1e-6, abs=1e-6)
+    if tail == s:
+        assert cost == pytest.approx(s * x)
+    else:  # the tail begins at a block boundary, and the transfer is what it leaves
+        assert 0 < tail < s and (s - tail) % block == 0
+        assert cost == pytest.approx(exposed_transfer_ms(s, x, tail, first, a, p, a_step), rel=1e-6, abs=1e-6)
+
+
+def test_best_early_tail_by_hand() -> None:
+    """A 4,000-token prompt handed over whole (s = p) on a fast link (x = 0.005 ms per position), A prefilling at
+    0.06 ms per position. With the first chunk at most 512 positions, the reads keep up with A: the tail only
+    needs to cover the last early chunk's read, 512 x 0.005 = 2.56 ms, which 43 positions of A's prefill do; the
+    first boundary at least that far before s leaves 48. With A's whole prompt in its first chunk (8,192), the
+    last early chunk is all of it but the tail: (4000 - t) x = t a at t = 307.7, and the boundary at or past it
+    leaves 320. The worker's own 128 would leave 128 x 0.005 = 0.64 ms and 3872 x 0.005 - 128 x 0.06 = 11.7 ms
+    more exposed."""
+    x, a = 0.005, 0.06
+    assert best_early_tail(4000, x, 512, a, 4000, 0.0, 16, 128) == (48, pytest.approx(48 * x))
+    assert best_early_tail(4000, x, 8192, a, 4000, 0.0, 16, 128) == (320, pytest.approx(320 * x))
+    assert exposed_transfer_ms(4000, x, 128, 8192, a, 4000, 0.0) == pytest.approx(128 * x + 3872 * x - 128 * a)
+    # a decode handoff 100 positions after a 4,000-token prompt, 20 ms decode steps: A's decode covers every read
+    # but the last block's, so the shortest tail (s - 4096 = 4) is left
+    assert best_early_tail(4100, x, 8192, a, 4000, 20.0, 16, 128) == (4, pytest.approx(4 * x))
+    # 10 positions after a 1,000-token prompt: A publishes up to the boundary at 1008 during its decode steps,
+    # and only 2 positions are left (the worker's own 128 would leave all 10 decode positions)
+    assert best_early_tail(1010, x, 8192, a, 1000, 20.0, 16, 128) == (2, pytest.approx(2 * x))
+    assert exposed_transfer_ms(1010, x, 130, 8192, a, 1000, 20.0) == pytest.approx(10 * x)
+
+
+def test_pricing_picks_the_tail_for_the_link_and_a_load() -> None:
+    """Pricing.early_tail: none without early pulls on both sides or for a prompt part within A's own tail; the
+    advertised tail without early_tail_auto; else the least exposed."""
+    x = 1_500_000 / 25e6  # 0.06 ms per token
+    a, b = inst("a", early_pull_tail_tokens=128), inst("b", kv_bytes_per_token=1_500_000, early_pull_tail_tokens=1)
+    plain = inst("b0", kv_bytes_per_token=1_500_000)
+    assert PRICING.early_tail(a, plain, 1000, 1000, SLO) == (0, pytest.approx(1000 * x))
+    assert PRICING.early_tail(inst("a0"), b, 1000, 1000, SLO) == (0, pytest.approx(1000 * x))
+    assert PRICING.early_tail(a, b, 100, 1000, SLO) == (0, pytest.approx(100 * x))  # one step for A, as before
+    assert FIXED_TAIL.early_tail(a, b, 1000, 1000, SLO)[0] == 128
+    tail, exposed = PRICING.early_tail(a, b, 1000, 1000, SLO)
+    budget, m = PRICING.prefill_budget(a, SLO), PRICING.prefill_ms_per_token(a, SLO)
+    assert (tail, exposed) == best_early_tail(1000, x, budget, m, 1000, 0.0, a.block_size, 128)
+    # the 512-position first chunk's read (30.7 ms) needs 121 positions of A's prefill: 120 leave 0.25 ms of it
+    assert tail == 120 and exposed == pytest.approx(120 * x + 512 * x - 120 * M_IDLE)
+    assert exposed < FIXED_TAIL.handoff_transfer_ms(a, b, 1000, 1000, SLO) == pytest.approx(128 * x)
+    assert PRICING.handoff_transfer_ms(a, b, 1000, 1000, SLO) == pytest.approx(exposed)
 
 
 # ----------------------------------------------------------------------------------- colocate

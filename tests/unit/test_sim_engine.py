@@ -4,6 +4,7 @@ split runs over real NIXL transports between two engines in this process."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import time
 import uuid
@@ -283,9 +284,10 @@ def test_load_report_of_queued_work() -> None:
         (lambda pr: desc("r", pr, 8, role=ROLE_A, split=0), "bad_split"),
         (lambda pr: desc("r", pr, 8, role=ROLE_A, split=len(pr) + 8), "bad_split"),
         (lambda pr: desc("r", pr, 8, role=ROLE_B, split=len(pr) + 9), "bad_split"),
+        (lambda pr: dataclasses.replace(desc("r", pr, 8, role=ROLE_A, split=5), early_tail=-1), "bad_field"),
     ],
     ids=["role", "empty", "token_high", "token_negative", "too_long", "emit_high", "emit_negative",
-         "split_zero", "split_total", "split_beyond"],
+         "split_zero", "split_total", "split_beyond", "early_tail_negative"],
 )
 def test_bad_descriptors(make: object, code: str) -> None:
     eng = make_engine(max_model_len=4096)

@@ -117,7 +117,8 @@ def test_early_pulls_read_before_the_handoff(offset: int) -> None:
     p, o = 4000, 20
     runs = {}
     for tail in (0, 128):
-        cfg = SimConfig(instances=2, max_batched_tokens=1024, link_gbps=2.0, early_pull_tail_tokens=tail)
+        cfg = SimConfig(instances=2, max_batched_tokens=1024, link_gbps=2.0, early_pull_tail_tokens=tail,
+                        early_tail_auto=False)
         sim, res = run(cfg, ForcedSplit(offset), [TraceRequest(0.0, p, o)])
         (rec,) = res.records
         assert len(rec.token_ts) == o and rec.finish_reason == "length"
@@ -129,14 +130,15 @@ def test_early_pulls_read_before_the_handoff(offset: int) -> None:
     assert plain["early_pulls"] == 0 and early["early_pulls"] == 1
     # without: the whole pull after A's part; with: B read each chunk's blocks while A computed the next, on a
     # 2 GB/s link slower than A's prefill, so part of the early reads and the tail's transfer are left
-    cfg = SimConfig(instances=2, link_gbps=2.0, early_pull_tail_tokens=128)
+    cfg = SimConfig(instances=2, link_gbps=2.0, early_pull_tail_tokens=128, early_tail_auto=False)
     assert plain["transfer_ms"] == pytest.approx(cfg.transfer_ms(s))
     tail = s - cfg.early_pull_end(s)
     assert tail >= 128 and early["transfer_ms"] < plain["transfer_ms"]
     assert early["transfer_ms"] >= cfg.transfer_ms(tail) - 1e-9
     assert rec1.token_ts[-1] < rec0.token_ts[-1]
     # a 25 GB/s link keeps up with A's prefill: only the tail's transfer is left after A's part
-    fast = SimConfig(instances=2, max_batched_tokens=1024, early_pull_tail_tokens=128)
+    fast = SimConfig(instances=2, max_batched_tokens=1024, early_pull_tail_tokens=128,
+                     early_tail_auto=False)
     _, res = run(fast, ForcedSplit(offset), [TraceRequest(0.0, p, o)])
     assert res.stats["early_pulls"] == 1 and res.stats["transfer_ms"] == pytest.approx(fast.transfer_ms(tail))
 
@@ -149,7 +151,8 @@ def test_early_pulls_of_a_decode_handoff(offset: int) -> None:
     s = p + offset
     runs = {}
     for tail in (0, 128):
-        cfg = SimConfig(instances=2, max_batched_tokens=1024, early_pull_tail_tokens=tail)
+        cfg = SimConfig(instances=2, max_batched_tokens=1024, early_pull_tail_tokens=tail,
+                        early_tail_auto=False)
         sim, res = run(cfg, ForcedSplit(offset), [TraceRequest(0.0, p, o)])
         (rec,) = res.records
         assert rec.kind == "decode" and len(rec.token_ts) == o and rec.finish_reason == "length"
@@ -165,6 +168,27 @@ def test_early_pulls_of_a_decode_handoff(offset: int) -> None:
     assert early["transfer_ms"] == pytest.approx(cfg.transfer_ms(s - read_early))
     ea = tokens_emitted_by_a(p, o, s)
     assert rec1.token_ts[ea] - rec1.token_ts[ea - 1] < rec0.token_ts[ea] - rec0.token_ts[ea - 1]
+
+
+def test_the_broker_s_tail_leaves_less_transfer_after_a_one_step_prefill() -> None:
+    """A 4,000-token PD split whose prompt fits one step: with the worker's own 128-position tail, B reads A's
+    first chunk (3,872 positions, 20 ms at 25 GB/s) only after it, while A prefills just the 128 more. The tail
+    the broker picks (Pricing.early_tail) is long enough for A's second chunk to cover that read, so less of the
+    transfer is left after A's part and B's first token comes sooner."""
+    p, o = 4000, 20
+    got = {}
+    for auto in (False, True):
+        cfg = SimConfig(instances=2, max_batched_tokens=8192, early_pull_tail_tokens=128, early_tail_auto=auto)
+        sim, res = run(cfg, ForcedSplit(0), [TraceRequest(0.0, p, o)])
+        (rec,) = res.records
+        assert res.stats["early_pulls"] == 1 and len(rec.token_ts) == o
+        got[auto] = (res.stats["transfer_ms"], rec.token_ts[1] - rec.token_ts[0], sim)
+    (fixed_ms, fixed_gap, _), (auto_ms, auto_gap, sim) = got[False], got[True]
+    pricing = sim.cfg.pricing()
+    a = sim.cluster.instances["i0"]
+    tail = pricing.early_tail(a, sim.cluster.instances["i1"], p, p, sim.cfg.tbt_slo_ms)[0]
+    assert tail > 128 and (p - tail) % sim.cfg.block_size == 0
+    assert auto_ms < fixed_ms and auto_gap < fixed_gap
 
 
 def test_early_pulls_of_a_decode_handoff_on_a_slow_link() -> None:

@@ -420,18 +420,20 @@ class VllmEngine:
         iid, s, p = req.internal_id, req.desc.split, len(req.desc.prompt)
         self._publishing[iid] = req
         if s <= p:
-            end = self._first_chunk_end(s) if self.cfg.overlap_tail_tokens else 0
+            end = self._first_chunk_end(req.desc) if self.cfg.overlap_tail_tokens else 0
             if end:
                 self.sched.split_prefill[iid] = end
             return
-        at = self._first_chunk_end(s)
+        at = self._first_chunk_end(req.desc)
         if p // self.block_size * self.block_size < at < s:
             self._decode_publish[iid] = at
 
-    def _first_chunk_end(self, split: int) -> int:
+    def _first_chunk_end(self, desc: MicroDescriptor) -> int:
         """Where A's first prefill chunk ends when it is split for an early pull: the last block boundary at
-        least ``overlap_tail_tokens`` before ``split`` (0: not split)."""
-        return max(0, (split - self.cfg.overlap_tail_tokens) // self.block_size * self.block_size)
+        least the tail before the split (0: not split). The tail is the descriptor's (the broker's choice for
+        the request), else ``overlap_tail_tokens``."""
+        tail = desc.early_tail or self.cfg.overlap_tail_tokens
+        return max(0, (desc.split - tail) // self.block_size * self.block_size)
 
     def kv_chunk(self, req_id: str, kv: dict, num_tokens: int) -> None:
         with self._lock:
