@@ -46,7 +46,7 @@ class VllmEngineConfig:
     enforce_eager: bool = True  # skip torch.compile (start-up in seconds; compile helps GPUs)
     side_channel_port: int = 5600  # NIXL handshake port of this instance (distinct per instance on a host)
     cpu_bind: str = ""  # CPU cores for this instance's compute threads, e.g. "0" or "2-3", one thread per core (CPU builds; empty = all cores of the process)
-    loop_bind: str = ""  # CPU cores for the worker's event loop and socket threads, e.g. "1", to keep them off the engine's cores (CPU builds; empty = not bound)
+    loop_bind: str = ""  # CPU cores for the worker's event loop and socket threads, and for the idle poll threads vLLM's start-up leaves (gloo), e.g. "1", to keep them off the engine's cores (CPU builds; empty = not bound)
     kv_lease_s: float = 30.0  # handed-off blocks are freed after this long without the reader's confirmation
     admit_b_at_dispatch: bool = True  # a B enters vLLM when dispatched: its blocks are reserved then (for a decode handoff, through A's decode steps too), and A's StartDecode only posts the READ
     overlap_tail_tokens: int = 128  # with admit_b_at_dispatch, an A that hands its prompt's KV over (s <= p) prefills in two steps, the second the last >= this many tokens from a block boundary on, so B pulls the first step's blocks while A computes the rest (0 = one step when the budget allows); an A of a decode handoff (s > p) publishes its blocks at its prefill's end and once more where this tail begins; the broker picks each request's tail for its link and A's load (MicroDescriptor.early_tail) unless it runs with --no-early-tail-auto

@@ -156,6 +156,37 @@ def _bind_loop_thread(cfg: VllmEngineConfig) -> None:
     _bind_this_thread(cfg.loop_bind, "loop_bind")
 
 
+POLL_THREADS = ("gloo_tcp_loop",)  # torch.distributed's gloo transport: one per process group, each waking
+# every 10 ms (an epoll timeout) whether or not anything is sent; vLLM's CPU build starts 13
+
+
+def _move_pollers(cfg: VllmEngineConfig) -> int:
+    """On the engine thread, once vLLM has started: move the process's idle poll threads (``POLL_THREADS``),
+    which vLLM's start-up created on the engine's cores, to the loop's cores (``loop_bind``). Left there, their
+    1,300 wake-ups a second preempt the engine thread: bare vLLM's decode step was 3.7 % shorter with them on
+    another core (bench.poll_threads). Without ``loop_bind`` they stay: the other cores may be other engines'.
+    Returns how many moved."""
+    if not cfg.cpu_bind or not cfg.loop_bind or cfg.device != "cpu":
+        return 0
+    target = parse_cpu_list(cfg.loop_bind) & os.sched_getaffinity(os.getpid())  # the main thread's: the process's
+    return pin_poll_threads(target) if target else 0
+
+
+def pin_poll_threads(cpus: set[int]) -> int:
+    """Bind every thread of this process named in ``POLL_THREADS`` to ``cpus``; returns how many (Linux)."""
+    moved = 0
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as fh:
+                if fh.read().strip() not in POLL_THREADS:
+                    continue
+            os.sched_setaffinity(int(tid), cpus)
+            moved += 1
+        except OSError:  # the thread ended meanwhile
+            continue
+    return moved
+
+
 def scramble_token(token: int, vocab: int) -> int:
     """A different, deterministic token id (fault injection and the handoff control test)."""
     return (token * 7 + 13) % (vocab - 3) + 3
@@ -238,6 +269,9 @@ class VllmEngine:
             early_pull_tail_tokens=cfg.overlap_tail_tokens if cfg.admit_b_at_dispatch else 0,
         )
         self._warm_up()
+        moved = _move_pollers(cfg)
+        if moved:
+            log.info("moved %d idle poll threads off the engine's cores", moved)
 
     def _warm_up(self) -> None:
         """Run one small request through vLLM before serving: the first request pays for lazy start-up
