@@ -163,10 +163,9 @@ POLL_THREADS = ("gloo_tcp_loop",)  # torch.distributed's gloo transport: one per
 def _move_pollers(cfg: VllmEngineConfig) -> int:
     """On the engine thread, once vLLM has started: move the process's idle poll threads (``POLL_THREADS``),
     which vLLM's start-up created on the engine's cores, to the loop's cores (``loop_bind``). Left there, their
-    1,300 wake-ups a second preempt the engine thread: moved, the decode step was 0.963x of bare vLLM's and
-    0.978x in a one-worker cluster (bench.poll_threads). Without ``loop_bind`` they stay: the other cores may
-    be other engines'.
-    Returns how many moved."""
+    1,300 wake-ups a second preempt the engine thread; moving them made bare vLLM's decode step 0.963x as long
+    and a one-worker cluster's 0.978x (bench.poll_threads). Without ``loop_bind`` they stay: the other cores may
+    be other engines'. Returns how many moved."""
     if not cfg.cpu_bind or not cfg.loop_bind or cfg.device != "cpu":
         return 0
     target = parse_cpu_list(cfg.loop_bind) & os.sched_getaffinity(os.getpid())  # the main thread's: the process's
