@@ -41,7 +41,9 @@ def vllm_cluster(*worker_args: str, port: int = 5600, workers: int = 2,
 
 @pytest.fixture(scope="module")
 def control_cluster() -> Iterator[LocalCluster]:
-    cluster = vllm_cluster("--vllm-fault-injection", "scramble_prefix", metrics_base_port=free_base_port(3))
+    # the broker picks each split's early-pull tail (--early-tail-auto): exactness must hold for any tail
+    cluster = vllm_cluster("--vllm-fault-injection", "scramble_prefix", metrics_base_port=free_base_port(3),
+                           broker_args=("--allow-forced-splits", "--early-tail-auto"))
     yield cluster
     cluster.stop()
 
@@ -107,8 +109,8 @@ def test_pd_split_pulls_the_first_chunk_early_and_streams_exactly(control_cluste
 def test_decode_handoff_pulls_early_and_streams_exactly(control_cluster: LocalCluster) -> None:
     """A decode handoff at s = 600 of a 300-token prompt: A publishes the prompt's two whole blocks when its
     prefill ends and two more (positions 256-511) at its decode step that reaches position 512. That is where
-    the broker's tail begins (MicroDescriptor.early_tail: 88, the shortest, since A's 300 decode steps cover
-    every read); the worker's own 128 would begin it at 384, with one block less. B pulls all four early and
+    the broker's tail begins (this cluster runs --early-tail-auto; MicroDescriptor.early_tail: 88, the shortest,
+    since A's 300 decode steps cover every read); the worker's own 128 would begin it at 384, one block less. B pulls all four early and
     only the rest at the handoff. B's copy of the prompt and of A's tokens is scrambled (control cluster), so
     exact tokens prove it continued from A's KV."""
     o, s = 400, 600

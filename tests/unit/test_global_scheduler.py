@@ -39,6 +39,7 @@ from dynaserve.split import KIND_DECODE, KIND_NONE, KIND_PD, KIND_PROMPT, Plan
 MODEL = StepLatencyModel(a=2.0, b=0.25, c=1.0, d=0.0, e=0.0)
 PRICING = Pricing(MODEL, tbt_margin=0.5, max_batched_tokens=512, min_chunk_tokens=16, handoff_ms=2.0)
 FIXED_TAIL = dataclasses.replace(PRICING, early_tail_auto=False)  # every A pulls early with its advertised tail
+AUTO_TAIL = dataclasses.replace(PRICING, early_tail_auto=True)  # the broker picks each split's tail
 M_IDLE = 0.25390625  # ms per prefill token on an instance without running decodes
 SLO = 100.0
 BIG = 1 << 30
@@ -204,17 +205,17 @@ def test_pricing_picks_the_tail_for_the_link_and_a_load() -> None:
     x = 1_500_000 / 25e6  # 0.06 ms per token
     a, b = inst("a", early_pull_tail_tokens=128), inst("b", kv_bytes_per_token=1_500_000, early_pull_tail_tokens=1)
     plain = inst("b0", kv_bytes_per_token=1_500_000)
-    assert PRICING.early_tail(a, plain, 1000, 1000, SLO) == (0, pytest.approx(1000 * x))
-    assert PRICING.early_tail(inst("a0"), b, 1000, 1000, SLO) == (0, pytest.approx(1000 * x))
-    assert PRICING.early_tail(a, b, 100, 1000, SLO) == (0, pytest.approx(100 * x))  # one step for A, as before
+    assert AUTO_TAIL.early_tail(a, plain, 1000, 1000, SLO) == (0, pytest.approx(1000 * x))
+    assert AUTO_TAIL.early_tail(inst("a0"), b, 1000, 1000, SLO) == (0, pytest.approx(1000 * x))
+    assert AUTO_TAIL.early_tail(a, b, 100, 1000, SLO) == (0, pytest.approx(100 * x))  # one step for A, as before
     assert FIXED_TAIL.early_tail(a, b, 1000, 1000, SLO)[0] == 128
-    tail, exposed = PRICING.early_tail(a, b, 1000, 1000, SLO)
-    budget, m = PRICING.prefill_budget(a, SLO), PRICING.prefill_ms_per_token(a, SLO)
+    tail, exposed = AUTO_TAIL.early_tail(a, b, 1000, 1000, SLO)
+    budget, m = AUTO_TAIL.prefill_budget(a, SLO), AUTO_TAIL.prefill_ms_per_token(a, SLO)
     assert (tail, exposed) == best_early_tail(1000, x, budget, m, 1000, 0.0, a.block_size, 128)
     # the 512-position first chunk's read (30.7 ms) needs 121 positions of A's prefill: 120 leave 0.25 ms of it
     assert tail == 120 and exposed == pytest.approx(120 * x + 512 * x - 120 * M_IDLE)
     assert exposed < FIXED_TAIL.handoff_transfer_ms(a, b, 1000, 1000, SLO) == pytest.approx(128 * x)
-    assert PRICING.handoff_transfer_ms(a, b, 1000, 1000, SLO) == pytest.approx(exposed)
+    assert AUTO_TAIL.handoff_transfer_ms(a, b, 1000, 1000, SLO) == pytest.approx(exposed)
 
 
 # ----------------------------------------------------------------------------------- colocate
