@@ -32,13 +32,18 @@ from tqdm import tqdm
 from bench.bench_vllm import median_ci
 
 
+def _prompts(n: int) -> list[list[int]]:
+    """``n`` distinct 128-token prompts."""
+    return [[(j * 37 + i * 101) % 4000 + 3 for j in range(128)] for i in range(n)]
+
+
 def _run(llm: Any, n: int, tokens: int, tag: str) -> float:
     """Decode ``n`` requests for ``tokens`` tokens; the median ms of the steps that decode all of them."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
-    for i in range(n):
-        llm.add_request(f"{tag}-{i}", {"prompt_token_ids": [(j * 37 + i * 101) % 4000 + 3 for j in range(128)]},
+    for i, prompt in enumerate(_prompts(n)):
+        llm.add_request(f"{tag}-{i}", {"prompt_token_ids": prompt},
                         SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True,
                                        output_kind=RequestOutputKind.DELTA, detokenize=False))
     steps: list[float] = []
@@ -70,7 +75,7 @@ def _cluster_rounds(args: argparse.Namespace, model: str, placements: dict[str, 
     try:
         pid = next(p.pid for name, p in cluster.cluster.procs.items() if name != "broker")
         os.sched_setaffinity(0, {args.other_core})  # the client off the engine core
-        prompts = [[(j * 37 + i * 101) % 4000 + 3 for j in range(128)] for i in range(args.n)]
+        prompts = _prompts(args.n)
         cluster.run(prompts, 32, "warm-up")
         for r in range(args.rounds):
             for where in list(placements) if r % 2 == 0 else list(reversed(placements)):
@@ -83,6 +88,30 @@ def _cluster_rounds(args: argparse.Namespace, model: str, placements: dict[str, 
     finally:
         cluster.close()
     return steps, tbt, threads
+
+
+def _bare_rounds(args: argparse.Namespace, model: str, placements: dict[str, set[int]], bar: Any,
+                 ) -> tuple[dict[str, list[float]], int]:
+    """Bare vLLM's per-round decode step (ms), by placement, in this process."""
+    from vllm import EngineArgs
+    from vllm.v1.engine.llm_engine import LLMEngine
+
+    from workers.engines.vllm_config import VllmEngineConfig
+    from workers.engines.vllm_engine import _bind_engine_thread, pin_poll_threads
+
+    cfg = VllmEngineConfig(model=model, cpu_bind=str(args.engine_core))
+    _bind_engine_thread(cfg)  # this (main) thread builds and steps vLLM, as bare vLLM runs
+    llm = LLMEngine.from_engine_args(EngineArgs(**cfg.engine_kwargs(connector=False, scheduler=False)))
+    _run(llm, args.n, 16, "warm-up")
+    got: dict[str, list[float]] = {k: [] for k in placements}
+    threads = 0
+    for r in range(args.rounds):
+        for where in list(placements) if r % 2 == 0 else list(reversed(placements)):
+            threads = pin_poll_threads(placements[where])
+            bar.set_postfix_str(f"round {r + 1}/{args.rounds}, poll threads on the {where}")
+            got[where].append(_run(llm, args.n, args.tokens, f"r{r}-{where}"))
+            bar.update()
+    return got, threads
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,30 +153,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{name}, other core / engine core: {mid:.4f} ({lo:.4f}-{hi:.4f}), median of per-round ratios with "
               f"a 95 % bootstrap interval; per round {min(ratios):.3f}-{max(ratios):.3f}\n")
     return 0
-
-
-def _bare_rounds(args: argparse.Namespace, model: str, placements: dict[str, set[int]], bar: Any,
-                 ) -> tuple[dict[str, list[float]], int]:
-    """Bare vLLM's per-round decode step (ms), by placement, in this process."""
-    from vllm import EngineArgs
-    from vllm.v1.engine.llm_engine import LLMEngine
-
-    from workers.engines.vllm_config import VllmEngineConfig
-    from workers.engines.vllm_engine import _bind_engine_thread, pin_poll_threads
-
-    cfg = VllmEngineConfig(model=model, cpu_bind=str(args.engine_core))
-    _bind_engine_thread(cfg)  # this (main) thread builds and steps vLLM, as bare vLLM runs
-    llm = LLMEngine.from_engine_args(EngineArgs(**cfg.engine_kwargs(connector=False, scheduler=False)))
-    _run(llm, args.n, 16, "warm-up")
-    got: dict[str, list[float]] = {k: [] for k in placements}
-    threads = 0
-    for r in range(args.rounds):
-        for where in list(placements) if r % 2 == 0 else list(reversed(placements)):
-            threads = pin_poll_threads(placements[where])
-            bar.set_postfix_str(f"round {r + 1}/{args.rounds}, poll threads on the {where}")
-            got[where].append(_run(llm, args.n, args.tokens, f"r{r}-{where}"))
-            bar.update()
-    return got, threads
 
 
 if __name__ == "__main__":

@@ -165,12 +165,11 @@ class Pricing:
         tail = a.early_pull_tail_tokens if b.early_pull_tail_tokens > 0 else 0
         if tail <= 0 or x <= 0 or (s <= p and s <= tail):
             return 0, s * x
+        first, a_ms = self.prefill_budget(a, tbt_slo_ms), self.prefill_ms_per_token(a, tbt_slo_ms)
+        a_step = self.decode_step_ms(a, p) if s > p else 0.0
         if not self.early_tail_auto:
-            return tail, exposed_transfer_ms(s, x, tail, self.prefill_budget(a, tbt_slo_ms),
-                                             self.prefill_ms_per_token(a, tbt_slo_ms), p,
-                                             self.decode_step_ms(a, p) if s > p else 0.0)
-        return best_early_tail(s, x, self.prefill_budget(a, tbt_slo_ms), self.prefill_ms_per_token(a, tbt_slo_ms),
-                               p, self.decode_step_ms(a, p) if s > p else 0.0, a.block_size, tail)
+            return tail, exposed_transfer_ms(s, x, tail, first, a_ms, p, a_step)
+        return best_early_tail(s, x, first, a_ms, p, a_step, a.block_size, tail)
 
 
 def best_early_tail(
