@@ -3,15 +3,22 @@
 Pure state: load reports overwrite an instance's numbers; between reports the scheduler adds the work it
 just dispatched (optimistic accounting) so a burst of arrivals does not all land on one instance.
 Instance cost helpers (prefill rate under the TBT SLO, projected work) live here so every policy, the
-live broker and the simulator price work the same way.
+live broker and the simulator price work the same way. Each instance is priced with the step model its
+worker advertised at registration, times the correction its local scheduler reports with its load (so a
+cluster of unlike engines, or an engine the broker's own model does not describe, is priced as it runs);
+an instance that advertised none is priced with the pricing's model.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dynaserve.costmodel import StepLatencyModel
+
+SCALE_STEP = 0.02  # a reported step_scale re-prices an instance when it moved by more than this share
+SCALE_RANGE = (0.01, 100.0)  # reported step_scale values are clamped to this range
 
 
 @dataclass(slots=True)
@@ -34,10 +41,28 @@ class InstanceState:
     kv_used_tokens: int = 0
     step_ms: float = 0.0
     last_report: float = 0.0
+    step_model: StepLatencyModel | None = None  # RegisterWorker.step_model (None: priced with Pricing.model)
+    step_scale: float = 1.0  # LoadReport.step_scale the instance is priced at
+    model: StepLatencyModel | None = None  # step_model x step_scale: what Pricing.model_of prices it with
+
+    def __post_init__(self) -> None:
+        if self.model is None and self.step_model is not None:
+            self.model = self.step_model.scaled(self.step_scale) if self.step_scale != 1.0 else self.step_model
 
     @property
     def kv_free_tokens(self) -> int:
         return self.kv_capacity_tokens - self.kv_used_tokens
+
+    def rescale(self, step_scale: float) -> None:
+        """Price the instance at its advertised step model times ``step_scale`` (its local scheduler's
+        correction), when that moved by more than ``SCALE_STEP``; non-finite or non-positive values are
+        ignored, others clamped to ``SCALE_RANGE``."""
+        if self.step_model is None or not (math.isfinite(step_scale) and step_scale > 0):
+            return
+        scale = min(SCALE_RANGE[1], max(SCALE_RANGE[0], step_scale))
+        if abs(scale - self.step_scale) > SCALE_STEP * self.step_scale:
+            self.step_scale = scale
+            self.model = self.step_model.scaled(scale)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,10 +103,13 @@ class ClusterState:
         pending_decode_tokens: int,
         kv_used_tokens: int,
         step_ms: float,
+        step_scale: float = 1.0,
     ) -> None:
         inst = self.instances.get(instance_id)
         if inst is None:
             return
+        if step_scale != inst.step_scale:
+            inst.rescale(step_scale)
         inst.queued_prefill_tokens = queued_prefill_tokens
         inst.running_seqs = running_seqs
         inst.decode_ctx_tokens = decode_ctx_tokens
@@ -93,9 +121,9 @@ class ClusterState:
 
 @dataclass(frozen=True, slots=True)
 class Pricing:
-    """Prices work on an instance with the step-latency model and the TBT SLO."""
+    """Prices work on an instance with its step-latency model (:meth:`model_of`) and the TBT SLO."""
 
-    model: StepLatencyModel
+    model: StepLatencyModel  # for instances that advertise no step model of their own
     tbt_margin: float = 0.1  # keep step time under (1 - margin) * TBT SLO
     max_batched_tokens: int = 8192
     min_chunk_tokens: int = 16
@@ -104,11 +132,16 @@ class Pricing:
     early_tail_auto: bool = False  # early pulls: each split's tail for its link and A's load (early_tail);
     # False: A's advertised one
 
+    def model_of(self, inst: InstanceState) -> StepLatencyModel:
+        """The step model ``inst`` is priced with: its own (``InstanceState.model``), else this pricing's."""
+        m = inst.model
+        return self.model if m is None else m
+
     def prefill_budget(self, inst: InstanceState, tbt_slo_ms: float) -> int:
         """Prefill tokens per step the local scheduler can add without breaking the TBT SLO."""
         if inst.running_seqs == 0:
             return self.max_batched_tokens
-        n = self.model.max_prefill_tokens(
+        n = self.model_of(inst).max_prefill_tokens(
             tbt_slo_ms * (1.0 - self.tbt_margin), inst.running_seqs, inst.decode_ctx_tokens
         )
         return min(self.max_batched_tokens, max(self.min_chunk_tokens, n))
@@ -116,17 +149,17 @@ class Pricing:
     def prefill_ms_per_token(self, inst: InstanceState, tbt_slo_ms: float) -> float:
         """Wall time per prefill token on this instance (its TBT-limited prefill rate, inverted)."""
         budget = self.prefill_budget(inst, tbt_slo_ms)
-        step = self.model.step_ms(budget, inst.running_seqs, inst.decode_ctx_tokens)
+        step = self.model_of(inst).step_ms(budget, inst.running_seqs, inst.decode_ctx_tokens)
         return step / budget
 
     def decode_ms_per_token(self, inst: InstanceState, ctx: int) -> float:
         """Step time one more decode token of context ``ctx`` costs this instance."""
-        return self.model.decode_token_ms(ctx)
+        return self.model_of(inst).decode_token_ms(ctx)
 
-    def decode_ms_fn(self) -> Callable[[int], float]:
-        """``decode_ms_per_token(inst, ctx)`` as a function of ``ctx`` alone (it is the same on every
-        instance), for loops that price every instance per request."""
-        return self.model.decode_token_ms
+    def decode_ms_fn(self, inst: InstanceState) -> Callable[[int], float]:
+        """``decode_ms_per_token(inst, ctx)`` as a function of ``ctx`` alone, for loops that price an
+        instance at several contexts."""
+        return self.model_of(inst).decode_token_ms
 
     def work_ms(self, inst: InstanceState, tbt_slo_ms: float) -> float:
         """Projected time the instance needs for the work it already has."""
@@ -138,7 +171,7 @@ class Pricing:
 
     def decode_step_ms(self, inst: InstanceState, ctx: int) -> float:
         """Wall time of one decode step on the instance with one more sequence of context ``ctx``."""
-        return self.model.step_ms(0, inst.running_seqs + 1, inst.decode_ctx_tokens + ctx)
+        return self.model_of(inst).step_ms(0, inst.running_seqs + 1, inst.decode_ctx_tokens + ctx)
 
     def transfer_ms_per_token(self, inst: InstanceState) -> float:
         if inst.kv_bytes_per_token <= 0 or self.transfer_gbps <= 0:

@@ -23,6 +23,7 @@ from operator import itemgetter
 from typing import Any, Protocol
 
 from broker.cluster_state import ClusterState, InstanceState, Pricing, RequestInfo, exposed_transfer_ms
+from dynaserve.costmodel import StepLatencyModel
 from dynaserve.split import Plan, normalize_split, tokens_emitted_by_a
 
 
@@ -162,7 +163,7 @@ class BalancePolicy:
     min_gain_frac: float = 0.05  # split only if it saves this share of the request's cost, beyond the handoff
     name: str = "balance"
     # id -> (running_seqs, decode_ctx_tokens, prefill ms/token, decode ms/token at the average context,
-    # average context)
+    # average context, the instance's step model)
     _prices: _PriceCache = field(default_factory=_PriceCache, init=False, repr=False, compare=False)
 
     def plan(self, req: RequestInfo, cluster: ClusterState, now: float) -> Plan | None:
@@ -172,7 +173,6 @@ class BalancePolicy:
         slo = req.tbt_slo_ms
         k = self.candidates
         prices = self._prices.table(pr, slo, len(cluster.instances))
-        decode_ms = pr.decode_ms_fn()  # decode_ms(ctx) == pr.decode_ms_per_token(inst, ctx)
         need = p + o
         half_o = o // 2
         # One pass over the alive instances prices each one (work, prefill and decode rate), tracks the
@@ -190,12 +190,13 @@ class BalancePolicy:
             running = inst.running_seqs
             ctx = inst.decode_ctx_tokens
             cached = prices.get(inst.id)
-            if cached is None or cached[0] != running or cached[1] != ctx:
+            if cached is None or cached[0] != running or cached[1] != ctx or cached[5] is not inst.model:
                 avg_ctx = ctx // running if running else 0
-                cached = (running, ctx, pr.prefill_ms_per_token(inst, slo), decode_ms(avg_ctx), avg_ctx)
+                cached = (running, ctx, pr.prefill_ms_per_token(inst, slo), pr.decode_ms_per_token(inst, avg_ctx),
+                          avg_ctx, inst.model)
                 prices[inst.id] = cached
             ms_tok = cached[2]
-            dtok = decode_ms(cached[4] + p + half_o)
+            dtok = pr.decode_ms_per_token(inst, cached[4] + p + half_o)
             work = inst.queued_prefill_tokens * ms_tok + inst.pending_decode_tokens * cached[3]
             if n_rows:
                 if ms_tok < min_m:
@@ -382,11 +383,11 @@ class DynaServePolicy:
     tail: int = 64  # concentration: prompt tokens B computes (B emits the first token)
     host_min_output: int = 32  # concentration: only outputs predicted at this many tokens or more go to a host
     name: str = "dynaserve"
-    _gains: dict[float, float] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _gains: dict[tuple[float, StepLatencyModel], float] = field(default_factory=dict, init=False, repr=False, compare=False)
     _slack_share: float = field(default=0.0, init=False, repr=False, compare=False)
     _seen: int = field(default=0, init=False, repr=False, compare=False)
     _auto_state: bool = field(default=False, init=False, repr=False, compare=False)
-    # id -> (running_seqs, decode_ctx_tokens, prefill ms/token)
+    # id -> (running_seqs, decode_ctx_tokens, prefill ms/token, the instance's step model)
     _rates: _PriceCache = field(default_factory=_PriceCache, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -416,14 +417,13 @@ class DynaServePolicy:
             if full and not a_full:
                 continue
             cached = rates.get(inst.id)
-            if cached is None or cached[0] != running or cached[1] != ctx:
-                cached = rates[inst.id] = (running, ctx, pr.prefill_ms_per_token(inst, slo))
+            if cached is None or cached[0] != running or cached[1] != ctx or cached[3] is not inst.model:
+                cached = rates[inst.id] = (running, ctx, pr.prefill_ms_per_token(inst, slo), inst.model)
             t = (qp + p) * cached[2]
             if (a_full and not full) or t < best_t or (t == best_t and a is not None and running < a.running_seqs):
                 a, best_t, a_full = inst, t, full
         if a is None:
             return None
-        model = pr.model
         if self.concentrate != "off" and self._concentrating(req, a) and o >= self.host_min_output and mt > 1:
             host = self._decode_host(a, cluster, p, need, slo)
             if host is not None:
@@ -437,7 +437,7 @@ class DynaServePolicy:
         for inst in idle:
             if inst is a or _full(inst, headroom):
                 continue
-            step = model.step_ms(0, inst.running_seqs + 1, inst.decode_ctx_tokens + p)
+            step = pr.decode_step_ms(inst, p)
             if step < b_step:
                 b, b_step = inst, step
         if b is None:
@@ -457,9 +457,12 @@ class DynaServePolicy:
             return False
         pr = self.pricing
         slo = req.tbt_slo_ms
-        gain = self._gains.get(slo)
+        model = pr.model_of(a)
+        gain = self._gains.get((slo, model))
         if gain is None:
-            gain = self._gains[slo] = first_decode_cost(pr, slo)
+            if len(self._gains) > 64:  # instances' models move with their reported corrections
+                self._gains.clear()
+            gain = self._gains[(slo, model)] = first_decode_cost(pr, slo, model=model)
         if gain < self.min_gain:
             return False
         # the tail handoff's transfer, priced as if the host were like A (it is not chosen yet)
@@ -484,7 +487,6 @@ class DynaServePolicy:
         host that runs out preempts, and a host that cannot admit the request delays its first token)."""
         pr = self.pricing
         cap = self.host_frac * slo * (1.0 - pr.tbt_margin)
-        step_ms = pr.model.step_ms
         host: InstanceState | None = None
         most = a.running_seqs
         for inst in cluster.instances.values():
@@ -494,7 +496,7 @@ class DynaServePolicy:
                 continue
             if inst.kv_capacity_tokens - inst.kv_used_tokens - need < self.host_kv_frac * inst.kv_capacity_tokens:
                 continue
-            if step_ms(0, running + 1, inst.decode_ctx_tokens + p) <= cap:
+            if pr.decode_step_ms(inst, p) <= cap:
                 host, most = inst, running
         return host
 
@@ -502,12 +504,15 @@ class DynaServePolicy:
 _SLACK_EWMA = 1.0 / 256  # weight of one request in the share of requests with TTFT slack
 
 
-def first_decode_cost(pricing: Pricing, tbt_slo_ms: float, ctx: int = 1024) -> float:
+def first_decode_cost(
+    pricing: Pricing, tbt_slo_ms: float, ctx: int = 1024, model: StepLatencyModel | None = None,
+) -> float:
     """How much one running decode (``ctx`` tokens of context) slows an instance's prefill: its prefill
-    ms per token under the TBT SLO with that decode over its rate without decodes (full chunks)."""
-    m = pricing.model
+    ms per token under the TBT SLO with that decode over its rate without decodes (full chunks), on an
+    instance of step model ``model`` (default: the pricing's)."""
+    m = pricing.model if model is None else model
     mbt = pricing.max_batched_tokens
-    one = pricing.prefill_budget(InstanceState("", 0, running_seqs=1, decode_ctx_tokens=ctx), tbt_slo_ms)
+    one = pricing.prefill_budget(InstanceState("", 0, running_seqs=1, decode_ctx_tokens=ctx, model=m), tbt_slo_ms)
     return (m.step_ms(one, 1, ctx) / one) / (m.step_ms(mbt) / mbt)
 
 

@@ -31,6 +31,7 @@ from broker.scheduler import commit, forced_plan, make_policy
 from dynaserve import protocol as P
 from dynaserve import security
 from dynaserve.calibration import choose_step_model
+from dynaserve.costmodel import StepLatencyModel
 from dynaserve.predictor import make_predictor
 from dynaserve.sockets import Channel, make_socket
 from dynaserve.split import tokens_emitted_by_a
@@ -266,6 +267,7 @@ class Broker:
             iid: {**{k: v for k, v in dataclasses.asdict(r).items() if k not in ("instance_id", "seq")},
                   "max_num_seqs": self.cluster.instances[iid].max_num_seqs,
                   "early_pull_tail_tokens": self.cluster.instances[iid].early_pull_tail_tokens,
+                  "priced_step_model": list(self.pricing.model_of(self.cluster.instances[iid]).coefficients()),
                   "handoff_addr": self.handoff_addrs.get(iid, "")}
             for iid, r in self.reports.items() if iid in self.cluster.instances
         }
@@ -277,11 +279,14 @@ class Broker:
         return None
 
     def _ttft_slo_ms(self, slo_class: str, prompt_len: int) -> float:
-        """The request's TTFT SLO: its class's, plus ``ttft_prefill_factor`` x its prefill time alone."""
+        """The request's TTFT SLO: its class's, plus ``ttft_prefill_factor`` x its prefill time alone (on the
+        live instance that prefills it fastest)."""
         base = self._slo(slo_class)[0]  # type: ignore[index]
         if self.cfg.ttft_prefill_factor > 0:
-            base += self.cfg.ttft_prefill_factor * self.pricing.model.prefill_alone_ms(
-                prompt_len, self.pricing.max_batched_tokens)
+            pr = self.pricing
+            models = {id(m): m for m in (pr.model_of(i) for i in self.cluster.alive())} or {0: pr.model}
+            base += self.cfg.ttft_prefill_factor * min(
+                m.prefill_alone_ms(prompt_len, pr.max_batched_tokens) for m in models.values())
         return base
 
     def _max_prompt(self) -> int:
@@ -525,7 +530,7 @@ class Broker:
             self.cluster.report(
                 inst_id, now, queued_prefill_tokens=msg.queued_prefill_tokens, running_seqs=msg.running_seqs,
                 decode_ctx_tokens=msg.decode_ctx_tokens, pending_decode_tokens=msg.pending_decode_tokens,
-                kv_used_tokens=msg.kv_used_tokens, step_ms=msg.step_ms,
+                kv_used_tokens=msg.kv_used_tokens, step_ms=msg.step_ms, step_scale=msg.step_scale,
             )
             self.reports[inst_id] = msg
             self._drain_queue(now)
@@ -558,13 +563,22 @@ class Broker:
         if msg.early_pull_tail_tokens < 0:
             self._to_ident(ident, P.RegisterAck(inst_id, False, "early_pull_tail_tokens must be >= 0", 0))
             return
+        step_model = None
+        if msg.step_model:
+            try:
+                if len(msg.step_model) != 5:
+                    raise ValueError(f"step_model must hold 5 coefficients (a, b, c, d, e), got {len(msg.step_model)}")
+                step_model = StepLatencyModel(*msg.step_model)
+            except ValueError as e:
+                self._to_ident(ident, P.RegisterAck(inst_id, False, str(e), 0))
+                return
         if inst_id in self.cluster.instances:  # a restarted worker: whatever it held is gone
             self.cluster.remove(inst_id)
             self._lose_instance(inst_id, "restarted", now)
         self.cluster.add(InstanceState(
             id=inst_id, kv_capacity_tokens=msg.kv_capacity_tokens, max_model_len=msg.max_model_len,
             kv_bytes_per_token=msg.kv_bytes_per_token, pool=msg.pool, max_num_seqs=msg.max_num_seqs, last_report=now,
-            early_pull_tail_tokens=msg.early_pull_tail_tokens, block_size=msg.block_size,
+            early_pull_tail_tokens=msg.early_pull_tail_tokens, block_size=msg.block_size, step_model=step_model,
         ))
         self.vocabs[inst_id] = msg.vocab_size
         if msg.handoff_addr:

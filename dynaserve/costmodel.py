@@ -90,6 +90,10 @@ class StepLatencyModel:
         qb = self.b + self.e * ctx_before
         return max(0, int((-qb + math.sqrt(qb * qb + 4 * qa * room_ms)) / (2 * qa)))
 
+    def coefficients(self) -> tuple[float, float, float, float, float]:
+        """``(a, b, c, d, e)``: what ``StepLatencyModel(*coefficients)`` rebuilds (RegisterWorker.step_model)."""
+        return (self.a, self.b, self.c, self.d, self.e)
+
     def scaled(self, factor: float) -> StepLatencyModel:
         """The same model with every coefficient multiplied by ``factor``."""
         return StepLatencyModel(*(factor * v for v in (self.a, self.b, self.c, self.d, self.e)))

@@ -338,6 +338,9 @@ class RegisterWorker(Message):
     early_pull_tail_tokens: int = 0  # > 0: as A it sends KvChunks, as B it pulls them early; A's last this-many
     # positions (its last prefill step for s <= p, its last decode steps for s > p) are computed while B reads the
     # rest (0: whole pull at the handoff)
+    step_model: list[float] = field(default_factory=list)  # the step-latency model its local scheduler plans with:
+    # [a, b, c, d, e] ms (dynaserve.costmodel.StepLatencyModel); the broker prices this instance with it. Empty: none
+    # advertised (the broker's own --step-model or cost tables price it)
 
 
 @dataclass(slots=True)
@@ -357,6 +360,8 @@ class LoadReport(Message):
     token_budget: int
     held_blocks: int
     active_requests: int
+    step_scale: float = 1.0  # the local scheduler's correction: measured / modelled step time (LocalScheduler.observe);
+    # the broker prices this instance with its advertised step model times this
 
 
 @dataclass(slots=True)

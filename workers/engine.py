@@ -90,6 +90,7 @@ class EngineLoad:
     token_budget: int = 0
     held_blocks: int = 0
     active_requests: int = 0
+    step_scale: float = 1.0  # the local scheduler's correction factor (LoadReport.step_scale)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +105,7 @@ class EngineInfo:
     eos_token_id: int
     max_num_seqs: int = 0  # cap of running sequences the engine admits (0: none)
     early_pull_tail_tokens: int = 0  # see RegisterWorker.early_pull_tail_tokens (needs the handoff inbox)
+    step_model: tuple[float, ...] = ()  # its local scheduler's step model, (a, b, c, d, e) ms (RegisterWorker.step_model)
 
 
 class Engine(Protocol):

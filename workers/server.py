@@ -134,6 +134,7 @@ class Worker:
             info.max_model_len, self.cfg.kv_transport, info.vocab_size, info.eos_token_id,
             info.kv_bytes_per_token, self.cfg.pool, info.max_num_seqs, self.handoff_addr,
             info.early_pull_tail_tokens if self.handoff_addr else 0,  # chunks travel through the inbox only
+            list(info.step_model),
         ))
 
     async def run(self) -> None:
@@ -354,7 +355,7 @@ class Worker:
         return P.encode(P.LoadReport(
             self.cfg.instance_id, self._seq, ld.queued_prefill_tokens, ld.running_seqs, ld.decode_ctx_tokens,
             ld.pending_decode_tokens, ld.kv_used_tokens, ld.kv_capacity_tokens, ld.step_ms, ld.token_budget,
-            ld.held_blocks, ld.active_requests,
+            ld.held_blocks, ld.active_requests, ld.step_scale,
         ))
 
     async def _report_loop(self) -> None:

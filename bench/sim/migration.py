@@ -84,7 +84,6 @@ class MigratingPolicy(DynaServePolicy):
         if not srcs or (self.max_queue_tokens and srcs[0].queued_prefill_tokens > self.max_queue_tokens):
             return []
         pr = self.pricing
-        step_ms = pr.model.step_ms
         out: list[Move] = []
         dsts.sort(key=lambda i: i.running_seqs - i.max_num_seqs)  # most free slots first
         pool = iter(self._candidates(srcs, decoding_on))
@@ -97,7 +96,7 @@ class MigratingPolicy(DynaServePolicy):
                 if dst.kv_free_tokens < d.context + d.remaining:
                     continue
                 gap = (pr.handoff_ms + d.context * pr.transfer_ms_per_token(dst)
-                       + 2.0 * max(dst.step_ms, step_ms(0, dst.running_seqs + 1, dst.decode_ctx_tokens + d.context)))
+                       + 2.0 * max(dst.step_ms, pr.decode_step_ms(dst, d.context)))
                 if gap > self.gap_frac * d.tbt_slo_ms:
                     continue
                 out.append(Move(d.req_id, src.id, dst.id))

@@ -17,6 +17,7 @@ import pytest
 from dynaserve.client import DynaServeClient
 from dynaserve.cluster import LocalCluster
 from tests.conftest import collect_killing, free_base_port, metric_value, scrape, start_cluster, wait_idle
+from workers.engines import CPU_TINY_STEP_MODEL
 from workers.engines.vllm_config import VllmEngineConfig
 
 pytestmark = [
@@ -167,6 +168,9 @@ def test_aborts_leave_no_held_blocks(control_cluster: LocalCluster) -> None:
             assert ld["active_requests"] == 0 and ld["held_blocks"] == 0 and ld["kv_used_tokens"] == 0, (inst, ld)
             assert ld["max_num_seqs"] == VllmEngineConfig().max_num_seqs  # registered for the policy
             assert ld["early_pull_tail_tokens"] == VllmEngineConfig().overlap_tail_tokens  # priced by the policy
+            # priced with the model its local scheduler plans with, times the correction it reported
+            assert ld["step_scale"] != 1.0 and ld["priced_step_model"] == pytest.approx(
+                [ld["step_scale"] * v for v in CPU_TINY_STEP_MODEL], rel=0.03), (inst, ld)
 
     asyncio.run(main())
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from broker.cluster_state import InstanceState
 from broker.requests import BrokerRequest
 from broker.server import Broker, BrokerConfig
@@ -241,3 +243,31 @@ def test_a_worker_message_carries_several_frames_in_order() -> None:
     assert b.stats.bad_frames == bad + 2 and b.cluster.instances["w0"].queued_prefill_tokens == 7
     b._on_worker_frames([b"w0", b"\xc1", report(4, 11)])  # a bad frame does not stop the ones after it
     assert b.stats.bad_frames == bad + 3 and b.cluster.instances["w0"].queued_prefill_tokens == 11
+
+
+def test_registration_carries_the_step_model_and_reports_rescale_it() -> None:
+    """A worker's advertised step model prices its instance (not the broker's cost tables), times the correction
+    its reports carry; the status shows what each instance is priced with. A malformed model is refused."""
+    b = Broker(BrokerConfig(client_addr="ipc:///tmp/dynaserve-unit-c", worker_addr="ipc:///tmp/dynaserve-unit-w"))
+    b.clients, b.workers = RecordingChannel(), RecordingChannel()  # type: ignore[assignment]
+    own = [3.0, 0.04, 0.08, 1e-4, 0.0]
+    for wid, model in (("w0", own), ("w1", []), ("w2", [3.0, 0.0, 0.08, 1e-4, 0.0]), ("w3", [1.0, 2.0])):
+        b._on_worker_frames([wid.encode(), P.encode(P.RegisterWorker(
+            wid, "vllm", "m", 1 << 20, 16, 1 << 20, "nixl", 32000, 2, 512, "any", 64, "", 0, model))])
+    acks = {ident.decode(): P.decode(frame) for ident, frame in b.workers.sent}  # type: ignore[attr-defined]
+    assert acks["w0"].ok and acks["w1"].ok  # type: ignore[attr-defined]
+    assert not acks["w2"].ok and "StepLatencyModel.b must be > 0" in acks["w2"].reason  # type: ignore[attr-defined]
+    assert not acks["w3"].ok and "5 coefficients" in acks["w3"].reason  # type: ignore[attr-defined]
+    assert set(b.cluster.instances) == {"w0", "w1"}
+    w0, w1 = b.cluster.instances["w0"], b.cluster.instances["w1"]
+    assert b.pricing.model_of(w0).coefficients() == tuple(own)
+    assert b.pricing.model_of(w1) is b.pricing.model  # none advertised: the broker's own
+    for seq, wid in enumerate(("w0", "w1")):
+        b._on_worker_frames([wid.encode(), P.encode(P.LoadReport(wid, seq + 1, 0, 0, 0, 0, 0, 1 << 20, 6.0, 512, 0, 0,
+                                                                  2.0))])
+    assert b.pricing.model_of(w0).coefficients() == pytest.approx([2 * v for v in own])
+    assert b.pricing.model_of(w1) is b.pricing.model
+    status = b._status_stats()["instances"]
+    assert status["w0"]["step_scale"] == 2.0
+    assert status["w0"]["priced_step_model"] == pytest.approx([2 * v for v in own])
+    assert status["w1"]["priced_step_model"] == pytest.approx(list(b.pricing.model.coefficients()))

@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker.cluster_state import (
+    SCALE_RANGE,
     ClusterState,
     InstanceState,
     Pricing,
@@ -810,3 +811,71 @@ def test_auto_concentration_prices_the_tail_handoff_with_early_pulls() -> None:
 
     assert not any(concentrates(0))
     assert concentrates(128)[1:] == [True, True]
+
+
+# ----------------------------------------------------------------------------------- per-instance step models
+
+
+def test_an_instance_is_priced_with_its_own_step_model() -> None:
+    slow = inst("slow", step_model=MODEL.scaled(3.0))
+    plain = inst("plain")
+    assert PRICING.model_of(plain) is MODEL and PRICING.model_of(slow) == MODEL.scaled(3.0)
+    assert PRICING.prefill_ms_per_token(plain, SLO) == pytest.approx(M_IDLE)
+    assert PRICING.prefill_ms_per_token(slow, SLO) == pytest.approx(3 * M_IDLE)
+    assert PRICING.decode_ms_per_token(slow, 0) == pytest.approx(3.0)
+    assert PRICING.decode_step_ms(slow, 100) == pytest.approx(3 * (2.0 + 1.0))
+    # under decode load its TBT-limited chunk is smaller too: (50 - 3 * (2 + 10)) / 0.75 = 18 tokens
+    slow.running_seqs = 10
+    assert PRICING.prefill_budget(slow, SLO) == 18
+    assert first_decode_cost(PRICING, SLO, model=MODEL.scaled(3.0)) > first_decode_cost(PRICING, SLO)
+
+
+def test_reported_correction_rescales_the_advertised_model() -> None:
+    c = cluster(inst("w0", step_model=MODEL), inst("w1"))
+    w0, w1 = c.instances["w0"], c.instances["w1"]
+    load = dict(queued_prefill_tokens=0, running_seqs=0, decode_ctx_tokens=0, pending_decode_tokens=0,
+                kv_used_tokens=0, step_ms=3.0)
+    c.report("w0", 1.0, step_scale=1.01, **load)  # within SCALE_STEP of 1: not re-priced
+    assert w0.model is MODEL and w0.step_scale == 1.0
+    c.report("w0", 2.0, step_scale=2.5, **load)
+    assert w0.step_scale == 2.5 and PRICING.model_of(w0) == MODEL.scaled(2.5)
+    for bad in (float("nan"), float("inf"), 0.0, -1.0):  # ignored
+        c.report("w0", 3.0, step_scale=bad, **load)
+        assert w0.step_scale == 2.5
+    c.report("w0", 4.0, step_scale=1e9, **load)  # clamped
+    assert w0.step_scale == SCALE_RANGE[1] and PRICING.model_of(w0) == MODEL.scaled(SCALE_RANGE[1])
+    c.report("w1", 5.0, step_scale=4.0, **load)  # advertised no model: priced with the pricing's
+    assert w1.model is None and PRICING.model_of(w1) is MODEL
+
+
+@pytest.mark.parametrize("policy", [ColocatePolicy, DynaServePolicy, BalancePolicy])
+def test_policies_place_by_each_instances_own_model(policy: type) -> None:
+    # w0 is idle but three times slower than the pricing's model; w1 has 200 prompt tokens queued.
+    # Whole on w0: 3 * 1000 * M_IDLE = 762 ms of prefill; on w1: 1200 * M_IDLE = 305 ms.
+    c = cluster(inst("w0", step_model=MODEL.scaled(3.0)), inst("w1", queued_prefill_tokens=200))
+    plan = policy(PRICING).plan(req(1000, 1), c, 0.0)
+    assert plan is not None and plan.a == "w1" and plan.b is None
+    # the same cluster with both instances as fast: the idle one
+    c = cluster(inst("w0", step_model=MODEL), inst("w1", queued_prefill_tokens=200))
+    assert policy(PRICING).plan(req(1000, 1), c, 0.0).a == "w0"
+
+
+@pytest.mark.parametrize("policy", [ColocatePolicy, DynaServePolicy, BalancePolicy])
+def test_policies_reprice_after_a_reported_correction(policy: type) -> None:
+    # the policies cache per-instance prices until the load changes; a new correction must reach them too
+    pol = policy(PRICING)
+    c = cluster(inst("w0", step_model=MODEL), inst("w1", queued_prefill_tokens=200))
+    assert pol.plan(req(1000, 1), c, 0.0).a == "w0"
+    c.report("w0", 1.0, queued_prefill_tokens=0, running_seqs=0, decode_ctx_tokens=0, pending_decode_tokens=0,
+             kv_used_tokens=0, step_ms=3.0, step_scale=3.0)
+    assert pol.plan(req(1000, 1), c, 0.0).a == "w1"
+
+
+def test_balance_gives_the_slower_instance_its_share_of_the_prompt() -> None:
+    # w1 runs at twice the pricing's step times, so it gets a third of the prompt either way round.
+    # A = w0: m s = 2 m (1000 - s) + 2 * 2 (B's two decode tokens at 2 ms) -> s = 671.9: 672 (max 170.625 ms;
+    # 671: 171.07, 673: 170.88). A = w1: 2 m s = m (1000 - s) + 2 -> s = 336 (170.625 ms too; w0 comes first).
+    # With the pricing's model on both it would be 504 (test_balance_idle_pair_splits_a_long_prompt_in_half).
+    c = cluster(inst("w0"), inst("w1", step_model=MODEL.scaled(2.0)))
+    plan = BalancePolicy(PRICING).plan(req(1000, 2), c, 0.0)
+    assert plan == Plan("w0", "w1", 672, KIND_PROMPT)

@@ -46,8 +46,8 @@ SAMPLES: dict[type[P.Message], P.Message] = {
     P.Admitted: P.Admitted("r-1", "w0", "w1", 3, "prompt", 4),
     P.TokenStream: P.TokenStream([["r-1", [10, 11], None], ["r-2", [], P.FINISH_STOP]]),
     P.RegisterWorker: P.RegisterWorker("w0", "sim", "llama3-8b", 131072, 16, 32768, "nixl", 32000, 2, 512, "decode", 64,
-                                         "tcp://127.0.0.1:5601", 128),
-    P.LoadReport: P.LoadReport("w0", 9, 100, 4, 2048, 60, 4096, 131072, 12.25, 512, 3, 5),
+                                         "tcp://127.0.0.1:5601", 128, [2.5, 0.02, 0.08, 1e-4, 0.0]),
+    P.LoadReport: P.LoadReport("w0", 9, 100, 4, 2048, 60, 4096, 131072, 12.25, 512, 3, 5, 1.75),
     P.TokenBatch: P.TokenBatch([["r-1", [10], None], ["r-1", [11, 12], P.FINISH_HANDOFF]]),
     P.HandoffReady: P.HandoffReady(
         "r-1", {"agent": "w0", "meta": b"\x00\xffbin", "block_ids": [0, 1], "num_tokens": 17}, 17, [99]
@@ -129,6 +129,19 @@ def test_token_entries_fast_path_decodes_like_encode() -> None:
     frame = P.encode_token_entries(P.TokenBatch.TYPE, entries)
     assert frame == P.encode(P.TokenBatch(entries))
     assert P.decode(frame) == P.TokenBatch(entries)
+
+
+def test_fields_appended_later_default_for_older_peers() -> None:
+    """A worker from before the step model and its correction were appended still registers and reports."""
+    reg = P.decode(_frame(*_wire(SAMPLES[P.RegisterWorker])[:-1]))
+    assert isinstance(reg, P.RegisterWorker) and reg.step_model == [] and reg.early_pull_tail_tokens == 128
+    rep = P.decode(_frame(*_wire(SAMPLES[P.LoadReport])[:-1]))
+    assert isinstance(rep, P.LoadReport) and rep.step_scale == 1.0 and rep.active_requests == 5
+    wire = _wire(SAMPLES[P.RegisterWorker])
+    wire[-1] = [2.5, "0.02"]
+    with pytest.raises(P.ProtocolError) as err:
+        P.decode(_frame(*wire))
+    assert err.value.code == "bad_field" and "RegisterWorker.step_model[1]" in str(err.value)
 
 
 def test_trailing_unknown_fields_are_accepted() -> None:

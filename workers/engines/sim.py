@@ -153,6 +153,7 @@ class SimEngine:
             kv_bytes_per_token=kv_bytes_per_token_model,
             vocab_size=config.vocab_size,
             eos_token_id=config.eos_token_id,
+            step_model=scheduler.model.coefficients(),
         )
         self.seqs: dict[str, _Seq] = {}
         self.last_step_ms = 0.0
@@ -404,6 +405,7 @@ class SimEngine:
     def load(self) -> EngineLoad:
         ld = EngineLoad(kv_capacity_tokens=self.info.kv_capacity_tokens, step_ms=self.last_step_ms)
         ld.token_budget = self.sched.last_budget
+        ld.step_scale = self.sched.correction
         for seq in self.seqs.values():
             ld.active_requests += 1
             if seq.state == HELD:

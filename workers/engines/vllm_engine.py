@@ -268,6 +268,7 @@ class VllmEngine:
             eos_token_id=int(tok.eos_token_id) if tok.eos_token_id is not None else -1,
             max_num_seqs=cfg.max_num_seqs,
             early_pull_tail_tokens=cfg.overlap_tail_tokens if cfg.admit_b_at_dispatch else 0,
+            step_model=self.local.model.coefficients(),
         )
         self._warm_up()
         moved = _move_pollers(cfg)
@@ -755,7 +756,7 @@ class VllmEngine:
     def load(self) -> EngineLoad:
         sched = self.sched
         ld = EngineLoad(kv_capacity_tokens=self.info.kv_capacity_tokens, step_ms=self.last_step_ms,
-                        token_budget=self.local.last_budget)
+                        token_budget=self.local.last_budget, step_scale=self.local.correction)
         parked = self._parked
         for r in list(sched.running) + list(sched.waiting):
             if parked and r.request_id in parked:
