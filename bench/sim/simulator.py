@@ -152,7 +152,7 @@ class Simulator:
             self.cluster.add(InstanceState(id=iid, kv_capacity_tokens=cap, kv_bytes_per_token=config.kv_bytes_per_token,
                                            max_num_seqs=config.max_num_seqs,
                                            early_pull_tail_tokens=config.early_pull_tail_tokens,
-                                           block_size=config.block_size))
+                                           block_size=config.block_size, step_model=sched.model))
         self.by_id = {inst.id: inst for inst in self.instances}
         self.pricing = config.pricing()  # the early-pull tail of each split, as the live broker picks it
         self._heap: list[tuple[float, int, int, Any]] = []
@@ -288,6 +288,7 @@ class Simulator:
                     pending_decode_tokens=inst.pd,
                     kv_used_tokens=inst.kv_used_tokens,
                     step_ms=inst.last_step_ms,
+                    step_scale=inst.sched.correction,  # as a worker reports it: the broker prices it with it
                 )
 
     # ------------------------------------------------------------------ run-time decode handoffs
