@@ -719,7 +719,7 @@ async def phase_handoff(args: argparse.Namespace, bar: Any, mem: dict) -> dict:
     cluster = make_cluster(
         True, engine="vllm", model_dir=str(model), workers=2, policy="dynaserve",
         side_channel_base_port=SIDE_PORT_WIDE, tbt_slo_ms=10000.0, ttft_slo_ms=60000.0, ready_timeout_s=300.0,
-        broker_args=["--allow-forced-splits", *(["--early-tail-auto"] if args.early_tail_auto else [])],
+        broker_args=["--allow-forced-splits", *(["--no-early-tail-auto"] if args.fixed_tail else [])],
         worker_args=["--vllm-max-model-len", str(WIDE_MAX_MODEL_LEN), "--vllm-kv-cache-bytes",
                      str(WIDE_KV_CACHE_BYTES), "--vllm-max-num-batched-tokens", "4096"],
     )
@@ -1542,8 +1542,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vs", choices=sorted(VARIANTS), default="late",
                         help="handoff phase: the variant each repetition also runs (late: B added to vLLM at its "
                              "StartDecode; relay: the broker's relay alone)")
-    parser.add_argument("--early-tail-auto", action="store_true",
-                        help="handoff phase: the broker picks each split's early-pull tail (docs/vllm_engine.md)")
+    parser.add_argument("--fixed-tail", action="store_true",
+                        help="handoff phase: every A uses its worker's own early-pull tail, not the one the broker "
+                             "picks per split (the broker's --no-early-tail-auto; docs/vllm_engine.md)")
     parser.add_argument("--phases", type=lambda s: s.split(","), default=["handoff", "overhead", "memory"])
     args = parser.parse_args(argv)
 

@@ -129,7 +129,7 @@ class Pricing:
     min_chunk_tokens: int = 16
     transfer_gbps: float = 25.0  # KV link bandwidth, GB/s
     handoff_ms: float = 2.0  # fixed cost of a handoff (descriptor round trip, transfer setup)
-    early_tail_auto: bool = False  # early pulls: each split's tail for its link and A's load (early_tail);
+    early_tail_auto: bool = True  # early pulls: each split's tail for its link and A's load (early_tail);
     # False: A's advertised one
 
     def model_of(self, inst: InstanceState) -> StepLatencyModel:

@@ -69,8 +69,8 @@ class BrokerConfig:
     max_replans: int = 3  # times a request may be re-planned after losing an instance before it fails
     allow_forced_splits: bool = False  # honour SubmitRequest.force_split (debugging, split experiments)
     direct_handoff: bool = True  # A sends StartDecode to B's handoff inbox as well as through the broker
-    early_tail_auto: bool = False  # early pulls: pick each split's tail for the link and A's load (Pricing.early_tail)
-    # where the prices match the engines (docs/vllm_engine.md); off: every A uses its worker's own tail
+    early_tail_auto: bool = True  # early pulls: pick each split's tail for the link and A's load (Pricing.early_tail),
+    # priced with each instance's own step model (docs/vllm_engine.md); off: every A uses its worker's own tail
     metrics_port: int = 0  # Prometheus metrics on http://127.0.0.1:PORT/metrics; 0 = off
     curve_dir: str = ""  # CURVE key directory (scripts/keygen.py): authenticate and encrypt; empty = off
 

@@ -38,8 +38,8 @@ class SimConfig:
     # computes those (a decode handoff: the prompt's as A prefills, its decode positions before them at one
     # decode step), and only the rest at the handoff (the vLLM workers' default is 128,
     # RegisterWorker.early_pull_tail_tokens); 0: the whole pull starts at the handoff
-    early_tail_auto: bool = False  # the broker picks each split's tail for the link and A's load
-    # (Pricing.early_tail, MicroDescriptor.early_tail; --early-tail-auto); False: every A uses early_pull_tail_tokens
+    early_tail_auto: bool = True  # the broker picks each split's tail for the link and A's load, as the live
+    # broker does by default (Pricing.early_tail, MicroDescriptor.early_tail); False: every A uses early_pull_tail_tokens
     eager_pull: bool = False  # B admits and starts its pull when the handoff arrives (the live worker waits
     # for its next step boundary, as the default here)
     prefill_order: str = "deadline"  # order of prefill chunks in a step (workers.local_scheduler.prefill_rank):

@@ -42,9 +42,8 @@ def vllm_cluster(*worker_args: str, port: int = 5600, workers: int = 2,
 
 @pytest.fixture(scope="module")
 def control_cluster() -> Iterator[LocalCluster]:
-    # the broker picks each split's early-pull tail (--early-tail-auto): exactness must hold for any tail
-    cluster = vllm_cluster("--vllm-fault-injection", "scramble_prefix", metrics_base_port=free_base_port(3),
-                           broker_args=("--allow-forced-splits", "--early-tail-auto"))
+    # the broker picks each split's early-pull tail (the default): exactness must hold for any tail
+    cluster = vllm_cluster("--vllm-fault-injection", "scramble_prefix", metrics_base_port=free_base_port(3))
     yield cluster
     cluster.stop()
 
@@ -110,7 +109,7 @@ def test_pd_split_pulls_the_first_chunk_early_and_streams_exactly(control_cluste
 def test_decode_handoff_pulls_early_and_streams_exactly(control_cluster: LocalCluster) -> None:
     """A decode handoff at s = 600 of a 300-token prompt: A publishes the prompt's two whole blocks when its
     prefill ends and two more (positions 256-511) at its decode step that reaches position 512. That is where
-    the broker's tail begins (this cluster runs --early-tail-auto; MicroDescriptor.early_tail: 88, the shortest,
+    the broker's tail begins (its default pick; MicroDescriptor.early_tail: 88, the shortest,
     since A's 300 decode steps cover every read); the worker's own 128 would begin it at 384, one block less. B pulls all four early and
     only the rest at the handoff. B's copy of the prompt and of A's tokens is scrambled (control cluster), so
     exact tokens prove it continued from A's KV."""
@@ -411,9 +410,10 @@ KILLS = [  # (split, victim, tokens read before the kill), run in this order on 
 
 
 def kill_cluster(port: int, workers: int) -> LocalCluster:
-    """vLLM workers whose death the broker notices within 3 s."""
+    """vLLM workers whose death the broker notices within 3 s; every A uses its worker's own early-pull tail
+    (the broker's pick is the control cluster's)."""
     return vllm_cluster(port=port, workers=workers, broker_args=[
-        "--allow-forced-splits", "--worker-timeout-ms", "3000", "--heartbeat-ms", "50"])
+        "--allow-forced-splits", "--worker-timeout-ms", "3000", "--heartbeat-ms", "50", "--no-early-tail-auto"])
 
 
 async def unsplit(c: DynaServeClient, toks: list[int]) -> list[int]:

@@ -116,9 +116,9 @@ def test_ttft_slo_grows_with_the_prompt_when_asked() -> None:
         model.step_ms(n, 0, 0, model.chunk_attn(n, done)) for n, done in ((8192, 0), (8192, 8192), (3616, 16384)))
 
 
-def _two_workers(direct: bool = True, tail: int = 0, auto: bool = False) -> Broker:
+def _two_workers(direct: bool = True, tail: int = 0, auto: bool = True) -> Broker:
     """A broker with two registered workers (``tail``: their early-pull tail, 0 = no early pulls; ``auto``:
-    --early-tail-auto)."""
+    the broker's --early-tail-auto, on by default)."""
     b = Broker(BrokerConfig(client_addr="ipc:///tmp/dynaserve-unit-c", worker_addr="ipc:///tmp/dynaserve-unit-w",
                             allow_forced_splits=True, direct_handoff=direct, early_tail_auto=auto))
     b.clients, b.workers = RecordingChannel(), RecordingChannel()  # type: ignore[assignment]
@@ -140,8 +140,8 @@ def _dispatched(b: Broker) -> dict[str, P.MicroDescriptor]:
 
 def test_a_is_told_the_early_pull_tail_the_broker_picked() -> None:
     """A 4,000-token PD split between two idle workers with early pulls (128-position tails, 16-position blocks):
-    with --early-tail-auto A's descriptor carries the tail Pricing.early_tail picks for the link and A's load,
-    B's none; without it (the default) A is told its own; without early pulls, nothing."""
+    with --early-tail-auto (the default) A's descriptor carries the tail Pricing.early_tail picks for the link and
+    A's load, B's none; with --no-early-tail-auto A is told its own; without early pulls, nothing."""
     for tail, auto in ((128, True), (128, False), (0, True)):
         b = _two_workers(tail=tail, auto=auto)
         w0, w1 = b.cluster.instances["w0"], b.cluster.instances["w1"]
