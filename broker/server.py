@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import time
 import uuid
 from collections import deque
@@ -527,6 +528,10 @@ class Broker:
         if isinstance(msg, P.TokenBatch):
             self._on_tokens(msg.entries, inst_id)
         elif isinstance(msg, P.LoadReport):
+            if not (math.isfinite(msg.step_scale) and msg.step_scale > 0):  # the load still counts; the scale not
+                self._to_ident(ident, P.ErrorReply("bad_field", f"LoadReport.step_scale must be a finite number > 0, "
+                                                                f"got {msg.step_scale!r}; the instance keeps its price"))
+                msg.step_scale = self.cluster.instances[inst_id].step_scale
             self.cluster.report(
                 inst_id, now, queued_prefill_tokens=msg.queued_prefill_tokens, running_seqs=msg.running_seqs,
                 decode_ctx_tokens=msg.decode_ctx_tokens, pending_decode_tokens=msg.pending_decode_tokens,

@@ -271,3 +271,22 @@ def test_registration_carries_the_step_model_and_reports_rescale_it() -> None:
     assert status["w0"]["step_scale"] == 2.0
     assert status["w0"]["priced_step_model"] == pytest.approx([2 * v for v in own])
     assert status["w1"]["priced_step_model"] == pytest.approx(list(b.pricing.model.coefficients()))
+
+
+def test_a_report_with_a_bad_step_scale_gets_an_error_and_still_counts() -> None:
+    b = Broker(BrokerConfig(client_addr="ipc:///tmp/dynaserve-unit-c", worker_addr="ipc:///tmp/dynaserve-unit-w"))
+    b.clients, b.workers = RecordingChannel(), RecordingChannel()  # type: ignore[assignment]
+    b._on_worker_frames([b"w0", P.encode(P.RegisterWorker(
+        "w0", "vllm", "m", 1 << 20, 16, 1 << 20, "nixl", 32000, 2, 512, "any", 64, "", 0, [3.0, 0.04, 0.08, 1e-4, 0.0]))])
+    b._on_worker_frames([b"w0", P.encode(P.LoadReport("w0", 1, 0, 0, 0, 0, 0, 1 << 20, 6.0, 512, 0, 0, 3.0))])
+    for seq, bad in enumerate((float("nan"), float("inf"), 0.0, -2.0)):
+        b.workers.sent.clear()  # type: ignore[attr-defined]
+        b._on_worker_frames([b"w0", P.encode(P.LoadReport("w0", seq + 2, 7 + seq, 0, 0, 0, 0, 1 << 20, 6.0, 512, 0, 0,
+                                                          bad))])
+        (ident, frame), = b.workers.sent  # type: ignore[attr-defined]
+        err = P.decode(frame)
+        assert ident == b"w0" and isinstance(err, P.ErrorReply) and err.code == "bad_field"
+        assert "step_scale" in err.message
+        w0 = b.cluster.instances["w0"]
+        assert w0.queued_prefill_tokens == 7 + seq and w0.step_scale == 3.0  # the load counts, the price stays
+        assert b._status_stats()["instances"]["w0"]["step_scale"] == 3.0
