@@ -53,16 +53,19 @@ class InstanceState:
     def kv_free_tokens(self) -> int:
         return self.kv_capacity_tokens - self.kv_used_tokens
 
-    def rescale(self, step_scale: float) -> None:
+    def rescale(self, step_scale: float) -> bool:
         """Price the instance at its advertised step model times ``step_scale`` (its local scheduler's
         correction), when that moved by more than ``SCALE_STEP``; non-finite or non-positive values are
-        ignored, others clamped to ``SCALE_RANGE``."""
+        ignored, others clamped to ``SCALE_RANGE``. True when its price changed (use
+        :meth:`ClusterState.report`, which tells the policies' price caches)."""
         if self.step_model is None or not (math.isfinite(step_scale) and step_scale > 0):
-            return
+            return False
         scale = min(SCALE_RANGE[1], max(SCALE_RANGE[0], step_scale))
-        if abs(scale - self.step_scale) > SCALE_STEP * self.step_scale:
-            self.step_scale = scale
-            self.model = self.step_model.scaled(scale)
+        if abs(scale - self.step_scale) <= SCALE_STEP * self.step_scale:
+            return False
+        self.step_scale = scale
+        self.model = self.step_model.scaled(scale)
+        return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,15 +82,19 @@ class RequestInfo:
 
 @dataclass(slots=True)
 class ClusterState:
-    """All instances, keyed by id, in registration order."""
+    """All instances, keyed by id, in registration order. ``models`` counts changes of the instances' step
+    models (registrations, removals, re-scalings): the policies' price caches start over when it moves."""
 
     instances: dict[str, InstanceState] = field(default_factory=dict)
+    models: int = 0
 
     def add(self, inst: InstanceState) -> None:
         self.instances[inst.id] = inst
+        self.models += 1
 
     def remove(self, instance_id: str) -> None:
         self.instances.pop(instance_id, None)
+        self.models += 1
 
     def alive(self) -> list[InstanceState]:
         return [i for i in self.instances.values() if i.alive]
@@ -108,8 +115,8 @@ class ClusterState:
         inst = self.instances.get(instance_id)
         if inst is None:
             return
-        if step_scale != inst.step_scale:
-            inst.rescale(step_scale)
+        if step_scale != inst.step_scale and inst.rescale(step_scale):
+            self.models += 1
         inst.queued_prefill_tokens = queued_prefill_tokens
         inst.running_seqs = running_seqs
         inst.decode_ctx_tokens = decode_ctx_tokens

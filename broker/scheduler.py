@@ -135,19 +135,23 @@ def _push_best(top: list[tuple[float, _Row]], key: float, row: _Row, k: int) -> 
 
 @dataclass
 class _PriceCache:
-    """Per-instance prices that depend only on ``(running_seqs, decode_ctx_tokens)``, the TBT SLO and the
-    pricing: slo -> instance id -> a tuple whose first two fields are the inputs it was priced at. Load
-    reports change those inputs a few times per second, while every plan reads every instance, so a
-    policy recomputes an entry only when its inputs changed. Bounded: a new pricing or more than 8 SLOs
-    clear it, and a table with far more ids than live instances starts over."""
+    """Per-instance prices that depend only on ``(running_seqs, decode_ctx_tokens)``, the instance's step
+    model, the TBT SLO and the pricing: slo -> instance id -> a tuple whose first two fields are the inputs
+    it was priced at. Load reports change those inputs a few times per second, while every plan reads every
+    instance, so a policy recomputes an entry only when its inputs changed. A change of any instance's step
+    model (``ClusterState.models``), a new pricing or more than 8 SLOs clear it, and a table with far more
+    ids than live instances starts over."""
 
     tables: dict[float, dict[str, tuple]] = field(default_factory=dict)
     of: Pricing | None = None
+    models: int = -1  # ClusterState.models the tables were priced at
 
-    def table(self, pricing: Pricing, slo: float, n_instances: int) -> dict[str, Any]:
-        if self.of is not pricing or len(self.tables) > 8:
+    def table(self, pricing: Pricing, slo: float, cluster: ClusterState) -> dict[str, Any]:
+        n_instances = len(cluster.instances)
+        if self.of is not pricing or len(self.tables) > 8 or self.models != cluster.models:
             self.tables.clear()
             self.of = pricing
+            self.models = cluster.models
         t = self.tables.get(slo)
         if t is None or len(t) > 2 * n_instances + 64:
             t = self.tables[slo] = {}
@@ -163,7 +167,7 @@ class BalancePolicy:
     min_gain_frac: float = 0.05  # split only if it saves this share of the request's cost, beyond the handoff
     name: str = "balance"
     # id -> (running_seqs, decode_ctx_tokens, prefill ms/token, decode ms/token at the average context,
-    # average context, the instance's step model)
+    # average context, its decode price as a function of the context)
     _prices: _PriceCache = field(default_factory=_PriceCache, init=False, repr=False, compare=False)
 
     def plan(self, req: RequestInfo, cluster: ClusterState, now: float) -> Plan | None:
@@ -172,7 +176,7 @@ class BalancePolicy:
         pr = self.pricing
         slo = req.tbt_slo_ms
         k = self.candidates
-        prices = self._prices.table(pr, slo, len(cluster.instances))
+        prices = self._prices.table(pr, slo, cluster)
         need = p + o
         half_o = o // 2
         # One pass over the alive instances prices each one (work, prefill and decode rate), tracks the
@@ -190,13 +194,13 @@ class BalancePolicy:
             running = inst.running_seqs
             ctx = inst.decode_ctx_tokens
             cached = prices.get(inst.id)
-            if cached is None or cached[0] != running or cached[1] != ctx or cached[5] is not inst.model:
+            if cached is None or cached[0] != running or cached[1] != ctx:
                 avg_ctx = ctx // running if running else 0
-                cached = (running, ctx, pr.prefill_ms_per_token(inst, slo), pr.decode_ms_per_token(inst, avg_ctx),
-                          avg_ctx, inst.model)
+                decode_ms = pr.decode_ms_fn(inst)  # decode_ms(ctx) == pr.decode_ms_per_token(inst, ctx)
+                cached = (running, ctx, pr.prefill_ms_per_token(inst, slo), decode_ms(avg_ctx), avg_ctx, decode_ms)
                 prices[inst.id] = cached
             ms_tok = cached[2]
-            dtok = pr.decode_ms_per_token(inst, cached[4] + p + half_o)
+            dtok = cached[5](cached[4] + p + half_o)
             work = inst.queued_prefill_tokens * ms_tok + inst.pending_decode_tokens * cached[3]
             if n_rows:
                 if ms_tok < min_m:
@@ -387,7 +391,7 @@ class DynaServePolicy:
     _slack_share: float = field(default=0.0, init=False, repr=False, compare=False)
     _seen: int = field(default=0, init=False, repr=False, compare=False)
     _auto_state: bool = field(default=False, init=False, repr=False, compare=False)
-    # id -> (running_seqs, decode_ctx_tokens, prefill ms/token, the instance's step model)
+    # id -> (running_seqs, decode_ctx_tokens, prefill ms/token)
     _rates: _PriceCache = field(default_factory=_PriceCache, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -399,7 +403,7 @@ class DynaServePolicy:
         o = max(1, min(req.predicted_output, mt))
         pr = self.pricing
         slo = req.tbt_slo_ms
-        rates = self._rates.table(pr, slo, len(cluster.instances))
+        rates = self._rates.table(pr, slo, cluster)
         need = p + mt
         headroom = self.full_headroom
         a: InstanceState | None = None
@@ -417,8 +421,8 @@ class DynaServePolicy:
             if full and not a_full:
                 continue
             cached = rates.get(inst.id)
-            if cached is None or cached[0] != running or cached[1] != ctx or cached[3] is not inst.model:
-                cached = rates[inst.id] = (running, ctx, pr.prefill_ms_per_token(inst, slo), inst.model)
+            if cached is None or cached[0] != running or cached[1] != ctx:
+                cached = rates[inst.id] = (running, ctx, pr.prefill_ms_per_token(inst, slo))
             t = (qp + p) * cached[2]
             if (a_full and not full) or t < best_t or (t == best_t and a is not None and running < a.running_seqs):
                 a, best_t, a_full = inst, t, full
@@ -437,7 +441,7 @@ class DynaServePolicy:
         for inst in idle:
             if inst is a or _full(inst, headroom):
                 continue
-            step = pr.decode_step_ms(inst, p)
+            step = pr.model_of(inst).step_ms(0, inst.running_seqs + 1, inst.decode_ctx_tokens + p)  # decode_step_ms
             if step < b_step:
                 b, b_step = inst, step
         if b is None:
