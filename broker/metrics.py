@@ -47,8 +47,21 @@ class _StatsCollector(Collector):
         yield GaugeMetricFamily("dynaserve:broker_requests_queued", "Requests waiting for capacity", value=queued)
         yield GaugeMetricFamily("dynaserve:broker_requests_active", "Requests dispatched and not finished",
                                 value=len(b.table) - queued)
-        alive = sum(1 for inst in list(b.cluster.instances.values()) if inst.alive)
-        yield GaugeMetricFamily("dynaserve:broker_workers", "Registered live workers", value=alive)
+        insts = list(b.cluster.instances.values())
+        yield GaugeMetricFamily("dynaserve:broker_workers", "Registered live workers",
+                                value=sum(1 for inst in insts if inst.alive))
+        scale = GaugeMetricFamily("dynaserve:broker_instance_step_scale",
+                                  "Correction the instance is priced at: measured / its advertised step model "
+                                  "(1 when it advertises none)", labels=["instance"])
+        rate = GaugeMetricFamily("dynaserve:broker_instance_prefill_seconds_per_token",
+                                 "Prefill time per token the broker prices the instance at, idle, in full chunks",
+                                 labels=["instance"])
+        pr = b.pricing
+        for inst in insts:
+            scale.add_metric([inst.id], inst.step_scale)
+            rate.add_metric([inst.id], pr.model_of(inst).step_ms(pr.max_batched_tokens) / pr.max_batched_tokens / 1e3)
+        yield scale
+        yield rate
 
 
 class BrokerMetrics(MetricsExporter):

@@ -244,6 +244,9 @@ def test_metrics_of_frontend_broker_and_workers(oai: openai.OpenAI, http_cluster
     assert metric_value(after, "dynaserve:broker_time_between_tokens_seconds_count") >= 7
     assert metric_value(after, "dynaserve:broker_requests_queued") == 0
     assert metric_value(after, "dynaserve:broker_workers") == 2
+    for iid in ("w0", "w1"):  # simulated A100s: priced with their own cost-table model, as the local scheduler plans
+        assert metric_value(after, "dynaserve:broker_instance_step_scale", instance=iid) > 0
+        assert 1e-6 < metric_value(after, "dynaserve:broker_instance_prefill_seconds_per_token", instance=iid) < 1e-3
 
     workers = [_get(u)[1].decode() for u in w_urls]
     assert sum(metric_value(w, "dynaserve:worker_steps_total") for w in workers) > 0
