@@ -23,6 +23,7 @@ from pathlib import Path
 
 from dynaserve import security
 from dynaserve.client import DynaServeClient
+from dynaserve.costtables_io import GPUS
 from dynaserve.errors import BrokerUnavailableError
 from dynaserve.tinymodel import DEFAULT_OUT as DEFAULT_MODEL_DIR
 
@@ -46,7 +47,8 @@ class ClusterConfig:
     worker_port: int = 5556  # tcp: port workers connect to
     prefill_instances: int = 1  # disagg policy: prefill pool size
     model: str = "llama3-8b"  # cost-model preset of the simulated engine and the scheduler
-    gpu: str = "a100"  # GPU whose cost tables price steps
+    gpu: str = "a100"  # GPU whose cost tables price steps; a comma list (a100,h100) gives simulated worker i the
+    # i-th, cycled: a mixed cluster, each instance priced with its own (the broker's own model: the first)
     step_model: str = ""  # step-model file (python -m workers.calibrate) for the broker and every worker; empty = cost tables
     engine_time_scale: float = 1.0  # simulated engine: real seconds per modeled second
     kv_capacity_tokens: int = 131072  # KV cache per instance, tokens
@@ -69,6 +71,13 @@ class ClusterConfig:
             raise ValueError("http_port and metrics_base_port (+ workers) must be valid ports (0 = off)")
         if self.model_dir and not Path(self.model_dir).expanduser().is_dir():
             raise ValueError(f"model_dir: no directory at {self.model_dir}")
+        if not self.gpus or any(g not in GPUS for g in self.gpus):
+            raise ValueError(f"gpu must be one of {GPUS} or a comma list of them, got {self.gpu!r}")
+
+    @property
+    def gpus(self) -> list[str]:
+        """``gpu`` as a list: simulated worker i runs on the i-th, cycled."""
+        return [g.strip() for g in self.gpu.split(",") if g.strip()]
 
 
 def _last_line(path: Path, tail_bytes: int = 4096) -> str:
@@ -145,7 +154,7 @@ class LocalCluster:
         self._spawn("broker", [
             "-m", "broker", "--client-addr", self.client_addr, "--worker-addr", self.worker_addr,
             "--policy", cfg.policy, "--prefill-instances", str(cfg.prefill_instances), "--model", self.cost_model,
-            "--gpu", cfg.gpu, "--ttft-slo-ms", str(cfg.ttft_slo_ms), "--tbt-slo-ms", str(cfg.tbt_slo_ms),
+            "--gpu", cfg.gpus[0], "--ttft-slo-ms", str(cfg.ttft_slo_ms), "--tbt-slo-ms", str(cfg.tbt_slo_ms),
             *self.metrics_flag(0), *self.step_model_flags(), *self.curve_flags(), *self.broker_args,
         ])
 
@@ -166,7 +175,7 @@ class LocalCluster:
             return ["--engine", "vllm", "--vllm-model", self.model_dir,
                     "--vllm-side-channel-port", str(cfg.side_channel_base_port + 10 * index),
                     "--vllm-cpu-bind", str(index % (os.cpu_count() or 1))]
-        return ["--engine", "sim", "--sim-model", cfg.model, "--sim-gpu", cfg.gpu,
+        return ["--engine", "sim", "--sim-model", cfg.model, "--sim-gpu", cfg.gpus[index % len(cfg.gpus)],
                 "--sim-time-scale", str(cfg.engine_time_scale), "--sim-kv-capacity-tokens", str(cfg.kv_capacity_tokens)]
 
     def step_model_flags(self) -> list[str]:

@@ -199,3 +199,28 @@ async def _send_bad(client: DynaServeClient) -> None:
     client._streams["bad-1"] = stream
     client.send_raw([msgpack.packb([P.PROTOCOL_VERSION, P.SubmitRequest.TYPE, "bad-1", [1, 2], [1, "hot"]])])
     await asyncio.wait_for(stream.collect(), 10)
+
+
+def test_a_mixed_cluster_prices_each_instance_with_its_own_model() -> None:
+    """Simulated workers on an A100 (w0) and an H100 (w1): each advertises its own cost-table model, the
+    broker prices each with it, so the H100, which prefills about twice as fast, gets more of a burst of equal
+    prompts (colocate: the least projected work). Every stream stays exact."""
+    cluster = start_cluster("colocate", workers=2, gpu="a100,h100")
+    try:
+        async def main() -> None:
+            async with DynaServeClient(cluster.client_addr) as c:
+                loads = (await c.status()).stats["instances"]
+                a100, h100 = loads["w0"]["priced_step_model"], loads["w1"]["priced_step_model"]
+                assert 1.5 < a100[1] / h100[1] < 4  # b: ms per prefill token
+                reqs = [(make_prompt(1000, seed=i), 4) for i in range(24)]
+                results = await asyncio.gather(*[_run(c, p, o) for p, o in reqs])
+                placed = {"w0": 0, "w1": 0}
+                for (prompt, o), (toks, adm) in zip(reqs, results, strict=True):
+                    assert toks == reference_tokens(prompt, o)
+                    placed[adm.instance_a] += 1
+                assert placed["w1"] > placed["w0"], placed
+            await wait_idle(cluster)
+
+        asyncio.run(main())
+    finally:
+        cluster.stop()
