@@ -9,6 +9,7 @@ from functools import cached_property
 from broker.cluster_state import Pricing
 from dynaserve.costmodel import StepLatencyModel
 from dynaserve.costtables import MODEL_PRESETS, ModelShape, build_step_model
+from dynaserve.costtables_io import GPUS
 from workers.local_scheduler import LocalSchedulerConfig
 
 GROUND_TRUTHS = ("linear", "detailed")
@@ -20,7 +21,10 @@ class SimConfig:
     """One simulated cluster: model, GPUs, instance count, local batching and the KV link."""
 
     model: str = "llama3-8b"  # preset of dynaserve.costtables.MODEL_PRESETS
-    gpu: str = "a100"  # cost tables: a100 or h100
+    gpu: str = "a100"  # cost tables: a100 or h100; a comma list (a100,h100) gives instance i the i-th, cycled
+    advertise_step_models: bool = True  # each instance advertises its step model to the global policy and reports
+    # its scheduler's correction, as workers do (InstanceState.step_model); False: the policy prices every instance
+    # with the first GPU's model, as a broker that knows one model would
     tp: int = 1  # tensor-parallel degree of one instance
     instances: int = 8  # unified instances in the cluster
     tbt_slo_ms: float = 100.0  # TBT SLO the local schedulers batch for
@@ -74,6 +78,8 @@ class SimConfig:
             raise ValueError(f"unknown model {self.model!r}; known: {sorted(MODEL_PRESETS)}")
         if self.instances < 1:
             raise ValueError("instances must be >= 1")
+        if not self.gpus or any(g not in GPUS for g in self.gpus):
+            raise ValueError(f"gpu must be one of {GPUS} or a comma list of them, got {self.gpu!r}")
         if self.report_interval_ms <= 0:
             raise ValueError("report_interval_ms must be > 0")
         if self.early_pull_tail_tokens < 0:
@@ -102,10 +108,24 @@ class SimConfig:
     def shape(self) -> ModelShape:
         return MODEL_PRESETS[self.model]
 
+    @property
+    def gpus(self) -> list[str]:
+        """``gpu`` as a list: instance i runs on ``gpus[i % len(gpus)]``."""
+        return [g.strip() for g in self.gpu.split(",") if g.strip()]
+
+    def gpu_of(self, index: int) -> str:
+        return self.gpus[index % len(self.gpus)]
+
     @cached_property
+    def step_models(self) -> dict[str, StepLatencyModel]:
+        """The linear step model of each GPU: what the local schedulers there use (and the ground truth when
+        ``ground_truth="linear"``)."""
+        return {g: build_step_model(self.shape, g, self.tp) for g in dict.fromkeys(self.gpus)}
+
+    @property
     def step_model(self) -> StepLatencyModel:
-        """The linear step model every scheduler uses (and the ground truth when ``ground_truth="linear"``)."""
-        return build_step_model(self.shape, self.gpu, self.tp)
+        """The first GPU's step model: the pricing's own (:meth:`pricing`) and the one TTFT SLOs are set with."""
+        return self.step_models[self.gpus[0]]
 
     @property
     def kv_bytes_per_token(self) -> int:

@@ -69,8 +69,9 @@ class SimResult:
     samples: list[tuple[float, list[tuple[int, int, int, int]]]] = field(default_factory=list)
 
 
-def linear_truth(cfg: SimConfig) -> StepTime:
-    m = cfg.step_model
+def linear_truth(cfg: SimConfig, gpu: str | None = None) -> StepTime:
+    """The schedulers' own linear model of ``gpu`` (default the first) as step times."""
+    m = cfg.step_models[gpu or cfg.gpus[0]]
     a, b, c, d, e = m.a, m.b, m.c, m.d, m.e
 
     def step(chunks: list[tuple[int, int]], n: int, dctx: int, attn: float) -> float:
@@ -82,9 +83,10 @@ def linear_truth(cfg: SimConfig) -> StepTime:
     return step
 
 
-def detailed_truth(cfg: SimConfig) -> StepTime:
-    """Kernel-table step times (cached on the batch shape, decode context rounded to 64 tokens)."""
-    shape, gpu, tp = cfg.shape, cfg.gpu, cfg.tp
+def detailed_truth(cfg: SimConfig, gpu: str | None = None) -> StepTime:
+    """Kernel-table step times on ``gpu`` (default the first; cached on the batch shape, decode context
+    rounded to 64 tokens)."""
+    shape, gpu, tp = cfg.shape, gpu or cfg.gpus[0], cfg.tp
 
     @lru_cache(maxsize=1 << 18)
     def cached(chunks: tuple[tuple[int, int], ...], n: int, ctx_bucket: int) -> float:
@@ -140,19 +142,22 @@ class Simulator:
         self.policy = policy
         self.predictor = predictor if predictor is not None else MaxTokensPredictor()
         self.sample_interval_s = sample_interval_s
-        truth = detailed_truth(config) if config.ground_truth == "detailed" else linear_truth(config)
+        truths = {g: detailed_truth(config, g) if config.ground_truth == "detailed" else linear_truth(config, g)
+                  for g in config.step_models}
         self.cluster = ClusterState()
         self.instances: list[SimInstance] = []
         cap = config.kv_capacity_tokens
         for i in range(config.instances):
             iid = f"i{i}"
-            sched = LocalScheduler(config.step_model, config.local_config())
-            inst_truth = live_truth(truth, config, config.noise_seed * 1000 + i)
+            gpu = config.gpu_of(i)
+            sched = LocalScheduler(config.step_models[gpu], config.local_config())
+            inst_truth = live_truth(truths[gpu], config, config.noise_seed * 1000 + i)
             self.instances.append(SimInstance(iid, self, sched, cap, config.block_size, inst_truth))
             self.cluster.add(InstanceState(id=iid, kv_capacity_tokens=cap, kv_bytes_per_token=config.kv_bytes_per_token,
                                            max_num_seqs=config.max_num_seqs,
                                            early_pull_tail_tokens=config.early_pull_tail_tokens,
-                                           block_size=config.block_size, step_model=sched.model))
+                                           block_size=config.block_size,
+                                           step_model=sched.model if config.advertise_step_models else None))
         self.by_id = {inst.id: inst for inst in self.instances}
         self.pricing = config.pricing()  # the early-pull tail of each split, as the live broker picks it
         self._heap: list[tuple[float, int, int, Any]] = []

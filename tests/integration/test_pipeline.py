@@ -203,7 +203,7 @@ async def _send_bad(client: DynaServeClient) -> None:
 
 def test_a_mixed_cluster_prices_each_instance_with_its_own_model() -> None:
     """Simulated workers on an A100 (w0) and an H100 (w1): each advertises its own cost-table model, the
-    broker prices each with it, so the H100, which prefills about twice as fast, gets more of a burst of equal
+    broker prices each with it, so the H100, which prefills about three times as fast, gets more of a burst of equal
     prompts (colocate: the least projected work). Every stream stays exact."""
     cluster = start_cluster("colocate", workers=2, gpu="a100,h100")
     try:

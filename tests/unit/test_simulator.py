@@ -445,3 +445,31 @@ def test_run_time_handoffs_under_load_conserve_every_token(into: str) -> None:
         assert is_completed(r) and len(r.token_ts) == q.output_tokens and r.token_ts == sorted(r.token_ts)
     for inst in sim.instances:
         assert inst.free_blocks == inst.total_blocks and inst.qp == 0 and inst.pd == 0 and inst.dctx == 0
+
+
+def test_a_mixed_cluster_runs_each_instance_on_its_gpu_and_prices_it_so() -> None:
+    """Instances alternate A100 and H100: each steps at its own GPU's speed, and with the step models
+    advertised (the default, as workers do) the policy sends the H100s more of a burst; priced as one GPU
+    (advertise_step_models=False) it splits the burst evenly."""
+    reqs = [TraceRequest(1.0, 2000, 4) for _ in range(40)]  # one burst of equal prompts
+    placed = {}
+    for advertise in (True, False):
+        cfg = SimConfig(instances=2, gpu="a100,h100", advertise_step_models=advertise)
+        assert cfg.gpus == ["a100", "h100"] and cfg.step_model is cfg.step_models["a100"]
+        sim, res = run(cfg, build_policy("colocate", cfg.pricing()), reqs)
+        assert [i.sched.model for i in sim.instances] == [cfg.step_models["a100"], cfg.step_models["h100"]]
+        assert all(is_completed(r) for r in res.records)
+        placed[advertise] = sum(r.instance_a == "i1" for r in res.records)
+    assert placed[False] == 20 and placed[True] >= 26, placed
+    with pytest.raises(ValueError, match="comma list"):
+        SimConfig(gpu="a100,b300")
+
+
+def test_advertised_models_change_nothing_on_a_uniform_cluster() -> None:
+    reqs = trace(300, 40.0)
+    outs = []
+    for advertise in (True, False):
+        cfg = SimConfig(instances=4, advertise_step_models=advertise)
+        _, res = run(cfg, build_policy("dynaserve", cfg.pricing()), reqs, max_tokens=2048)
+        outs.append([(r.kind, r.split, r.instance_a, r.instance_b, tuple(r.token_ts)) for r in res.records])
+    assert outs[0] == outs[1]
