@@ -56,6 +56,7 @@ class _Forecast:
     kv_free: int
     busy_step_ms: float  # length of the instance's steps while it has prefill work (else decode steps)
     ts0: float  # the forecast's start (now)
+    b_ms: float  # the instance's step model's ms per prefill token (its GPU's, on a mixed cluster)
 
     def prefill_done(self, y: int) -> float:
         """Time when the first ``y`` backlog tokens are prefilled."""
@@ -168,7 +169,7 @@ class OraclePolicy:
         dec_tok = model.c + model.d * avg_ctx + model.a / max(1, n)
         busy_step = inst.last_step_ms if qp > 0 else model.step_ms(0, len(rem), ctx0)
         kv_free = inst.free_blocks * inst.block_size
-        return _Forecast(qp, ys, ts, tail_rate, max(drain, t_q), n, step, dec_tok, kv_free, busy_step, now)
+        return _Forecast(qp, ys, ts, tail_rate, max(drain, t_q), n, step, dec_tok, kv_free, busy_step, now, model.b)
 
     # ------------------------------------------------------------------ plan
 
@@ -181,7 +182,6 @@ class OraclePolicy:
         o = true.output
         fc = {inst.id: self._forecast(inst, now, p) for inst in sim.instances}
         pr = self.pricing
-        b_ms = pr.model.b
         slo_ttft = req.ttft_slo_ms / 1000.0
         slo_tbt = req.tbt_slo_ms / 1000.0
         # one outlier gap does not move the P99 of 101 or more gaps (linear interpolation between ranks), but
@@ -193,7 +193,7 @@ class OraclePolicy:
         for inst in fits:  # no split
             f = fc[inst.id]
             t1 = ttft_first[inst.id]
-            end = max(f.drain + (p * b_ms + (o - 1) * f.dec_tok_ms) / 1000.0, t1 + (o - 1) * f.step_ms / 1000.0)
+            end = max(f.drain + (p * f.b_ms + (o - 1) * f.dec_tok_ms) / 1000.0, t1 + (o - 1) * f.step_ms / 1000.0)
             ok = t1 - now <= slo_ttft and f.step_ms <= req.tbt_slo_ms
             cands.append((ok, t1 - now, end - now, Plan.whole(inst.id, p, mt)))
         if mt > 1 and o > 1:
@@ -226,7 +226,6 @@ class OraclePolicy:
                 max_gap: float) -> list[tuple[bool, float, float, Plan]]:
         sim = self._sim
         assert sim is not None
-        b_ms = self.pricing.model.b
         b_step = fb.busy_step_ms / 1000.0
         out = []
         for s in splits:
@@ -239,8 +238,8 @@ class OraclePolicy:
                 own = fb.prefill_done(fb.qp + p - s) - fb.prefill_done(fb.qp)
                 t1 = max(t_h + xfer + 1.5 * b_step, fb.prefill_done(fb.qp)) + own
                 gap = 0.0
-                end_a = fa.drain + s * b_ms / 1000.0
-                end_b = max(fb.drain + ((p - s) * b_ms + (o - 1) * fb.dec_tok_ms) / 1000.0,
+                end_a = fa.drain + s * fa.b_ms / 1000.0
+                end_b = max(fb.drain + ((p - s) * fb.b_ms + (o - 1) * fb.dec_tok_ms) / 1000.0,
                             t1 + (o - 1) * fb.step_ms / 1000.0)
             else:
                 t1 = fa.prefill_done(fa.qp + p)
@@ -248,7 +247,7 @@ class OraclePolicy:
                 # the pull waits for B's next step boundary, runs, then B's next step emits; B's steps at
                 # that time are not known (later arrivals may give it prefill): assume full steps
                 gap = xfer + 2.0 * max(b_step, self.full_step_ms / 1000.0)
-                end_a = max(fa.drain + (p * b_ms + (ea - 1) * fa.dec_tok_ms) / 1000.0, t_h)
+                end_a = max(fa.drain + (p * fa.b_ms + (ea - 1) * fa.dec_tok_ms) / 1000.0, t_h)
                 end_b = max(fb.drain + (o - ea) * fb.dec_tok_ms / 1000.0,
                             t_h + gap + (o - ea) * fb.step_ms / 1000.0)
             ttft = t1 - now
