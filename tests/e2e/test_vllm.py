@@ -367,8 +367,9 @@ LONG_P = 64 * 23 + 50  # its last 64-token chunk leaves 14 tokens: a 20-token pr
 @pytest.mark.parametrize("order", ["deadline", "fcfs"])
 def test_prefill_order_follows_ttft_deadlines(order: str, tmp_path: pytest.TempPathFactory) -> None:
     """One worker, 64 prefill tokens per step. A 1,522-token prompt arrives, then a 20-token one. The broker's
-    TTFT SLO grows with the prompt (250 ms + 4 x its prefill time alone), so the short prompt's deadline is
-    about 160 ms earlier: by deadline its first token comes first although it arrived second; by arrival
+    TTFT SLO grows with the prompt (250 ms + 4 x its prefill time alone, with the step-model file the broker and
+    the worker both get, times the worker's correction), so the short prompt's deadline is about 160 ms earlier
+    (at a correction of 1): by deadline its first token comes first although it arrived second; by arrival
     (the control) the long prompt's first token comes first. Both streams stay exact."""
     from dynaserve.calibration import StepModelFile
     from dynaserve.costmodel import StepLatencyModel
@@ -377,7 +378,7 @@ def test_prefill_order_follows_ttft_deadlines(order: str, tmp_path: pytest.TempP
     StepModelFile(StepLatencyModel(3.0, 0.0164, 0.099, 1.46e-4, 1.3e-5), 2048, "tiny-llama").save(step_file)
     cluster = start_cluster(
         "colocate", workers=1, engine="vllm", ready_timeout_s=240.0, side_channel_base_port=5800,
-        broker_args=["--ttft-slo-ms", "250", "--ttft-prefill-factor", "4", "--step-model", str(step_file)],
+        broker_args=["--ttft-slo-ms", "250", "--ttft-prefill-factor", "4"], step_model=str(step_file),
         worker_args=["--max-batched-tokens", "64", "--prefill-order", order],
     )
     try:
