@@ -137,8 +137,9 @@ class FittedSimConfig(SimConfig):
     fixed_kv_tokens: int = 131072
 
     @property  # type: ignore[override]
-    def step_model(self) -> StepLatencyModel:
-        return self.fixed_model
+    def step_models(self) -> dict[str, StepLatencyModel]:
+        """``fixed_model`` on every instance (``step_model``, the pricing's, follows)."""
+        return {g: self.fixed_model for g in self.gpus}
 
     @property
     def kv_bytes_per_token(self) -> int:

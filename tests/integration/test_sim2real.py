@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.sim.policies import build_policy
+from bench.sim.simulator import Simulator
 from bench.sim2real import (
     METRICS,
     MIN_PREFILL_STEPS,
@@ -48,6 +50,11 @@ def test_sim_config_mirrors_the_live_cluster() -> None:
     assert scfg.kv_bytes_per_token == 2048
     assert scfg.step_model != preset_step_model("tiny-llama")[0]  # the calibrated file, not the tables
     assert sim_config(Sim2RealConfig()).step_model == preset_step_model("llama3-8b", "a100")[0]
+    # the simulated instances step, schedule and advertise with the file's model too, and are priced with it
+    sim = Simulator(scfg, build_policy("dynaserve", scfg.pricing()))
+    assert scfg.pricing().model == scfg.step_model
+    for inst in sim.instances:
+        assert inst.sched.model == scfg.step_model == sim.cluster.instances[inst.id].step_model
 
 
 def test_sim_config_takes_the_measured_extras_and_the_chosen_noise(tmp_path: Path) -> None:
