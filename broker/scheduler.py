@@ -387,7 +387,9 @@ class DynaServePolicy:
     tail: int = 64  # concentration: prompt tokens B computes (B emits the first token)
     host_min_output: int = 32  # concentration: only outputs predicted at this many tokens or more go to a host
     name: str = "dynaserve"
-    _gains: dict[tuple[float, StepLatencyModel], float] = field(default_factory=dict, init=False, repr=False, compare=False)
+    # (slo, id(model)) -> (model, first_decode_cost): the entry holds its model, so the id stays its own
+    _gains: dict[tuple[float, int], tuple[StepLatencyModel, float]] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
     _slack_share: float = field(default=0.0, init=False, repr=False, compare=False)
     _seen: int = field(default=0, init=False, repr=False, compare=False)
     _auto_state: bool = field(default=False, init=False, repr=False, compare=False)
@@ -462,12 +464,12 @@ class DynaServePolicy:
         pr = self.pricing
         slo = req.tbt_slo_ms
         model = pr.model_of(a)
-        gain = self._gains.get((slo, model))
-        if gain is None:
+        hit = self._gains.get((slo, id(model)))
+        if hit is None:
             if len(self._gains) > 64:  # instances' models move with their reported corrections
                 self._gains.clear()
-            gain = self._gains[(slo, model)] = first_decode_cost(pr, slo, model=model)
-        if gain < self.min_gain:
+            hit = self._gains[(slo, id(model))] = (model, first_decode_cost(pr, slo, model=model))
+        if hit[1] < self.min_gain:
             return False
         # the tail handoff's transfer, priced as if the host were like A (it is not chosen yet)
         p = req.prompt_len
@@ -500,7 +502,7 @@ class DynaServePolicy:
                 continue
             if inst.kv_capacity_tokens - inst.kv_used_tokens - need < self.host_kv_frac * inst.kv_capacity_tokens:
                 continue
-            if pr.decode_step_ms(inst, p) <= cap:
+            if pr.model_of(inst).step_ms(0, running + 1, inst.decode_ctx_tokens + p) <= cap:  # decode_step_ms
                 host, most = inst, running
         return host
 

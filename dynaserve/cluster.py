@@ -23,7 +23,7 @@ from pathlib import Path
 
 from dynaserve import security
 from dynaserve.client import DynaServeClient
-from dynaserve.costtables_io import GPUS
+from dynaserve.costtables_io import gpu_list
 from dynaserve.errors import BrokerUnavailableError
 from dynaserve.tinymodel import DEFAULT_OUT as DEFAULT_MODEL_DIR
 
@@ -71,13 +71,12 @@ class ClusterConfig:
             raise ValueError("http_port and metrics_base_port (+ workers) must be valid ports (0 = off)")
         if self.model_dir and not Path(self.model_dir).expanduser().is_dir():
             raise ValueError(f"model_dir: no directory at {self.model_dir}")
-        if not self.gpus or any(g not in GPUS for g in self.gpus):
-            raise ValueError(f"gpu must be one of {GPUS} or a comma list of them, got {self.gpu!r}")
+        gpu_list(self.gpu)  # raises ValueError on an unknown GPU
 
     @property
     def gpus(self) -> list[str]:
         """``gpu`` as a list: simulated worker i runs on the i-th, cycled."""
-        return [g.strip() for g in self.gpu.split(",") if g.strip()]
+        return gpu_list(self.gpu)
 
 
 def _last_line(path: Path, tail_bytes: int = 4096) -> str:

@@ -31,6 +31,15 @@ from pathlib import Path
 import numpy as np
 
 GPUS = ("a100", "h100")
+
+
+def gpu_list(text: str) -> list[str]:
+    """A GPU, or a comma list of them (``a100,h100``: a mixed cluster, instance i on the i-th, cycled), as a
+    list; ValueError unless every entry is one of ``GPUS``."""
+    gpus = [g.strip() for g in text.split(",") if g.strip()]
+    if not gpus or any(g not in GPUS for g in gpus):
+        raise ValueError(f"gpu must be one of {GPUS} or a comma list of them, got {text!r}")
+    return gpus
 _SRC_GPU = {"a100": "a100_sxm", "h100": "h100_sxm"}
 
 # Effective bandwidth of element-wise kernels (bytes/s) and the floor of one small kernel (ms),

@@ -9,7 +9,7 @@ from functools import cached_property
 from broker.cluster_state import Pricing
 from dynaserve.costmodel import StepLatencyModel
 from dynaserve.costtables import MODEL_PRESETS, ModelShape, build_step_model
-from dynaserve.costtables_io import GPUS
+from dynaserve.costtables_io import gpu_list
 from workers.local_scheduler import LocalSchedulerConfig
 
 GROUND_TRUTHS = ("linear", "detailed")
@@ -78,8 +78,7 @@ class SimConfig:
             raise ValueError(f"unknown model {self.model!r}; known: {sorted(MODEL_PRESETS)}")
         if self.instances < 1:
             raise ValueError("instances must be >= 1")
-        if not self.gpus or any(g not in GPUS for g in self.gpus):
-            raise ValueError(f"gpu must be one of {GPUS} or a comma list of them, got {self.gpu!r}")
+        gpu_list(self.gpu)  # raises ValueError on an unknown GPU
         if self.report_interval_ms <= 0:
             raise ValueError("report_interval_ms must be > 0")
         if self.early_pull_tail_tokens < 0:
@@ -111,7 +110,7 @@ class SimConfig:
     @property
     def gpus(self) -> list[str]:
         """``gpu`` as a list: instance i runs on ``gpus[i % len(gpus)]``."""
-        return [g.strip() for g in self.gpu.split(",") if g.strip()]
+        return gpu_list(self.gpu)
 
     def gpu_of(self, index: int) -> str:
         return self.gpus[index % len(self.gpus)]
